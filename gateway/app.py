@@ -1,0 +1,72 @@
+"""App factory and lifespan: builds the cache, the DIMSE client and the services from Settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount
+
+from cache.base import Cache
+from cache.memory import MemoryCache
+from gateway.dimse.client import DimseClient
+from gateway.errors import GatewayError
+from gateway.http import error_response
+from gateway.routes import admin, qido
+from gateway.search import SearchService
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "Warning"]
+
+
+def make_cache(settings: Settings) -> Cache:
+    if settings.cache.url:
+        # Redis comes with the cache issue; until then an explicit URL must not silently fall back.
+        raise GatewayError("cache.url is set but the Redis cache is not available in this build")
+    return MemoryCache(max_entries=settings.cache.max_entries, prefix=settings.cache.prefix)
+
+
+def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.cache = cache or make_cache(settings)
+        app.state.dimse = DimseClient(settings)
+        app.state.search = SearchService(settings, app.state.dimse, app.state.cache)
+        try:
+            yield
+        finally:
+            await app.state.dimse.close()
+            await app.state.cache.close()
+
+    async def gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return error_response(exc)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "InternalError", "detail": "internal error", "node": None},
+                            status_code=500)
+
+    dicomweb = qido.routes()
+    middleware = []
+    if settings.http.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.http.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Accept", "Content-Type"],
+            expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
+    return Starlette(
+        routes=[*admin.routes(), Mount("/dicom-web", routes=dicomweb),
+                Mount("/nodes/{node}/dicom-web", routes=dicomweb)],
+        middleware=middleware,
+        exception_handlers={GatewayError: gateway_error, Exception: unexpected},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,184 @@
+"""``dicomweb-gateway``: serve | echo | demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import ipaddress
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway.settings import ConfigError, PacsNode, Settings, load_settings, settings_from_dict
+
+log = logging.getLogger("gateway")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated: bool) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    if not _is_loopback(host) and settings.auth.mode == "none" and not allow_unauthenticated:
+        print(f"refusing to serve on {host} without an auth section: patient data would be open to the "
+              f"network. Bind to 127.0.0.1, configure auth, or pass --allow-unauthenticated "
+              f"(e.g. behind an authenticating proxy).", file=sys.stderr)
+        return 2
+    if settings.auth.mode == "none":
+        log.warning("no auth configured: serving without authentication on %s", host)
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    uvicorn.run(create_app(settings), host=host, port=port, loop=loop, workers=1, lifespan="on",
+                log_level="info", proxy_headers=False)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if not settings.nodes:
+        print("config error: nodes: at least one PACS node is required", file=sys.stderr)
+        return 2
+    return _run_server(settings, args.host or settings.http.host, args.port or settings.http.port,
+                       args.allow_unauthenticated)
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from gateway.dimse.client import DimseClient
+    from gateway.errors import GatewayError
+
+    settings = load_settings(args.config)
+    nodes: Sequence[PacsNode] = settings.nodes
+    if args.node:
+        node = settings.node(args.node)
+        if node is None:
+            print(f"no node named {args.node!r}; configured: {', '.join(n.name for n in nodes) or 'none'}",
+                  file=sys.stderr)
+            return 2
+        nodes = [node]
+    if not nodes:
+        print("no nodes configured", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = DimseClient(settings)
+        failures = 0
+        try:
+            for node in nodes:
+                label = f"{node.name:<16} {node.ae_title}@{node.host}:{node.port}"
+                try:
+                    rtt = await client.echo(node)
+                    print(f"OK    {label}  {rtt * 1000:.1f} ms")
+                except GatewayError as exc:
+                    failures += 1
+                    print(f"FAIL  {label}  {type(exc).__name__}: {exc.detail}")
+        finally:
+            await client.close()
+        return 1 if failures else 0
+
+    return asyncio.run(run())
+
+
+def demo_settings(pacs_port: int, http_host: str, http_port: int) -> Settings:
+    return settings_from_dict({
+        "gateway": {"ae_title": "DICOMWEBGW", "dimse_port": 0},
+        "http": {"host": http_host, "port": http_port, "cors_origins": ["*"]},
+        "nodes": [{"name": "demo", "ae_title": "DEMOPACS", "host": "127.0.0.1", "port": pacs_port,
+                   "retrieve": "get"}],
+    })
+
+
+def ohif_snippet(root: str) -> str:
+    source = {
+        "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+        "sourceName": "dicomweb",
+        "configuration": {
+            "friendlyName": "dicomweb-gateway",
+            "name": "dicomweb-gateway",
+            "qidoRoot": root,
+            "wadoRoot": root,
+            "wadoUriRoot": root.rsplit("/dicom-web", 1)[0] + "/wado",
+            "qidoSupportsIncludeField": True,
+            "supportsReject": False,
+            "imageRendering": "wadors",
+            "thumbnailRendering": "wadors",
+            "enableStudyLazyLoad": True,
+            "supportsFuzzyMatching": False,
+            "supportsWildcard": True,
+            "staticWado": False,
+            "singlepart": "bulkdata,video",
+            "bulkDataURI": {"enabled": True},
+            "omitQuotationForMultipartRequest": True,
+        },
+    }
+    return json.dumps(source, indent=2)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo_data import generate_demo_datasets
+    from gateway.dimse.demo_pacs import DemoPacs
+
+    pacs = DemoPacs(generate_demo_datasets(), ae_title="DEMOPACS", port=args.pacs_port)
+    pacs.start()
+    try:
+        settings = demo_settings(pacs.port, args.host, args.port)
+        root = f"http://{args.host}:{args.port}/dicom-web"
+        print(f"demo PACS (DEMOPACS) listening on 127.0.0.1:{pacs.port}")
+        print(f"DICOMweb root: {root}")
+        print(f"try: curl '{root}/studies'")
+        print("OHIF data source (paste into app-config.js dataSources):")
+        print(ohif_snippet(root))
+        sys.stdout.flush()
+        return _run_server(settings, args.host, args.port, allow_unauthenticated=False)
+    finally:
+        pacs.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomweb-gateway",
+                                     description="DICOMweb (QIDO-RS/WADO-RS/STOW-RS) in front of DIMSE PACS")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="serve on a non-loopback address without auth (behind an authenticating proxy)")
+    serve.set_defaults(func=cmd_serve)
+
+    echo = sub.add_parser("echo", help="C-ECHO the configured nodes")
+    echo.add_argument("node", nargs="?")
+    echo.add_argument("--config")
+    echo.set_defaults(func=cmd_echo)
+
+    demo = sub.add_parser("demo", help="run against a built-in demo PACS (no Redis, no config)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--pacs-port", type=int, default=0, help="demo PACS DIMSE port (default: a free one)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,710 @@
+"""Deterministic, realistic demo DICOM studies for tests, benchmarks and the demo.
+
+Every call returns the same UIDs and the same pixel values (no clock, no random generator: noise
+comes from an integer hash), so tests can hard-code what they expect. Pixel data are simple
+phantoms that look like the anatomy named in the descriptions. Default scale (``DemoScale()``),
+about 3.5 MB in total:
+
+== ================= ======== ============ ========== ======================== =====================
+#  PatientName       PatientID Charset     StudyDate  StudyDescription         Series (instances)
+== ================= ======== ============ ========== ======================== =====================
+1  Doe^John          DGW0001  (none)       2023-03-14 CT CHEST W/O CONTRAST    CT 1 Topogram (1),
+                                                                               CT 2 Axial 2.5mm (24)
+2  Doe^John          DGW0001  (none)       2021-02-10 CT CHEST (prior)         CT 2 Axial 5mm (12)
+3  DOE^JANE          DGW0002  (none)       2022-06-21 MR BRAIN                 MR 1 Ax T1 SE (16),
+                                                                               MR 2 Ax T2 TSE (16) RLE
+4  Smith^Anna        DGW0003  ISO_IR 100   2019-11-08 CR CHEST 2 VIEWS         CR 1 Chest PA+LAT (2)
+                                                                               MONOCHROME1
+5  Smith^Anna        DGW0003  ISO_IR 100   2024-01-15 CT ABDOMEN + report      CT 2 Abdomen (12),
+                                                                               SR 900 Report (1)
+6  Müller^Jürgen     DGW0004  ISO_IR 100   2020-09-02 PET/CT Ganzkörper        CT 2 CT AC (12),
+                                                                               PT 3 PET AC (12) 64x64
+7  Østergård^Søren   DGW0005  ISO_IR 192   2024-05-27 Hjerte cine (sekundær)   OT 1 Cine (1 instance,
+                                                                               12 frames 96x96)
+8  Yamada^Tarou=山田^ DGW0006  \\ISO 2022   2023-10-05 膝 X線 (knee X-ray)        DX 1 Knee AP (1),
+   太郎=やまだ^たろう                  IR 87                                         DX 2 Knee LAT (1)
+== ================= ======== ============ ========== ======================== =====================
+
+Totals: 6 patients, 8 studies, 13 series, 110 instances (counts scale with ``DemoScale``).
+
+- Transfer syntax: Explicit VR Little Endian everywhere except study 3 series 2 (MR T2), which is
+  RLE Lossless, so retrieval tests see encapsulated pixel data.
+- CT: CT Image Storage, signed 16-bit, RescaleIntercept -1024, stored -2000 outside the reconstruction
+  circle; ImagePositionPatient steps by SliceThickness along z; shared FrameOfReferenceUID per study.
+- MR: MR Image Storage, unsigned 16-bit (12 bits stored); PT: PET Image Storage, BQML with a
+  RescaleSlope; CR: CR Image Storage, MONOCHROME1; DX: DX For Presentation; OT: Multi-frame Grayscale
+  Word Secondary Capture (NumberOfFrames, FrameTime); SR: Basic Text SR with no pixel data.
+- Matching tests: "Doe^John" vs "DOE^JANE" differ in case; studies 2/1 are a prior/current pair;
+  studies 5 and 6 mix modalities (CT+SR, CT+PT) for ModalitiesInStudy.
+- UIDs are hand-built under ``UID_ROOT``: study ``<root>1.<study>``, series ``<root>2.<study>.<series>``,
+  instance ``<root>3.<study>.<series>.<instance>``, frame of reference ``<root>4.<study>.<n>``.
+
+``DEMO_STUDIES`` (computed lazily from ``generate_demo_datasets()``) summarises each study as a dict;
+``summarize_studies`` does the same for any scale.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1082."
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+PET_IMAGE = "1.2.840.10008.5.1.4.1.1.128"
+MF_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+__all__ = [
+    "DEMO_STUDIES",
+    "UID_ROOT",
+    "DemoScale",
+    "generate_demo_datasets",
+    "summarize_studies",
+    "write_demo_files",
+]
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    """Sizes of the generated objects; the defaults keep the whole set at a few MB."""
+
+    ct_slices: int = 24
+    ct_size: int = 128
+    mr_slices: int = 16
+    mr_size: int = 128
+    mf_frames: int = 12
+    mf_size: int = 96
+
+
+# ---------------------------------------------------------------------------------------------
+# Phantoms. Coordinates are normalised: u (left->right of the image), v (top->bottom), in [-1, 1].
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    axis = (np.arange(size, dtype=np.float64) + 0.5) / size * 2.0 - 1.0
+    v, u = np.meshgrid(axis, axis, indexing="ij")
+    return u, v
+
+
+def _ellipse(u: np.ndarray, v: np.ndarray, cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
+    if ru <= 0 or rv <= 0:
+        return np.zeros(u.shape, dtype=bool)
+    return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 <= 1.0
+
+
+def _noise(shape: tuple[int, ...], seed: int, amplitude: int) -> np.ndarray:
+    """Deterministic triangular-ish noise in [-amplitude, amplitude] from an integer hash."""
+    count = int(np.prod(shape))
+    x = np.arange(count, dtype=np.uint64) + np.uint64(seed * 1_000_003 + 12345)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    x ^= x >> np.uint64(33)
+    span = np.uint64(amplitude + 1)
+    a = (x % span).astype(np.int32)
+    b = ((x >> np.uint64(20)) % span).astype(np.int32)
+    return (a + b - amplitude).reshape(shape)
+
+
+def _ct_chest_hu(size: int, z: float, seed: int, noise: int = 12) -> np.ndarray:
+    """Axial chest slice in HU; z=0 at the lung apices, z=1 at the bases (values outside allowed)."""
+    u, v = _grid(size)
+    img = np.full(u.shape, -1000.0)
+    img[(np.abs(u) < 0.8) & (v > 0.74) & (v < 0.8)] = 150.0  # table
+    img[_ellipse(u, v, 0, 0.05, 0.86, 0.62)] = -100.0  # subcutaneous fat
+    img[_ellipse(u, v, 0, 0.05, 0.80, 0.56)] = 40.0  # muscle / mediastinum
+    lung = max(0.0, np.sin(np.pi * min(max(z * 0.9 + 0.08, 0.0), 1.0))) if 0 <= z <= 1.1 else 0.0
+    for side in (-1, 1):
+        img[_ellipse(u, v, side * 0.37, 0.02, 0.27 * lung, 0.42 * lung)] = -860.0
+        vessels = _ellipse(u, v, side * 0.3, 0.05, 0.03 * lung, 0.03 * lung)
+        img[vessels] = 30.0
+    heart = max(0.0, min(1.0, (z - 0.35) * 2.0)) * (1.0 if z < 1.05 else 0.0)
+    img[_ellipse(u, v, 0.12, 0.0, 0.24 * heart, 0.2 * heart)] = 45.0
+    img[_ellipse(u, v, -0.04, 0.25, 0.07, 0.07)] = 42.0  # descending aorta
+    img[_ellipse(u, v, 0, 0.42, 0.1, 0.09)] = 800.0  # vertebral body cortex
+    img[_ellipse(u, v, 0, 0.42, 0.085, 0.075)] = 300.0  # cancellous bone
+    img[_ellipse(u, v, 0, 0.54, 0.035, 0.03)] = 20.0  # spinal canal
+    img[_ellipse(u, v, 0, -0.5, 0.05, 0.025)] = 450.0  # sternum
+    for k in range(14):
+        angle = np.pi * (0.12 + 0.76 * k / 13) if k < 7 else np.pi * (1.12 + 0.76 * (k - 7) / 6)
+        cu, cv = 0.74 * np.cos(angle), 0.05 + 0.5 * np.sin(angle)
+        img[_ellipse(u, v, cu, cv, 0.03, 0.02)] = 700.0  # ribs
+    img += _noise(img.shape, seed, noise)
+    img[u**2 + v**2 > 1.0] = np.nan  # outside the reconstruction circle
+    return img
+
+
+def _ct_abdomen_hu(size: int, z: float, seed: int) -> np.ndarray:
+    u, v = _grid(size)
+    img = np.full(u.shape, -1000.0)
+    img[(np.abs(u) < 0.8) & (v > 0.74) & (v < 0.8)] = 150.0
+    img[_ellipse(u, v, 0, 0.05, 0.9, 0.64)] = -100.0
+    img[_ellipse(u, v, 0, 0.05, 0.82, 0.56)] = 35.0
+    liver = max(0.0, 1.0 - z * 1.1)
+    img[_ellipse(u, v, -0.35, -0.02, 0.38 * liver, 0.36 * liver)] = 62.0
+    spleen = max(0.0, 0.8 - z)
+    img[_ellipse(u, v, 0.5, 0.15, 0.16 * spleen, 0.22 * spleen)] = 50.0
+    kidney = max(0.0, np.sin(np.pi * z))
+    for side in (-1, 1):
+        img[_ellipse(u, v, side * 0.32, 0.3, 0.11 * kidney, 0.16 * kidney)] = 32.0
+    img[_ellipse(u, v, -0.06, 0.22, 0.06, 0.06)] = 40.0  # aorta
+    for k in range(5):  # bowel gas, wandering with z
+        cu = -0.2 + 0.12 * k + 0.05 * np.sin(7 * z + k)
+        cv = -0.25 + 0.08 * np.cos(5 * z + 2 * k)
+        img[_ellipse(u, v, cu, cv, 0.05, 0.04)] = -900.0
+    img[_ellipse(u, v, 0, 0.42, 0.11, 0.09)] = 850.0
+    img[_ellipse(u, v, 0, 0.42, 0.095, 0.075)] = 280.0
+    img[_ellipse(u, v, 0, 0.55, 0.035, 0.03)] = 20.0
+    img += _noise(img.shape, seed, 14)
+    img[u**2 + v**2 > 1.0] = np.nan
+    return img
+
+
+def _ct_stored(hu: np.ndarray) -> np.ndarray:
+    """HU -> stored values for RescaleIntercept -1024, with -2000 padding outside the FOV."""
+    stored = np.where(np.isnan(hu), -2000.0, np.clip(np.nan_to_num(hu) + 1024.0, 0, 4095))
+    return np.rint(stored).astype(np.int16)
+
+
+def _ct_topogram(size: int) -> np.ndarray:
+    """Coronal projection of the chest phantom (rows = head to feet) as stored CT values."""
+    rows = []
+    for r in range(size):
+        z = -0.35 + 1.7 * r / (size - 1)
+        hu = np.nan_to_num(_ct_chest_hu(size, z, seed=0, noise=0), nan=-1000.0)
+        rows.append(np.clip(hu + 1000.0, 0, None).sum(axis=0) / size)
+    proj = np.array(rows)
+    proj = proj / max(float(proj.max()), 1.0) * 2600.0 - 1000.0 + _noise(proj.shape, 7, 8)
+    return _ct_stored(proj)
+
+
+def _mr_brain(size: int, z: float, weighting: str, seed: int) -> np.ndarray:
+    """Axial brain slice, z=0 skull base, z=1 vertex. T1: fat bright, CSF dark; T2 the reverse."""
+    t = {
+        "T1": {"scalp": 950, "skull": 40, "csf": 180, "gm": 560, "wm": 760, "lesion": 420},
+        "T2": {"scalp": 620, "skull": 30, "csf": 1500, "gm": 820, "wm": 560, "lesion": 1250},
+    }[weighting]
+    u, v = _grid(size)
+    img = np.zeros(u.shape)
+    s = np.sqrt(max(0.0, 1.0 - ((z - 0.35) / 0.75) ** 2))
+    layers = (("scalp", 1.0), ("skull", 0.95), ("csf", 0.89), ("gm", 0.86), ("wm", 0.7))
+    for name, k in layers:
+        img[_ellipse(u, v, 0, 0.02, 0.72 * s * k, 0.88 * s * k)] = t[name]
+    img[(np.abs(u) < 0.012) & _ellipse(u, v, 0, 0.02, 0.7 * s, 0.86 * s)] = t["csf"]  # falx
+    vent = max(0.0, np.sin(np.pi * (z - 0.3) / 0.45)) if 0.3 < z < 0.75 else 0.0
+    for side in (-1, 1):
+        img[_ellipse(u, v, side * 0.09, -0.05, 0.06 * vent, 0.3 * vent)] = t["csf"]
+    if 0.5 < z < 0.75:
+        img[_ellipse(u, v, 0.32, -0.25, 0.08, 0.07)] = t["lesion"]
+    img += np.where(img > 0, _noise(img.shape, seed, 15), 0) + np.abs(_noise(img.shape, seed + 1, 6))
+    return np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+
+
+def _pet(size: int, z: float, seed: int) -> np.ndarray:
+    """Activity (kBq/ml x 100): body background, myocardium, a hot lesion in the right lung."""
+    u, v = _grid(size)
+    img = np.zeros(u.shape)
+    img[_ellipse(u, v, 0, 0.05, 0.86, 0.62)] = 250.0
+    lung = max(0.0, np.sin(np.pi * min(max(z * 0.9 + 0.08, 0.0), 1.0)))
+    for side in (-1, 1):
+        img[_ellipse(u, v, side * 0.37, 0.02, 0.27 * lung, 0.42 * lung)] = 60.0
+    heart = max(0.0, min(1.0, (z - 0.35) * 2.0))
+    img[_ellipse(u, v, 0.12, 0.0, 0.24 * heart, 0.2 * heart)] = 1400.0
+    img[_ellipse(u, v, 0.12, 0.0, 0.15 * heart, 0.12 * heart)] = 300.0
+    if 0.3 < z < 0.6:
+        img[_ellipse(u, v, -0.4, -0.1, 0.07, 0.07)] = 3200.0
+    img += np.where(img > 0, _noise(img.shape, seed, 40), 0)
+    return np.clip(np.rint(img), 0, 65535).astype(np.uint16)
+
+
+def _cr_chest(size: int, lateral: bool, seed: int) -> np.ndarray:
+    """Detector exposure (MONOCHROME1: high = dark on display): lungs high, bone low."""
+    u, v = _grid(size)
+    img = np.full(u.shape, 3900.0)
+    if lateral:
+        img[_ellipse(u, v, 0.0, 0.1, 0.55, 0.85)] = 1900.0
+        img[_ellipse(u, v, -0.05, -0.05, 0.4, 0.55)] = 3000.0
+        img[_ellipse(u, v, 0.25, 0.1, 0.18, 0.22)] = 1700.0
+        img[(u > 0.42) & (u < 0.5) & (np.abs(v) < 0.8)] = 800.0  # spine
+    else:
+        img[_ellipse(u, v, 0, 0.1, 0.8, 0.9)] = 1900.0
+        for side in (-1, 1):
+            img[_ellipse(u, v, side * 0.36, -0.05, 0.25, 0.55)] = 3100.0
+        img[_ellipse(u, v, 0.12, 0.3, 0.28, 0.22)] = 1600.0  # heart
+        img[(np.abs(u) < 0.06) & (np.abs(v) < 0.9)] = 900.0  # spine
+        for k in range(8):
+            rib = np.abs(v - (-0.55 + 0.13 * k) - 0.12 * u**2) < 0.015
+            img[rib & _ellipse(u, v, 0, -0.05, 0.62, 0.6)] -= 700.0
+    img += _noise(img.shape, seed, 20)
+    return np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+
+
+def _dx_knee(size: int, lateral: bool, seed: int) -> np.ndarray:
+    u, v = _grid(size)
+    img = np.full(u.shape, 120.0)
+    img[np.abs(u) < (0.5 if not lateral else 0.55)] = 900.0  # soft tissue
+    femur = (np.abs(u) < 0.22) & (v < -0.05)
+    tibia = (np.abs(u - (0.03 if lateral else 0.0)) < 0.2) & (v > 0.05)
+    img[femur | _ellipse(u, v, 0, -0.12, 0.3, 0.12)] = 2600.0
+    img[tibia | _ellipse(u, v, 0, 0.12, 0.3, 0.08)] = 2500.0
+    if lateral:
+        img[_ellipse(u, v, -0.36, -0.1, 0.07, 0.12)] = 2700.0  # patella
+    else:
+        img[(np.abs(u - 0.26) < 0.05) & (v > 0.2)] = 2300.0  # fibula
+    img += _noise(img.shape, seed, 25)
+    return np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+
+
+def _cine(size: int, frames: int) -> np.ndarray:
+    """A beating left ventricle: the cavity contracts and relaxes once over the loop."""
+    u, v = _grid(size)
+    out = np.empty((frames, size, size), dtype=np.uint16)
+    for f in range(frames):
+        beat = 0.75 + 0.25 * np.cos(2 * np.pi * f / frames)
+        img = np.full(u.shape, 80.0)
+        img[_ellipse(u, v, 0, 0, 0.75, 0.85)] = 500.0
+        img[_ellipse(u, v, 0.05, 0.0, 0.5 * beat + 0.12, 0.62 * beat + 0.12)] = 1800.0  # myocardium
+        img[_ellipse(u, v, 0.05, 0.0, 0.5 * beat, 0.62 * beat)] = 300.0  # blood pool
+        img += _noise(img.shape, 500 + f, 30)
+        out[f] = np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset assembly.
+
+
+@dataclass(frozen=True)
+class _Patient:
+    name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    charset: str | list[str] | None = None
+
+
+@dataclass(frozen=True)
+class _Study:
+    number: int
+    patient: _Patient
+    date: str
+    time: str
+    description: str
+    accession: str
+    study_id: str
+    referring: str
+
+    @property
+    def uid(self) -> str:
+        return f"{UID_ROOT}1.{self.number}"
+
+    def frame_of_reference(self, n: int = 1) -> str:
+        return f"{UID_ROOT}4.{self.number}.{n}"
+
+
+@dataclass(frozen=True)
+class _Series:
+    study: _Study
+    number: int
+    modality: str
+    description: str
+    minutes: int = 0
+    body_part: str = ""
+
+    @property
+    def uid(self) -> str:
+        return f"{UID_ROOT}2.{self.study.number}.{self.number}"
+
+    def instance_uid(self, instance: int) -> str:
+        return f"{UID_ROOT}3.{self.study.number}.{self.number}.{instance}"
+
+    def time(self, seconds: int = 0) -> str:
+        start = datetime.strptime(self.study.time[:6], "%H%M%S")
+        return (start + timedelta(minutes=self.minutes, seconds=seconds)).strftime("%H%M%S")
+
+
+_JOHN = _Patient("Doe^John", "DGW0001", "19610412", "M")
+_JANE = _Patient("DOE^JANE", "DGW0002", "19780930", "F")
+_ANNA = _Patient("Smith^Anna", "DGW0003", "19900105", "F", "ISO_IR 100")
+_JUERGEN = _Patient("Müller^Jürgen", "DGW0004", "19550723", "M", "ISO_IR 100")
+_SOEREN = _Patient("Østergård^Søren", "DGW0005", "19831201", "M", "ISO_IR 192")
+_TAROU = _Patient("Yamada^Tarou=山田^太郎=やまだ^たろう", "DGW0006", "19700214", "M", ["", "ISO 2022 IR 87"])
+
+_EQUIPMENT = {
+    "CT": ("DGW Demo Medical", "Phantom CT 64", "CTSCAN01"),
+    "MR": ("DGW Demo Medical", "Phantom MR 1.5T", "MRSCAN01"),
+    "PT": ("DGW Demo Medical", "Phantom PET/CT", "PETCT01"),
+    "CR": ("DGW Demo Imaging", "Phantom CR Reader", "CRREADER1"),
+    "DX": ("DGW Demo Imaging", "Phantom DR", "DXROOM2"),
+    "OT": ("DGW Demo Software", "Phantom Capture", "WSD01"),
+    "SR": ("DGW Demo Software", "Phantom Reporting", "REPORT01"),
+}
+
+
+def _age(birth: str, on: str) -> str:
+    b, d = date.fromisoformat(f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"), date.fromisoformat(
+        f"{on[:4]}-{on[4:6]}-{on[6:]}"
+    )
+    years = d.year - b.year - ((d.month, d.day) < (b.month, b.day))
+    return f"{years:03d}Y"
+
+
+def _base(series: _Series, sop_class: str, instance: int, seconds: int = 0) -> Dataset:
+    study, patient = series.study, series.study.patient
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = series.instance_uid(instance)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if patient.charset is not None:
+        ds.SpecificCharacterSet = patient.charset
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = series.instance_uid(instance)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study.date
+    ds.StudyTime = study.time
+    ds.SeriesTime = series.time()
+    ds.ContentTime = series.time(seconds)
+    ds.AccessionNumber = study.accession
+    ds.Modality = series.modality
+    manufacturer, model, station = _EQUIPMENT[series.modality]
+    ds.Manufacturer = manufacturer
+    ds.InstitutionName = "Demo General Hospital"
+    ds.ReferringPhysicianName = study.referring
+    ds.StationName = station
+    ds.StudyDescription = study.description
+    ds.SeriesDescription = series.description
+    ds.ManufacturerModelName = model
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.IssuerOfPatientID = "DGW"
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = patient.sex
+    ds.PatientAge = _age(patient.birth_date, study.date)
+    if series.body_part:
+        ds.BodyPartExamined = series.body_part
+    ds.SoftwareVersions = "dicomweb-gateway demo 1"
+    ds.StudyInstanceUID = study.uid
+    ds.SeriesInstanceUID = series.uid
+    ds.StudyID = study.study_id
+    ds.SeriesNumber = series.number
+    ds.InstanceNumber = instance
+    return ds
+
+
+def _image(
+    ds: Dataset, pixels: np.ndarray, photometric: str, bits_stored: int, window: tuple[float, float]
+) -> Dataset:
+    ds.set_pixel_data(pixels, photometric, bits_stored, generate_instance_uid=False)
+    ds.WindowCenter, ds.WindowWidth = window
+    return ds
+
+
+def _axial(ds: Dataset, size: int, fov_mm: float, z_mm: float, thickness: float) -> None:
+    """Patient-based geometry for an axial slice (PS3.3 C.7.6.2), head-first supine."""
+    spacing = fov_mm / size
+    ds.PatientPosition = "HFS"
+    ds.SliceThickness = thickness
+    ds.ImagePositionPatient = [-fov_mm / 2 + spacing / 2, -fov_mm / 2 + spacing / 2, z_mm]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SliceLocation = z_mm
+    ds.PixelSpacing = [round(spacing, 6), round(spacing, 6)]
+
+
+def _ct_series(
+    series: _Series, hu: Callable[[float, int], np.ndarray], slices: int, size: int, span_mm: float, z0: float
+) -> list[Dataset]:
+    thickness = round(span_mm / slices, 3)
+    out = []
+    for i in range(slices):
+        ds = _base(series, CT_IMAGE, i + 1, seconds=i)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        ds.KVP = 120
+        ds.ConvolutionKernel = "B30f"
+        ds.FrameOfReferenceUID = series.study.frame_of_reference()
+        ds.PositionReferenceIndicator = ""
+        _axial(ds, size, 350.0, z0 - i * thickness, thickness)
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        out.append(_image(ds, _ct_stored(hu(i / max(slices - 1, 1), i)), "MONOCHROME2", 16, (40, 400)))
+    return out
+
+
+def _study_ct_current(scale: DemoScale) -> list[Dataset]:
+    study = _Study(1, _JOHN, "20230314", "101530", "CT CHEST W/O CONTRAST", "A2303140011", "CT1401",
+                   "House^Gregory^^Dr.")
+    topo = _Series(study, 1, "CT", "Topogram 0.6 T20f", 0, "CHEST")
+    ds = _base(topo, CT_IMAGE, 1)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.FrameOfReferenceUID = study.frame_of_reference()
+    ds.PositionReferenceIndicator = ""
+    span = 1.7 * 300.0
+    ds.PatientPosition = "HFS"
+    ds.ImagePositionPatient = [-175.0, 0.0, 0.35 * 300.0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.PixelSpacing = [round(span / scale.ct_size, 6), round(350.0 / scale.ct_size, 6)]
+    ds.SliceThickness = 0.6
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    series = [_image(ds, _ct_topogram(scale.ct_size), "MONOCHROME2", 16, (300, 2000))]
+    axial = _Series(study, 2, "CT", "Thorax 2.5mm B30f", 2, "CHEST")
+    series += _ct_series(axial, lambda z, i: _ct_chest_hu(scale.ct_size, z, 100 + i), scale.ct_slices,
+                         scale.ct_size, 300.0, 0.0)
+    return series
+
+
+def _study_ct_prior(scale: DemoScale) -> list[Dataset]:
+    study = _Study(2, _JOHN, "20210210", "083000", "CT CHEST", "A2102100007", "CT0210", "House^Gregory^^Dr.")
+    axial = _Series(study, 2, "CT", "Thorax 5mm B30f", 1, "CHEST")
+    slices = max(scale.ct_slices // 2, 1)
+    return _ct_series(axial, lambda z, i: _ct_chest_hu(scale.ct_size, z, 200 + i), slices, scale.ct_size,
+                      300.0, 0.0)
+
+
+def _study_mr_brain(scale: DemoScale) -> list[Dataset]:
+    study = _Study(3, _JANE, "20220621", "142233.5", "MR BRAIN", "A2206210031", "MR0621", "Grey^Meredith")
+    out = []
+    protocols = (
+        (1, "Ax T1 SE", "T1", "SE", 12.0, 500.0, 1, 0),
+        (2, "Ax T2 TSE", "T2", "SE", 100.0, 4000.0, 15, 4),
+    )
+    for number, description, weighting, sequence, te, tr, etl, minutes in protocols:
+        series = _Series(study, number, "MR", description, minutes, "HEAD")
+        for i in range(scale.mr_slices):
+            ds = _base(series, MR_IMAGE, i + 1, seconds=3 * i)
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+            ds.ScanningSequence = sequence
+            ds.SequenceVariant = "SK"
+            ds.ScanOptions = "" if weighting == "T1" else "FS"
+            ds.MRAcquisitionType = "2D"
+            ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength = te, tr, etl
+            ds.MagneticFieldStrength, ds.ImagingFrequency = 1.5, 63.87
+            ds.ProtocolName = f"BRAIN {weighting}"
+            ds.FrameOfReferenceUID = study.frame_of_reference()
+            ds.PositionReferenceIndicator = ""
+            _axial(ds, scale.mr_size, 230.0, -40.0 + 6.0 * i, 5.0)
+            ds.SpacingBetweenSlices = 6.0
+            z = i / max(scale.mr_slices - 1, 1)
+            window = (600, 1000) if weighting == "T1" else (800, 1600)
+            ds = _image(ds, _mr_brain(scale.mr_size, z, weighting, 300 + 40 * number + i), "MONOCHROME2",
+                        12, window)
+            if weighting == "T2":
+                ds.compress(RLELossless, generate_instance_uid=False)
+            out.append(ds)
+    return out
+
+
+def _study_cr(scale: DemoScale) -> list[Dataset]:
+    study = _Study(4, _ANNA, "20191108", "091205", "CR CHEST 2 VIEWS", "A1911080004", "CR1108", "")
+    series = _Series(study, 1, "CR", "Chest PA+LAT", 0, "CHEST")
+    size = 2 * scale.ct_size
+    out = []
+    for i, view in enumerate(("PA", "LL")):
+        ds = _base(series, CR_IMAGE, i + 1, seconds=60 * i)
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.ViewPosition = view
+        ds.PatientOrientation = ["L", "F"] if view == "PA" else ["A", "F"]
+        ds.ImagerPixelSpacing = [round(430.0 / size, 6)] * 2
+        ds.KVP = 125 if view == "PA" else 110
+        out.append(_image(ds, _cr_chest(size, view == "LL", 400 + i), "MONOCHROME1", 12, (2400, 3600)))
+    return out
+
+
+def _study_ct_sr(scale: DemoScale) -> list[Dataset]:
+    study = _Study(5, _ANNA, "20240115", "163045", "CT ABDOMEN W CONTRAST", "A2401150102", "CT0115",
+                   "Shepherd^Derek")
+    slices = max(scale.ct_slices // 2, 1)
+    axial = _Series(study, 2, "CT", "Abdomen 5mm portal venous", 1, "ABDOMEN")
+    out = _ct_series(axial, lambda z, i: _ct_abdomen_hu(scale.ct_size, z, 500 + i), slices, scale.ct_size,
+                     240.0, -320.0)
+    report = _Series(study, 900, "SR", "Radiology report", 40)
+    ds = _base(report, BASIC_TEXT_SR, 1)
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = Sequence([_code("18748-4", "LN", "Diagnostic Imaging Report")])
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = Sequence([])
+    ds.ReferencedPerformedProcedureStepSequence = Sequence([])
+    findings = Dataset()
+    findings.RelationshipType, findings.ValueType = "CONTAINS", "TEXT"
+    findings.ConceptNameCodeSequence = Sequence([_code("121071", "DCM", "Finding")])
+    findings.TextValue = "Liver, spleen and kidneys unremarkable. No free fluid."
+    ds.ContentSequence = Sequence([findings])
+    ds.InstanceCreationDate, ds.InstanceCreationTime = study.date, report.time()
+    return [*out, ds]
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _study_pet_ct(scale: DemoScale) -> list[Dataset]:
+    study = _Study(6, _JUERGEN, "20200902", "073512", "PET/CT Ganzkörper", "A2009020019", "PT0902",
+                   "Schröder^Käthe")
+    slices = max(scale.ct_slices // 2, 1)
+    ct = _Series(study, 2, "CT", "CT Schwächungskorrektur", 1, "CHEST")
+    out = _ct_series(ct, lambda z, i: _ct_chest_hu(scale.ct_size, z, 600 + i, noise=30), slices,
+                     scale.ct_size, 300.0, 0.0)
+    pet = _Series(study, 3, "PT", "PET AC Ganzkörper", 4, "CHEST")
+    size = max(scale.ct_size // 2, 8)
+    thickness = round(300.0 / slices, 3)
+    for i in range(slices):
+        ds = _base(pet, PET_IMAGE, i + 1, seconds=10 * i)
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.SeriesType = ["STATIC", "IMAGE"]
+        ds.Units, ds.CountsSource, ds.DecayCorrection = "BQML", "EMISSION", "START"
+        ds.CorrectedImage = ["ATTN", "DECY", "NORM"]
+        ds.NumberOfSlices = slices
+        ds.ImageIndex = i + 1
+        ds.FrameOfReferenceUID = study.frame_of_reference()
+        ds.PositionReferenceIndicator = ""
+        _axial(ds, size, 350.0, -i * thickness, thickness)
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 10
+        radio = Dataset()
+        radio.Radiopharmaceutical = "Fluorodeoxyglucose F^18^"
+        radio.RadionuclideTotalDose = 250000000
+        radio.RadionuclideHalfLife = 6586.2
+        ds.RadiopharmaceuticalInformationSequence = Sequence([radio])
+        z = i / max(slices - 1, 1)
+        out.append(_image(ds, _pet(size, z, 700 + i), "MONOCHROME2", 16, (5000, 10000)))
+    return out
+
+
+def _study_cine(scale: DemoScale) -> list[Dataset]:
+    study = _Study(7, _SOEREN, "20240527", "110003", "Hjerte cine (sekundær)", "A2405270008", "OT0527",
+                   "Ærø^Åse")
+    series = _Series(study, 1, "OT", "Cine kortakse", 0, "HEART")
+    ds = _base(series, MF_WORD_SC, 1)
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.ConversionType = "WSD"
+    ds.FrameTime = 40.0
+    ds.FrameIncrementPointer = 0x00181063  # -> FrameTime
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.PixelSpacing = [1.5, 1.5]
+    return [_image(ds, _cine(scale.mf_size, scale.mf_frames), "MONOCHROME2", 12, (1000, 2000))]
+
+
+def _study_dx(scale: DemoScale) -> list[Dataset]:
+    study = _Study(8, _TAROU, "20231005", "152140", "膝 X線", "A2310050055", "DX1005",
+                   "Sato^Hanako=佐藤^花子=さとう^はなこ")
+    size = 2 * scale.ct_size
+    out = []
+    for number, view, lateral in ((1, "AP", False), (2, "LAT", True)):
+        series = _Series(study, number, "DX", f"Knee {view}", number - 1, "KNEE")
+        ds = _base(series, DX_PRESENTATION, 1)
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ViewPosition = view
+        ds.Laterality = ds.ImageLaterality = "R"
+        ds.PatientOrientation = ["L", "F"] if not lateral else ["A", "F"]
+        ds.DetectorType = "SCINTILLATOR"
+        ds.ImagerPixelSpacing = [round(250.0 / size, 6)] * 2
+        ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LIN", 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+        ds.KVP = 65
+        out.append(_image(ds, _dx_knee(size, lateral, 800 + number), "MONOCHROME2", 12, (1800, 3000)))
+    return out
+
+
+_STUDIES: tuple[Callable[[DemoScale], list[Dataset]], ...] = (
+    _study_ct_current,
+    _study_ct_prior,
+    _study_mr_brain,
+    _study_cr,
+    _study_ct_sr,
+    _study_pet_ct,
+    _study_cine,
+    _study_dx,
+)
+
+
+def generate_demo_datasets(scale: DemoScale = DemoScale()) -> list[Dataset]:
+    """All demo instances, in study/series/instance order, each ready to write as Part 10."""
+    return [ds for build in _STUDIES for ds in build(scale)]
+
+
+def _filename(ds: Dataset) -> str:
+    study, series, instance = ds.SOPInstanceUID[len(UID_ROOT) + 2 :].split(".")
+    return f"s{int(study):02d}_se{int(series):03d}_{ds.Modality.lower()}_{int(instance):04d}.dcm"
+
+
+def write_demo_files(directory: Path, scale: DemoScale = DemoScale()) -> list[Path]:
+    """Write one Part 10 file per demo instance into ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in generate_demo_datasets(scale):
+        path = directory / _filename(ds)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def summarize_studies(datasets: Iterable[Dataset]) -> list[dict[str, Any]]:
+    """One dict per study (in first-seen order) with its patient, UIDs, modalities and counts."""
+    studies: dict[str, dict[str, Any]] = {}
+    for ds in datasets:
+        study = studies.setdefault(
+            ds.StudyInstanceUID,
+            {
+                "patient_name": str(ds.PatientName),
+                "patient_id": ds.PatientID,
+                "specific_character_set": ds.get("SpecificCharacterSet"),
+                "study_uid": ds.StudyInstanceUID,
+                "study_date": ds.StudyDate,
+                "study_time": ds.StudyTime,
+                "study_description": ds.StudyDescription,
+                "accession_number": ds.AccessionNumber,
+                "modalities": [],
+                "num_series": 0,
+                "num_instances": 0,
+                "series": {},
+            },
+        )
+        series = study["series"].setdefault(
+            ds.SeriesInstanceUID,
+            {
+                "series_uid": ds.SeriesInstanceUID,
+                "series_number": int(ds.SeriesNumber),
+                "modality": ds.Modality,
+                "series_description": ds.SeriesDescription,
+                "sop_class_uid": ds.SOPClassUID,
+                "transfer_syntax_uid": ds.file_meta.TransferSyntaxUID,
+                "num_instances": 0,
+                "sop_instance_uids": [],
+            },
+        )
+        series["num_instances"] += 1
+        series["sop_instance_uids"].append(ds.SOPInstanceUID)
+        study["num_instances"] += 1
+    for study in studies.values():
+        study["series"] = list(study["series"].values())
+        study["num_series"] = len(study["series"])
+        study["modalities"] = sorted({s["modality"] for s in study["series"]})
+    return list(studies.values())
+
+
+@functools.cache
+def _default_summary() -> list[dict[str, Any]]:
+    return summarize_studies(generate_demo_datasets())
+
+
+def __getattr__(name: str) -> Any:
+    # DEMO_STUDIES is computed on first use so importing this module stays cheap.
+    if name == "DEMO_STUDIES":
+        return _default_summary()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

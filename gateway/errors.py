@@ -1,0 +1,91 @@
+"""The gateway's one error tree, and its mapping to HTTP.
+
+Every lower-layer failure (pynetdicom outcome, bad query, cache outage) is translated once, at
+its boundary, into one of these; routes never look at raw DIMSE statuses::
+
+    GatewayError                      500
+    ├── BadRequest                    400   malformed query / body
+    │   └── TranslationError          400   query cannot be expressed as a C-FIND identifier
+    ├── NotFound                      404
+    ├── NotAcceptable                 406
+    ├── UnsupportedMediaType          415
+    ├── PacsError                     502   (node named in the body)
+    │   ├── NodeUnreachable           502   TCP connect / association refused
+    │   ├── AssociationRejected       502
+    │   ├── AssociationAborted        502
+    │   ├── DimseFailure(status)      502   final failure status from the PACS
+    │   └── DimseTimeout              504
+    └── CacheError                    --    logged, never fatal (caught where raised)
+
+The JSON body is ``{"error": <class name>, "detail": <text>, "node": <name or null>}``.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status_code = 500
+
+    def __init__(self, detail: str, *, node: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.node = node
+
+    def to_json(self) -> dict[str, object]:
+        return {"error": type(self).__name__, "detail": self.detail, "node": self.node}
+
+
+class BadRequest(GatewayError):
+    status_code = 400
+
+
+class TranslationError(BadRequest):
+    pass
+
+
+class NotFound(GatewayError):
+    status_code = 404
+
+
+class NotAcceptable(GatewayError):
+    status_code = 406
+
+
+class UnsupportedMediaType(GatewayError):
+    status_code = 415
+
+
+class PacsError(GatewayError):
+    status_code = 502
+
+
+class NodeUnreachable(PacsError):
+    pass
+
+
+class AssociationRejected(PacsError):
+    pass
+
+
+class AssociationAborted(PacsError):
+    pass
+
+
+class DimseFailure(PacsError):
+    def __init__(self, detail: str, *, node: str | None = None, status: int | None = None) -> None:
+        super().__init__(detail, node=node)
+        self.status = status
+
+    def to_json(self) -> dict[str, object]:
+        body = super().to_json()
+        if self.status is not None:
+            body["status"] = f"{self.status:04X}"
+        return body
+
+
+class DimseTimeout(PacsError):
+    status_code = 504
+
+
+class CacheError(GatewayError):
+    pass

@@ -1,0 +1,73 @@
+"""HTTP helpers shared by the routes: external base URL, JSON errors, Warning headers, negotiation."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.errors import GatewayError, NotAcceptable, NotFound
+from gateway.settings import PacsNode, Settings
+
+DICOM_JSON = "application/dicom+json"
+SERVICE = "dicomweb-gateway"
+
+
+def external_root(request: Request, settings: Settings) -> str:
+    """Scheme://host[/prefix] as the client sees us. ``X-Forwarded-*`` is trusted only from
+    ``http.trusted_proxies`` (architecture.md §4), so no client can poison URLs other users get."""
+    if settings.gateway.base_url:
+        return settings.gateway.base_url
+    scheme = request.url.scheme
+    host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
+    prefix = ""
+    client = request.client.host if request.client else None
+    if client is not None and client in settings.http.trusted_proxies:
+        fwd = request.headers
+        scheme = (fwd.get("x-forwarded-proto") or scheme).split(",")[0].strip()
+        host = (fwd.get("x-forwarded-host") or host).split(",")[0].strip()
+        prefix = (fwd.get("x-forwarded-prefix") or "").split(",")[0].strip().rstrip("/")
+        if prefix and not prefix.startswith("/"):
+            prefix = "/" + prefix
+    return f"{scheme}://{host}{prefix}"
+
+
+def dicomweb_base(request: Request, settings: Settings, node: PacsNode | None) -> str:
+    root = external_root(request, settings)
+    return f"{root}/nodes/{node.name}/dicom-web" if node else f"{root}/dicom-web"
+
+
+def target_nodes(request: Request, settings: Settings) -> tuple[list[PacsNode], PacsNode | None]:
+    """All nodes (federated ``/dicom-web``) or the one named in ``/nodes/{node}/dicom-web``."""
+    name = request.path_params.get("node")
+    if name is None:
+        return list(settings.nodes), None
+    node = settings.node(name)
+    if node is None:
+        raise NotFound(f"no node named {name!r} is configured")
+    return [node], node
+
+
+def error_response(exc: GatewayError) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status_code)
+
+
+def with_warnings(response: Response, warnings: list[str]) -> Response:
+    for text in dict.fromkeys(warnings):
+        # PS3.18 §8.3.4: "Warning: 299 {service}: {text}"; one header line per warning.
+        response.headers.append("Warning", f"299 {SERVICE}: {text.replace(chr(10), ' ')}")
+    return response
+
+
+def negotiate_search(request: Request) -> None:
+    """QIDO media type (PS3.18 §10.6.1, §8.7.8): JSON is the one we produce; XML-multipart -> 406."""
+    wanted = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
+    for part in wanted.split(","):
+        media = part.split(";")[0].strip().lower()
+        params = part.lower()
+        if "q=0" in params.replace(" ", "") and "q=0." not in params.replace(" ", ""):
+            continue
+        if media in (DICOM_JSON, "application/json", "*/*", "application/*"):
+            return
+        if media == "multipart/related" and ("dicom+json" in params or "*/*" in params):
+            return
+    raise NotAcceptable(f"search results are available as {DICOM_JSON}; the request accepts only {wanted!r}")

@@ -1,0 +1,71 @@
+"""QIDO-RS routes (PS3.18 §10.6): parse -> SearchService -> DICOM JSON."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.errors import BadRequest
+from gateway.http import DICOM_JSON, dicomweb_base, negotiate_search, target_nodes, with_warnings
+from gateway.search import SearchService
+from translators import qido as q
+from translators.dicom_json import datasets_to_json_bytes
+
+
+async def _search(request: Request, level: q.Level, *, relational: bool = False) -> Response:
+    settings = request.app.state.settings
+    service: SearchService = request.app.state.search
+    negotiate_search(request)
+    try:
+        query = q.parse_query(level, request.query_params.multi_items(),
+                              study_uid=request.path_params.get("study"),
+                              series_uid=request.path_params.get("series"), relational=relational)
+    except q.QueryError as exc:
+        raise BadRequest(str(exc)) from None
+    nodes, pinned = target_nodes(request, settings)
+    if pinned is None and query.study_uid:
+        # The location index tells which nodes hold the study: ask only those.
+        known = set(await service.study_nodes(query.study_uid))
+        if known:
+            nodes = [n for n in nodes if n.name in known] or nodes
+    outcome = await service.search(query, nodes, dicomweb_base(request, settings, pinned))
+    if not outcome.datasets:
+        return with_warnings(Response(status_code=204), outcome.warnings)
+    body = datasets_to_json_bytes(outcome.datasets)
+    return with_warnings(Response(body, media_type=DICOM_JSON), outcome.warnings)
+
+
+async def studies(request: Request) -> Response:
+    return await _search(request, "study")
+
+
+async def study_series(request: Request) -> Response:
+    return await _search(request, "series")
+
+
+async def series_instances(request: Request) -> Response:
+    return await _search(request, "instance")
+
+
+async def all_series(request: Request) -> Response:
+    return await _search(request, "series", relational=True)
+
+
+async def all_instances(request: Request) -> Response:
+    return await _search(request, "instance", relational=True)
+
+
+async def study_instances(request: Request) -> Response:
+    return await _search(request, "instance", relational=True)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/studies", studies, methods=["GET"]),
+        Route("/studies/{study}/series", study_series, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances", series_instances, methods=["GET"]),
+        Route("/studies/{study}/instances", study_instances, methods=["GET"]),
+        Route("/series", all_series, methods=["GET"]),
+        Route("/instances", all_instances, methods=["GET"]),
+    ]

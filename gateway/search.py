@@ -1,0 +1,399 @@
+"""QIDO-RS orchestration: C-FINDs on the targeted nodes, emulated features, federation.
+
+The route parses the request (translators.qido), this module decides which C-FINDs to run on
+which node and assembles the answer; translators do the pure work, the DIMSE client the I/O.
+
+Emulated features (architecture.md §4) each cost extra C-FINDs and draw on one per-request budget
+(``limits.max_emulation_queries``); when it runs out the answer is still returned, without the
+emulated values, and with a ``Warning: 299``:
+
+* counts (0020,1206/1208/1209) and ModalitiesInStudy computed by lower-level C-FINDs when the PACS
+  does not return them (only for the page actually returned, except when ModalitiesInStudy is a
+  match key on a node that ignores it, where every candidate needs it);
+* relational resources (``/series``, ``/instances``, ``/studies/{s}/instances``) by fan-out through
+  the hierarchy, unless the node accepts relational C-FIND;
+* Patient Root nodes: STUDY-level searches go through a PATIENT-level C-FIND first;
+* PN matching is case-insensitive everywhere: on nodes flagged ``case_sensitive_pn`` the PN key
+  is sent universal and matched locally (so a name-only search reads up to the node's result cap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from cache.base import Cache, key
+from gateway.dimse.client import DimseClient, FindResult
+from gateway.errors import BadRequest, GatewayError, NotFound, PacsError
+from gateway.settings import PacsNode, Settings
+from translators import qido as q
+from translators.matching import dataset_matches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchOutcome:
+    datasets: list[Dataset]
+    warnings: list[str] = field(default_factory=list)
+    failed_nodes: list[GatewayError] = field(default_factory=list)
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.exhausted = False
+
+    def take(self, n: int = 1) -> bool:
+        if self.left < n:
+            self.exhausted = True
+            return False
+        self.left -= n
+        return True
+
+
+class SearchService:
+    def __init__(self, settings: Settings, dimse: DimseClient, cache: Cache) -> None:
+        self.settings = settings
+        self.dimse = dimse
+        self.cache = cache
+
+    # ------------------------------------------------------------------ entry point
+
+    async def search(self, query: q.QidoQuery, nodes: Sequence[PacsNode], base_url: str) -> SearchOutcome:
+        budget = _Budget(self.settings.limits.max_emulation_queries)
+        warnings = list(query.warnings)
+        tasks = [self._search_node(node, query, budget) for node in nodes]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+
+        per_node: list[tuple[str, str, list[Dataset]]] = []
+        failures: list[GatewayError] = []
+        for node, res in zip(nodes, results, strict=True):
+            if isinstance(res, GatewayError):
+                failures.append(res)
+                warnings.append(f"node {node.name} failed: {res.detail}")
+                log.warning("QIDO on node %s failed: %s", node.name, type(res).__name__)
+                continue
+            if isinstance(res, BaseException):
+                raise res
+            if res.truncated:
+                warnings.append(f"node {node.name} has more matches than its result limit "
+                                f"({node.max_results}); only the first ones were considered")
+            per_node.append((node.name, node.ae_title, res.datasets))
+        if failures and len(failures) == len(nodes):
+            # Every queried node failed: answer with the worst error (504 beats 502), naming them all.
+            worst = max(failures, key=lambda e: e.status_code)
+            names = ", ".join(sorted({e.node or "?" for e in failures}))
+            raise type(worst)(f"every queried node failed ({names}): "
+                              + "; ".join(e.detail for e in failures), node=names)
+
+        merged = q.merge(query.level, per_node)
+        await self._record_locations(query.level, merged)
+        cap = self.settings.limits.query_cap
+        paged = q.page(merged.datasets, query.level, query.limit, query.offset, cap)
+        if paged.more:
+            warnings.append("There are additional results that can be requested (use offset/limit).")
+        by_name = {n.name: n for n in nodes}
+        await self._complete(query, paged.datasets, merged.nodes, by_name, budget)
+        if budget.exhausted:
+            warnings.append("Some computed attributes (counts, ModalitiesInStudy, fan-out) were omitted: "
+                            "the per-request query budget was exhausted.")
+        for ds in paged.datasets:
+            q.normalise_result(ds)
+            url = q.retrieve_url(base_url, query.level, ds)
+            if url:
+                ds.add(DataElement(q.RETRIEVE_URL, "UR", url))
+        return SearchOutcome(datasets=paged.datasets, warnings=warnings, failed_nodes=failures)
+
+    # ------------------------------------------------------------------ one node
+
+    async def _search_node(self, node: PacsNode, query: q.QidoQuery, budget: _Budget) -> FindResult:
+        if query.relational and not node.quirks.relational_queries:
+            return await self._fan_out(node, query, budget)
+        if node.query_model == "patient":
+            return await self._patient_root(node, query, budget)
+        return await self._find_plan(node, query, budget)
+
+    def _caps(self, node: PacsNode) -> q.NodeCapabilities:
+        return q.NodeCapabilities(case_sensitive_pn=node.quirks.case_sensitive_pn,
+                                  modalities_in_study_matching=node.quirks.modalities_in_study_matching,
+                                  or_multiple_values=node.quirks.or_multiple_modalities)
+
+    async def _find_plan(self, node: PacsNode, query: q.QidoQuery, budget: _Budget,
+                         extra: Dataset | None = None) -> FindResult:
+        plan = q.build_identifiers(query, self._caps(node))
+        if extra is not None:
+            for ident in plan.identifiers:
+                ident.update(extra)
+        if len(plan.identifiers) > 1 and not budget.take(len(plan.identifiers) - 1):
+            raise q_error(f"the query expands to {len(plan.identifiers)} C-FINDs, over the per-request "
+                          f"budget")
+        results = await asyncio.gather(*(self.dimse.find(node, ident) for ident in plan.identifiers))
+        combined = FindResult(node=node.name)
+        seen: set[str] = set()
+        uid_tag = q.uid_of(query.level)
+        for res in results:
+            combined.truncated |= res.truncated
+            for ds in res.datasets:
+                uid = q._text(ds, uid_tag)
+                if uid in seen:
+                    continue
+                seen.add(uid)
+                combined.datasets.append(ds)
+        if plan.local_keys:
+            await self._local_filter(node, query, combined, plan.local_keys, budget)
+        return combined
+
+    async def _local_filter(self, node: PacsNode, query: q.QidoQuery, result: FindResult,
+                            keys: list[q.MatchKey], budget: _Budget) -> None:
+        """Match locally what the node could not (case-insensitive PN, ignored ModalitiesInStudy)."""
+        if any(k.path == (q.MODALITIES_IN_STUDY,) for k in keys):
+            await self._fill_study_details(node, result.datasets, budget, need_counts=False)
+        identifier = q.local_identifier(keys)
+        result.datasets = [ds for ds in result.datasets
+                           if dataset_matches(identifier, ds, pn_case_insensitive=True)]
+
+    # ------------------------------------------------------------------ Patient Root
+
+    async def _patient_root(self, node: PacsNode, query: q.QidoQuery, budget: _Budget) -> FindResult:
+        """Patient Root nodes need PatientID above STUDY level (PS3.4 C.6.1.1): find the patients first."""
+        pid = query.match_value(q.PATIENT_ID)
+        if pid is not None and len(pid.values) == 1 and not any(c in pid.values[0] for c in "*?") \
+                and pid.values[0]:
+            return await self._find_plan(node, query, budget)
+        patient_query = q.QidoQuery(level="study", matches=tuple(
+            m for m in query.matches if m.path[0] in q.PATIENT_LEVEL))
+        plan = q.build_identifiers(patient_query, self._caps(node), dimse_level="PATIENT")
+        patients = FindResult(node=node.name)
+        for ident in plan.identifiers:
+            for elem_tag in list(ident.keys()):
+                if elem_tag not in q.PATIENT_LEVEL and elem_tag != q.QR_LEVEL and elem_tag != 0x00080005:
+                    del ident[elem_tag]
+            res = await self.dimse.find(node, ident, model="patient")
+            patients.datasets += res.datasets
+            patients.truncated |= res.truncated
+        ids = sorted({q._text(p, q.PATIENT_ID) for p in patients.datasets if q._text(p, q.PATIENT_ID)})
+        combined = FindResult(node=node.name, truncated=patients.truncated)
+        for patient_id in ids:
+            if not budget.take():
+                break
+            sub = replace(query, matches=tuple(m for m in query.matches if m.path != (q.PATIENT_ID,))
+                          + (q.MatchKey((q.PATIENT_ID,), (patient_id,)),))
+            res = await self._find_plan(node, sub, budget)
+            combined.datasets += res.datasets
+            combined.truncated |= res.truncated
+        return combined
+
+    async def _patient_id_for(self, node: PacsNode, study_uid: str, budget: _Budget) -> str | None:
+        cached = await self.cache.get(key("loc", "pid", node.name, study_uid))
+        if cached is not None:
+            return cached.decode()
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "PATIENT"
+        ident.PatientID = ""
+        res = await self.dimse.find(node, ident, model="patient")
+        for patient in res.datasets:
+            pid = q._text(patient, q.PATIENT_ID)
+            if not pid or not budget.take():
+                continue
+            s = Dataset()
+            s.QueryRetrieveLevel = "STUDY"
+            s.PatientID = pid
+            s.StudyInstanceUID = study_uid
+            found = await self.dimse.find(node, s, model="patient")
+            if found.datasets:
+                await self.cache.set(key("loc", "pid", node.name, study_uid), pid.encode(),
+                                     self.settings.cache.ttl.location)
+                return pid
+        return None
+
+    # ------------------------------------------------------------------ relational fan-out
+
+    async def _fan_out(self, node: PacsNode, query: q.QidoQuery, budget: _Budget) -> FindResult:
+        """Relational queries through the hierarchy: studies -> series (-> instances)."""
+        result = FindResult(node=node.name)
+        study_keys = tuple(m for m in query.matches if q.level_of(m.path[0]) == "study")
+        series_keys = tuple(m for m in query.matches if q.level_of(m.path[0]) == "series")
+        if query.study_uid:
+            studies = [_study_stub(query.study_uid)]
+        else:
+            sq = q.QidoQuery(level="study", matches=study_keys)
+            found = await self._search_node(node, sq, budget)
+            studies, result.truncated = found.datasets, found.truncated
+        for study in studies:
+            study_uid = q._text(study, q.STUDY_UID)
+            if not budget.take():
+                break
+            series_q = q.QidoQuery(level="series", study_uid=study_uid,
+                                   matches=series_keys + (q.MatchKey((q.STUDY_UID,), (study_uid,)),),
+                                   includefields=query.includefields if query.level == "series" else frozenset(),
+                                   include_all=query.include_all and query.level == "series")
+            series_list = await self._search_node(node, series_q, budget)
+            result.truncated |= series_list.truncated
+            if query.level == "series":
+                result.datasets += [_with_parent(s, study) for s in series_list.datasets]
+                continue
+            for series in series_list.datasets:
+                if not budget.take():
+                    break
+                series_uid = q._text(series, q.SERIES_UID)
+                inst_q = replace(query, relational=False, study_uid=study_uid, series_uid=series_uid,
+                                 matches=tuple(m for m in query.matches if q.level_of(m.path[0]) == "instance")
+                                 + (q.MatchKey((q.STUDY_UID,), (study_uid,)),
+                                    q.MatchKey((q.SERIES_UID,), (series_uid,))))
+                inst = await self._search_node(node, inst_q, budget)
+                result.truncated |= inst.truncated
+                result.datasets += [_with_parent(_with_parent(i, series), study) for i in inst.datasets]
+        return result
+
+    # ------------------------------------------------------------------ emulated attributes
+
+    async def _complete(self, query: q.QidoQuery, datasets: list[Dataset], holders: dict[str, list[str]],
+                        nodes: dict[str, PacsNode], budget: _Budget) -> None:
+        uid_tag = q.uid_of(query.level)
+        groups: dict[str, list[Dataset]] = {}
+        for ds in datasets:
+            names = holders.get(q._text(ds, uid_tag), [])
+            if names:
+                groups.setdefault(names[0], []).append(ds)
+        for name, items in groups.items():
+            node = nodes[name]
+            if query.level == "study":
+                await self._fill_study_details(node, items, budget, need_counts=True)
+            elif query.level == "series" and node.quirks.compute_counts:
+                await self._fill_series_counts(node, items, budget)
+
+    async def _fill_study_details(self, node: PacsNode, studies: list[Dataset], budget: _Budget,
+                                  *, need_counts: bool) -> None:
+        want_mods = node.quirks.compute_modalities
+        want_counts = need_counts and node.quirks.compute_counts
+        todo = [s for s in studies
+                if (want_mods and q.missing(s, q.MODALITIES_IN_STUDY))
+                or (want_counts and (q.missing(s, q.N_STUDY_SERIES) or q.missing(s, q.N_STUDY_INSTANCES)))]
+        if not todo:
+            return
+        sem = asyncio.Semaphore(self.settings.limits.fanout_concurrency)
+
+        async def one(study: Dataset) -> None:
+            if not budget.take():
+                return
+            async with sem:
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "SERIES"
+                ident.StudyInstanceUID = q._text(study, q.STUDY_UID)
+                ident.SeriesInstanceUID = ""
+                ident.Modality = ""
+                ident.NumberOfSeriesRelatedInstances = None
+                try:
+                    extra = await self._patient_key(node, ident.StudyInstanceUID, budget)
+                    if extra is False:
+                        return
+                    if extra:
+                        ident.PatientID = extra
+                    res = await self.dimse.find(node, ident, model=node.query_model)
+                except GatewayError as exc:
+                    log.warning("computing study details on %s failed: %s", node.name, type(exc).__name__)
+                    return
+            mods = sorted({m for s in res.datasets for m in q._text(s, q.MODALITY).split("\\") if m})
+            if want_mods and q.missing(study, q.MODALITIES_IN_STUDY) and mods:
+                study.add(DataElement(q.MODALITIES_IN_STUDY, "CS", mods))
+            if want_counts:
+                if q.missing(study, q.N_STUDY_SERIES):
+                    study.add(DataElement(q.N_STUDY_SERIES, "IS", len(res.datasets)))
+                if q.missing(study, q.N_STUDY_INSTANCES):
+                    await self._fill_series_counts(node, res.datasets, budget, parent=study)
+                    counts = [int(q._text(s, q.N_SERIES_INSTANCES) or -1) for s in res.datasets]
+                    if all(c >= 0 for c in counts):
+                        study.add(DataElement(q.N_STUDY_INSTANCES, "IS", sum(counts)))
+
+        await asyncio.gather(*(one(s) for s in todo))
+
+    async def _fill_series_counts(self, node: PacsNode, series_list: list[Dataset], budget: _Budget,
+                                  parent: Dataset | None = None) -> None:
+        todo = [s for s in series_list if q.missing(s, q.N_SERIES_INSTANCES)]
+        sem = asyncio.Semaphore(self.settings.limits.fanout_concurrency)
+
+        async def one(series: Dataset) -> None:
+            if not budget.take():
+                return
+            async with sem:
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "IMAGE"
+                ident.StudyInstanceUID = q._text(parent or series, q.STUDY_UID)
+                ident.SeriesInstanceUID = q._text(series, q.SERIES_UID)
+                ident.SOPInstanceUID = ""
+                try:
+                    extra = await self._patient_key(node, ident.StudyInstanceUID, budget)
+                    if extra is False:
+                        return
+                    if extra:
+                        ident.PatientID = extra
+                    res = await self.dimse.find(node, ident, model=node.query_model)
+                except GatewayError as exc:
+                    log.warning("counting instances on %s failed: %s", node.name, type(exc).__name__)
+                    return
+            series.add(DataElement(q.N_SERIES_INSTANCES, "IS", len(res.datasets)))
+
+        await asyncio.gather(*(one(s) for s in todo))
+
+    async def _patient_key(self, node: PacsNode, study_uid: str, budget: _Budget) -> str | bool | None:
+        """For Patient Root nodes, the PatientID a lower-level C-FIND needs (False: unknown)."""
+        if node.query_model != "patient":
+            return None
+        pid = await self._patient_id_for(node, study_uid, budget)
+        return pid if pid else False
+
+    # ------------------------------------------------------------------ locations
+
+    async def _record_locations(self, level: q.Level, merged: q.Merged) -> None:
+        """Remember which node holds which study (WADO goes straight there later)."""
+        ttl = self.settings.cache.ttl.location
+        try:
+            for ds in merged.datasets:
+                study = q._text(ds, q.STUDY_UID)
+                if not study:
+                    continue
+                names = merged.nodes.get(q._text(ds, q.uid_of(level)), [])
+                if names:
+                    await self.cache.sadd(key("loc", "study", study), names, ttl)
+                series = q._text(ds, q.SERIES_UID)
+                if level != "study" and series:
+                    await self.cache.sadd(key("loc", "series", series), [study], ttl)
+                pid = q._text(ds, q.PATIENT_ID)
+                if pid:
+                    for name in names:
+                        await self.cache.set(key("loc", "pid", name, study), pid.encode(), ttl)
+        except Exception:  # noqa: BLE001 - the cache never fails a request
+            log.warning("recording locations failed; continuing without", exc_info=True)
+
+    async def study_nodes(self, study_uid: str) -> list[str]:
+        try:
+            return sorted(await self.cache.smembers(key("loc", "study", study_uid)))
+        except Exception:  # noqa: BLE001
+            return []
+
+
+def _study_stub(study_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID = study_uid
+    return ds
+
+
+def _with_parent(child: Dataset, parent: Dataset) -> Dataset:
+    """Relational results carry their parents' attributes (PS3.18 §10.6.3.3.2)."""
+    for elem in parent:
+        if elem.tag not in child and elem.tag not in (q.QR_LEVEL, q.RETRIEVE_AET):
+            child.add(elem)
+    return child
+
+
+def q_error(detail: str) -> GatewayError:
+    return BadRequest(detail)
+
+
+__all__ = ["SearchService", "SearchOutcome", "NotFound", "PacsError"]

@@ -1,0 +1,441 @@
+"""One typed Settings object, built once at start-up from a YAML file and ``GATEWAY_*`` variables.
+
+Precedence: defaults < YAML file (``--config`` or ``GATEWAY_CONFIG``) < environment. Every key is
+overridable from the environment: ``GATEWAY_`` + the key path joined by ``__``, e.g.
+``GATEWAY_CACHE__URL=redis://...``; nodes are addressed by name: ``GATEWAY_NODES__ORTHANC__PORT=4243``.
+Environment values are read as YAML scalars (``4243`` is an int, ``null``/``true`` work).
+
+Validation happens here and only here: a bad value raises :class:`ConfigError` naming the key
+(``nodes[orthanc].timeouts.dimse: expected a number >= 0, got 'slow'``). No other module reads
+``os.environ``. Durations are seconds; sizes accept IEC units (``10GiB``).
+
+The full schema is also published as JSON Schema (``gateway/config.schema.json``) with an example
+(``gateway/config.example.yaml``); a unit test keeps the three in step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message starts with the offending key path."""
+
+
+T = TypeVar("T")
+
+_SIZE_UNITS = {"": 1, "B": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+               "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+
+
+@dataclass(frozen=True)
+class DimseTimeouts:
+    connect: float = 5.0
+    acse: float = 10.0
+    dimse: float = 30.0
+    network: float = 60.0
+
+
+@dataclass(frozen=True)
+class NodeQuirks:
+    """What a PACS does not do by itself; each costs the gateway extra work (architecture.md §4)."""
+
+    case_sensitive_pn: bool = False        # PN keys are widened and matched locally
+    compute_counts: bool = True            # fill missing Number Of ... Related ... by lower-level C-FIND
+    compute_modalities: bool = True        # fill missing ModalitiesInStudy by a SERIES-level C-FIND
+    modalities_in_study_matching: bool = True   # False: PACS ignores it as a key -> filter locally
+    or_multiple_modalities: bool = False   # True: PACS treats ModalitiesInStudy=CT\MR as OR
+    relational_queries: bool = False       # PACS accepts relational C-FIND (else fan-out)
+
+
+@dataclass(frozen=True)
+class PacsNode:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    retrieve: Literal["get", "move"] = "get"
+    query_model: Literal["study", "patient"] = "study"
+    max_associations: int = 4          # retrievals and stores
+    max_query_associations: int = 4    # C-FIND / C-ECHO, a separate budget so retrievals never starve QIDO
+    max_results: int = 2000            # per C-FIND; beyond it: C-CANCEL + Warning 299
+    max_pdu: int = 131072
+    timeouts: DimseTimeouts = field(default_factory=DimseTimeouts)
+    quirks: NodeQuirks = field(default_factory=NodeQuirks)
+
+    def __repr__(self) -> str:
+        return f"PacsNode({self.name!r}, {self.ae_title}@{self.host}:{self.port}, retrieve={self.retrieve})"
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    ae_title: str = "DICOMWEBGW"
+    dimse_port: int = 11112
+    dimse_host: str = "0.0.0.0"
+    base_url: str | None = None
+    stow_node: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    cors_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheTtl:
+    study: float = 60.0
+    series: float = 60.0
+    instance: float = 300.0
+    location: float = 86400.0
+
+
+@dataclass(frozen=True)
+class CacheSection:
+    url: str | None = None
+    prefix: str = "dwg:"
+    ttl: CacheTtl = field(default_factory=CacheTtl)
+    max_entries: int = 10000        # in-process cache bound
+    timeout: float = 0.25           # per Redis operation; past it the request goes on without cache
+
+
+@dataclass(frozen=True)
+class SpoolSection:
+    path: str | None = None
+    max_bytes: int = 10 * 1024**3
+
+
+@dataclass(frozen=True)
+class RetrievalSection:
+    series_for_frames: bool = True     # metadata/frames of one instance retrieve its whole series
+    reject_unexpected_stores: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    internal_port: int | None = None
+    shared_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    mode: Literal["none", "api_key", "oidc"] = "none"
+    api_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    max_emulation_queries: int = 200     # extra C-FINDs one QIDO request may spend on emulated features
+    fanout_concurrency: int = 4
+    query_cap: int = 10000               # max results a QIDO answer returns before Warning 299
+
+
+@dataclass(frozen=True)
+class Settings:
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    http: HttpSection = field(default_factory=HttpSection)
+    nodes: tuple[PacsNode, ...] = ()
+    cache: CacheSection = field(default_factory=CacheSection)
+    spool: SpoolSection = field(default_factory=SpoolSection)
+    retrieval: RetrievalSection = field(default_factory=RetrievalSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+
+    def node(self, name: str) -> PacsNode | None:
+        for node in self.nodes:
+            if node.name.lower() == name.lower():
+                return node
+        return None
+
+    @property
+    def stow_node(self) -> PacsNode | None:
+        if self.gateway.stow_node:
+            return self.node(self.gateway.stow_node)
+        return self.nodes[0] if self.nodes else None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from an optional YAML file and ``GATEWAY_*`` variables (``env`` defaults to os.environ)."""
+    env = os.environ if env is None else env
+    path = path or env.get("GATEWAY_CONFIG") or None
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        raw = loaded or {}
+    raw = apply_env_overrides(raw, env)
+    return settings_from_dict(raw)
+
+
+def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    raw = _deep_copy(raw)
+    for name in sorted(env):
+        if not name.startswith("GATEWAY_") or name == "GATEWAY_CONFIG" or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len("GATEWAY_"):].split("__")]
+        try:
+            value = yaml.safe_load(env[name]) if env[name] != "" else None
+        except yaml.YAMLError:
+            value = env[name]
+        _set_path(raw, parts, value, name)
+    return raw
+
+
+def _set_path(raw: dict[str, Any], parts: list[str], value: Any, var: str) -> None:
+    if parts[0] == "nodes":
+        if len(parts) < 3:
+            raise ConfigError(f"{var}: nodes are addressed as GATEWAY_NODES__<NAME>__<KEY>")
+        nodes = raw.setdefault("nodes", [])
+        if not isinstance(nodes, list):
+            raise ConfigError("nodes: expected a list")
+        node = next((n for n in nodes if isinstance(n, dict) and str(n.get("name", "")).lower() == parts[1]),
+                    None)
+        if node is None:
+            node = {"name": parts[1]}
+            nodes.append(node)
+        target, rest = node, parts[2:]
+    else:
+        target, rest = raw, parts
+    for key in rest[:-1]:
+        nxt = target.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            target[key] = nxt
+        target = nxt
+    target[rest[-1]] = value
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Section:
+    """Reads typed values out of one mapping, naming the key path in every error."""
+
+    def __init__(self, raw: Any, path: str, known: set[str]) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path or '<root>'}: expected a mapping, got {type(raw).__name__}")
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"{self._key(path, sorted(unknown)[0])}: unknown key "
+                              f"(known: {', '.join(sorted(known))})")
+        self.raw = raw
+        self.path = path
+
+    @staticmethod
+    def _key(path: str, key: str) -> str:
+        return f"{path}.{key}" if path else key
+
+    def get(self, key: str, default: T, convert: Callable[[Any, str], T]) -> T:
+        if key not in self.raw or self.raw[key] is None and default is None:
+            return default
+        return convert(self.raw[key], self._key(self.path, key))
+
+    def sub(self, key: str, known: set[str]) -> _Section:
+        return _Section(self.raw.get(key), self._key(self.path, key), known)
+
+
+def _int(lo: int = 0, hi: int | None = None) -> Callable[[Any, str], int]:
+    def convert(v: Any, key: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            bounds = f">= {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(f"{key}: expected an integer {bounds}, got {v!r}")
+        return v
+    return convert
+
+
+def _num(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ConfigError(f"{key}: expected a number >= 0 (seconds), got {v!r}")
+    return float(v)
+
+
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _opt_str(v: Any, key: str) -> str | None:
+    return None if v is None else _str(v, key)
+
+
+def _ae_title(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not (1 <= len(v.strip()) <= 16) or "\\" in v:
+        raise ConfigError(f"{key}: expected an AE title of 1-16 characters, got {v!r}")
+    return v.strip()
+
+
+def _str_list(v: Any, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ConfigError(f"{key}: expected a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _size(v: Any, key: str) -> int:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", v, re.IGNORECASE)
+        if m:
+            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+    raise ConfigError(f"{key}: expected a size such as 10GiB or 512MiB, got {v!r}")
+
+
+def _choice(*options: str) -> Callable[[Any, str], Any]:
+    def convert(v: Any, key: str) -> Any:
+        if v not in options:
+            raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {v!r}")
+        return v
+    return convert
+
+
+def _url(v: Any, key: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not re.match(r"^https?://[^/]+", v):
+        raise ConfigError(f"{key}: expected an absolute http(s) URL, got {v!r}")
+    return v.rstrip("/")
+
+
+def _fields(cls: type) -> set[str]:
+    return set(cls.__dataclass_fields__)
+
+
+def _node(raw: Any, index: int) -> PacsNode:
+    label = f"nodes[{raw.get('name', index)}]" if isinstance(raw, dict) else f"nodes[{index}]"
+    s = _Section(raw, label, _fields(PacsNode))
+    d = PacsNode("x", "X", "h", 1)
+    for required in ("name", "ae_title", "host", "port"):
+        if s.raw.get(required) is None:
+            raise ConfigError(f"{label}.{required}: required")
+    name = s.get("name", d.name, _str)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ConfigError(f"{label}.name: letters, digits, '-' and '_' only, got {name!r}")
+    t = s.sub("timeouts", _fields(DimseTimeouts))
+    q = s.sub("quirks", _fields(NodeQuirks))
+    dq = NodeQuirks()
+    return PacsNode(
+        name=name,
+        ae_title=s.get("ae_title", d.ae_title, _ae_title),
+        host=s.get("host", d.host, _str),
+        port=s.get("port", d.port, _int(1, 65535)),
+        retrieve=s.get("retrieve", d.retrieve, _choice("get", "move")),
+        query_model=s.get("query_model", d.query_model, _choice("study", "patient")),
+        max_associations=s.get("max_associations", d.max_associations, _int(1, 64)),
+        max_query_associations=s.get("max_query_associations", d.max_query_associations, _int(1, 64)),
+        max_results=s.get("max_results", d.max_results, _int(1)),
+        max_pdu=s.get("max_pdu", d.max_pdu, _int(0)),
+        timeouts=DimseTimeouts(**{k: t.get(k, getattr(DimseTimeouts(), k), _num)
+                                  for k in _fields(DimseTimeouts)}),
+        quirks=NodeQuirks(**{k: q.get(k, getattr(dq, k), _bool) for k in _fields(NodeQuirks)}),
+    )
+
+
+def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
+    root = _Section(dict(raw), "", _fields(Settings))
+    g = root.sub("gateway", _fields(GatewaySection))
+    dg = GatewaySection()
+    h = root.sub("http", _fields(HttpSection))
+    dh = HttpSection()
+    c = root.sub("cache", _fields(CacheSection))
+    dc = CacheSection()
+    ct = c.sub("ttl", _fields(CacheTtl))
+    sp = root.sub("spool", _fields(SpoolSection))
+    r = root.sub("retrieval", _fields(RetrievalSection))
+    cl = root.sub("cluster", _fields(ClusterSection))
+    a = root.sub("auth", _fields(AuthSection))
+    lim = root.sub("limits", _fields(LimitsSection))
+    dl = LimitsSection()
+
+    raw_nodes = root.raw.get("nodes") or []
+    if not isinstance(raw_nodes, list):
+        raise ConfigError("nodes: expected a list of nodes")
+    nodes = tuple(_node(n, i) for i, n in enumerate(raw_nodes))
+    seen: set[str] = set()
+    for n in nodes:
+        if n.name.lower() in seen:
+            raise ConfigError(f"nodes[{n.name}].name: duplicate node name")
+        seen.add(n.name.lower())
+
+    settings = Settings(
+        gateway=GatewaySection(
+            ae_title=g.get("ae_title", dg.ae_title, _ae_title),
+            dimse_port=g.get("dimse_port", dg.dimse_port, _int(0, 65535)),
+            dimse_host=g.get("dimse_host", dg.dimse_host, _str),
+            base_url=g.get("base_url", dg.base_url, _url),
+            stow_node=g.get("stow_node", dg.stow_node, _opt_str),
+        ),
+        http=HttpSection(
+            host=h.get("host", dh.host, _str),
+            port=h.get("port", dh.port, _int(0, 65535)),
+            trusted_proxies=h.get("trusted_proxies", dh.trusted_proxies, _str_list),
+            cors_origins=h.get("cors_origins", dh.cors_origins, _str_list),
+        ),
+        nodes=nodes,
+        cache=CacheSection(
+            url=c.get("url", dc.url, _opt_str),
+            prefix=c.get("prefix", dc.prefix, _str),
+            ttl=CacheTtl(**{k: ct.get(k, getattr(CacheTtl(), k), _num) for k in _fields(CacheTtl)}),
+            max_entries=c.get("max_entries", dc.max_entries, _int(1)),
+            timeout=c.get("timeout", dc.timeout, _num),
+        ),
+        spool=SpoolSection(
+            path=sp.get("path", None, _opt_str),
+            max_bytes=sp.get("max_bytes", SpoolSection().max_bytes, _size),
+        ),
+        retrieval=RetrievalSection(**{k: r.get(k, getattr(RetrievalSection(), k), _bool)
+                                      for k in _fields(RetrievalSection)}),
+        cluster=ClusterSection(
+            internal_port=cl.get("internal_port", None, _int(1, 65535)),
+            shared_secret=cl.get("shared_secret", None, _opt_str),
+        ),
+        auth=AuthSection(
+            mode=a.get("mode", "none", _choice("none", "api_key", "oidc")),
+            api_keys=a.get("api_keys", (), _str_list),
+        ),
+        limits=LimitsSection(**{k: lim.get(k, getattr(dl, k), _int(1)) for k in _fields(LimitsSection)}),
+    )
+    if settings.gateway.stow_node and settings.node(settings.gateway.stow_node) is None:
+        raise ConfigError(f"gateway.stow_node: no node named {settings.gateway.stow_node!r}")
+    if settings.cache.url and not re.match(r"^(redis|rediss|unix)://", settings.cache.url):
+        raise ConfigError(f"cache.url: expected redis://, rediss:// or unix://, got {settings.cache.url!r}")
+    return settings

@@ -1,0 +1,533 @@
+"""QIDO-RS query parameters -> C-FIND identifiers, and C-FIND results -> the QIDO answer.
+
+Pure functions (no I/O). PS3.18 §8.3.4 (query syntax), §10.6 (Search transaction), PS3.4 C.2.2.2
+(matching) and C.6.1/C.6.2 (Patient/Study Root keys).
+
+The flow the gateway runs with these:
+
+1. :func:`parse_query` validates the request into a :class:`QidoQuery` (400 on malformed input;
+   unknown parameters ignored with a warning, §8.3).
+2. :func:`build_identifiers` gives, per node, the C-FIND identifier(s): default return keys per
+   level, includefield keys, match keys; multi-valued CS keys become one identifier per value
+   (OR semantics, e.g. ``ModalitiesInStudy=CT,MR``) unless the node ORs them itself.
+3. After the C-FINDs: :func:`needs_local_filter` / ``translators.matching`` filter what the PACS
+   could not, :func:`merge` dedupes across nodes, :func:`sort_key` orders deterministically,
+   :func:`page` slices with limit/offset.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+Level = Literal["study", "series", "instance"]
+DIMSE_LEVEL: dict[str, str] = {"study": "STUDY", "series": "SERIES", "instance": "IMAGE"}
+
+STUDY_UID = 0x0020000D
+SERIES_UID = 0x0020000E
+SOP_UID = 0x00080018
+MODALITIES_IN_STUDY = 0x00080061
+MODALITY = 0x00080060
+RETRIEVE_AET = 0x00080054
+RETRIEVE_URL = 0x00081190
+QR_LEVEL = 0x00080052
+CHARSET = 0x00080005
+N_STUDY_SERIES = 0x00201206
+N_STUDY_INSTANCES = 0x00201208
+N_SERIES_INSTANCES = 0x00201209
+PATIENT_ID = 0x00100020
+
+# Default return attributes, PS3.18 Table 10.6.3-3/-4/-5 (dicomweb-notes §1.4).
+STUDY_DEFAULTS = (0x00080005, 0x00080020, 0x00080030, 0x00080050, 0x00080056, 0x00080061, 0x00080090,
+                  0x00080201, 0x00100010, 0x00100020, 0x00100030, 0x00100040, STUDY_UID, 0x00200010,
+                  N_STUDY_SERIES, N_STUDY_INSTANCES)
+SERIES_DEFAULTS = (0x00080005, MODALITY, 0x00080201, 0x0008103E, STUDY_UID, SERIES_UID, 0x00200011,
+                   N_SERIES_INSTANCES, 0x00400244, 0x00400245)
+INSTANCE_DEFAULTS = (0x00080005, 0x00080016, SOP_UID, 0x00080056, 0x00080201, STUDY_UID, SERIES_UID,
+                     0x00200013, 0x00280010, 0x00280011, 0x00280100, 0x00280008)
+
+# Which level an attribute belongs to (PS3.4 C.6.1.1 / C.6.2.1). Anything unlisted is instance level.
+PATIENT_LEVEL = frozenset({0x00100010, 0x00100020, 0x00100021, 0x00100030, 0x00100032, 0x00100040,
+                           0x00101000, 0x00101001, 0x00102160, 0x00104000, 0x00201200, 0x00201202,
+                           0x00201204})
+STUDY_LEVEL = PATIENT_LEVEL | frozenset({
+    0x00080020, 0x00080030, 0x00080050, 0x00080051, 0x00080056, 0x00080061, 0x00080062, 0x00080063,
+    0x00080090, 0x00080201, 0x00081030, 0x00081032, 0x00081060, 0x00081080, 0x00101010, 0x00101020,
+    0x00101030, 0x00102180, 0x001021B0, STUDY_UID, 0x00200010, N_STUDY_SERIES, N_STUDY_INSTANCES,
+    0x00321032, 0x00321060})
+SERIES_LEVEL = frozenset({
+    MODALITY, 0x00080021, 0x00080031, 0x00080070, 0x00080080, 0x00081010, 0x0008103E, 0x00081050,
+    0x00081070, 0x00081090, 0x00180015, 0x00181030, 0x00200060, 0x00200011, SERIES_UID, 0x00200052,
+    N_SERIES_INSTANCES, 0x00400244, 0x00400245, 0x00400275, 0x00081111})
+INSTANCE_ALL = (0x00080008, 0x00080016, SOP_UID, 0x00080022, 0x00080023, 0x00080032, 0x00080033,
+                0x00080056, 0x00200012, 0x00200013, 0x00200020, 0x00280002, 0x00280004, 0x00280008,
+                0x00280010, 0x00280011, 0x00280100, 0x00400512, 0x0040A043, 0x0040A491, 0x0040A493)
+
+RESERVED_PARAMS = frozenset({"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching",
+                             "multiplevaluematching", "accept", "charset", "_"})
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DA_RE = re.compile(r"^\d{8}$")
+_TM_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DT_RE = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+_NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "SV", "UV"})
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
+
+
+class QueryError(ValueError):
+    """The QIDO request is malformed (-> 400)."""
+
+
+TagPath = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MatchKey:
+    path: TagPath          # (tag,) or (sequence tag, item tag)
+    values: tuple[str, ...]  # one value, or several for OR / UID lists
+
+
+@dataclass(frozen=True)
+class QidoQuery:
+    level: Level
+    relational: bool = False
+    study_uid: str | None = None
+    series_uid: str | None = None
+    matches: tuple[MatchKey, ...] = ()
+    includefields: frozenset[TagPath] = frozenset()
+    include_all: bool = False
+    fuzzy: bool = False
+    limit: int | None = None
+    offset: int = 0
+    warnings: tuple[str, ...] = ()
+
+    def match_value(self, tag: int) -> MatchKey | None:
+        return next((m for m in self.matches if m.path == (tag,)), None)
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+def parse_attribute(name: str) -> TagPath | None:
+    """``PatientName``, ``00100010`` (any case) or dotted sequence paths -> tag path; None if unknown."""
+    path: list[int] = []
+    for part in name.split("."):
+        if re.fullmatch(r"[0-9A-Fa-f]{8}", part):
+            path.append(int(part, 16))
+            continue
+        tag = tag_for_keyword(part)
+        if tag is None:
+            return None
+        path.append(tag)
+    return tuple(path) if path else None
+
+
+def vr_of(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN" if tag >> 16 & 1 else "LO"
+    return vr.split(" or ")[0]
+
+
+def _check_value(name: str, vr: str, value: str) -> None:
+    if value == "" or value == "*":
+        return
+    has_wild = "*" in value or "?" in value
+    if vr == "UI":
+        if has_wild:
+            raise QueryError(f"{name}: wildcards are not allowed in UIDs")
+        if not _UID_RE.match(value) or len(value) > 64:
+            raise QueryError(f"{name}: {value!r} is not a valid UID")
+        return
+    if vr in ("DA", "TM", "DT"):
+        if has_wild:
+            raise QueryError(f"{name}: wildcards are not allowed for {vr} values")
+        pattern = {"DA": _DA_RE, "TM": _TM_RE, "DT": _DT_RE}[vr]
+        ends = value.split("-") if vr != "DT" else _split_dt_range(value)
+        if len(ends) > 2 or not all(e == "" or pattern.match(e) for e in ends) or ends == ["", ""]:
+            hint = {"DA": "YYYYMMDD", "TM": "HHMMSS", "DT": "YYYYMMDDHHMMSS"}[vr]
+            raise QueryError(f"{name}: {value!r} is not a {vr} value or range ({hint}, A-B, -B or A-)")
+        return
+    if vr in _NUMERIC_VRS:
+        try:
+            float(value)
+        except ValueError:
+            raise QueryError(f"{name}: {value!r} is not a number") from None
+        return
+    if vr in _BINARY_VRS:
+        raise QueryError(f"{name}: attributes of VR {vr} cannot be matched")
+
+
+def _split_dt_range(value: str) -> list[str]:
+    # A DT may carry a '-hhmm' UTC offset, so only a '-' that follows 14+ digits or starts the value splits.
+    m = re.fullmatch(r"([^-]*(?:-\d{4})?)?-([^-]*(?:[+-]\d{4})?)?", value)
+    if m and (m.group(1) or m.group(2)) and not _DT_RE.match(value):
+        return [m.group(1) or "", m.group(2) or ""]
+    return [value]
+
+
+def _split_values(vr: str, value: str) -> tuple[str, ...]:
+    """UID lists accept ',' and '\\' (OHIF sends backslash); CS lists mean OR (dicomweb-notes §1.3)."""
+    if vr in ("UI", "CS") and ("," in value or "\\" in value):
+        parts = tuple(p.strip() for p in re.split(r"[,\\]", value) if p.strip())
+        return parts or ("",)
+    return (value,)
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no", ""):
+        return False
+    raise QueryError(f"{name}: expected true or false, got {value!r}")
+
+
+def _parse_uint(name: str, value: str) -> int:
+    if not re.fullmatch(r"\d{1,9}", value.strip()):
+        raise QueryError(f"{name}: expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def parse_query(level: Level, params: Iterable[tuple[str, str]], *, study_uid: str | None = None,
+                series_uid: str | None = None, relational: bool = False) -> QidoQuery:
+    """Validate QIDO query parameters (PS3.18 §8.3.4). Raises QueryError for malformed input."""
+    matches: dict[TagPath, MatchKey] = {}
+    includes: set[TagPath] = set()
+    include_all = fuzzy = False
+    limit: int | None = None
+    offset = 0
+    warnings: list[str] = []
+    for uid, label in ((study_uid, "study"), (series_uid, "series")):
+        if uid is not None and not _UID_RE.match(uid):
+            raise QueryError(f"{label} UID in the path: {uid!r} is not a valid UID")
+
+    for raw_name, value in params:
+        name = raw_name.strip()
+        lname = name.lower()
+        if lname == "limit":
+            limit = _parse_uint(name, value)
+        elif lname == "offset":
+            offset = _parse_uint(name, value)
+        elif lname == "includefield":
+            for item in value.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                if item.lower() == "all":
+                    include_all = True
+                    continue
+                path = parse_attribute(item)
+                if path is None:
+                    warnings.append(f"includefield {item!r} is not a known attribute and was ignored")
+                else:
+                    includes.add(path)
+        elif lname == "fuzzymatching":
+            fuzzy = _parse_bool(name, value)
+        elif lname in ("emptyvaluematching", "multiplevaluematching"):
+            if _parse_bool(name, value):
+                warnings.append(f"The {lname} parameter is not supported. Only literal matching has been "
+                                f"performed.")
+        elif lname in RESERVED_PARAMS:
+            continue
+        else:
+            path = parse_attribute(name)
+            if path is None:
+                warnings.append(f"unknown query parameter {name!r} was ignored")
+                continue
+            vr = vr_of(path[-1])
+            if len(path) > 2 or (len(path) == 2 and vr_of(path[0]) != "SQ"):
+                raise QueryError(f"{name}: only one sequence level (Sequence.Attribute) is supported")
+            if vr == "SQ":
+                if value:
+                    raise QueryError(f"{name}: a sequence can only be matched through its items "
+                                     f"({name}.Attribute=value)")
+                includes.add(path)
+                continue
+            values = _split_values(vr, value)
+            for v in values:
+                _check_value(name, vr, v)
+            if path in matches:
+                values = matches[path].values + values
+            matches[path] = MatchKey(path, values)
+
+    if fuzzy:
+        warnings.append("The fuzzymatching parameter is not supported. Only literal matching has been "
+                        "performed.")
+    for tag, uid in ((STUDY_UID, study_uid), (SERIES_UID, series_uid)):
+        if uid is not None:
+            path = (tag,)
+            given = matches.get(path)
+            if given is not None and given.values != (uid,) and uid not in given.values:
+                raise QueryError("a UID in the query contradicts the UID in the path")
+            matches[path] = MatchKey(path, (uid,))
+    return QidoQuery(level=level, relational=relational, study_uid=study_uid, series_uid=series_uid,
+                     matches=tuple(matches.values()), includefields=frozenset(includes),
+                     include_all=include_all, fuzzy=fuzzy, limit=limit, offset=offset,
+                     warnings=tuple(warnings))
+
+
+# ------------------------------------------------------------------------ identifiers
+
+
+def level_of(tag: int) -> Level:
+    if tag in STUDY_LEVEL:
+        return "study"
+    if tag in SERIES_LEVEL:
+        return "series"
+    return "instance"
+
+
+_RANK = {"study": 0, "series": 1, "instance": 2}
+
+
+def return_keys(query: QidoQuery) -> list[TagPath]:
+    """Default + includefield keys for the query's level (PS3.18 §10.6.3.3): lower-level ones dropped."""
+    keys: list[int] = list(STUDY_DEFAULTS if query.level == "study" else
+                           SERIES_DEFAULTS if query.level == "series" else INSTANCE_DEFAULTS)
+    if query.relational and query.level in ("series", "instance"):
+        keys += STUDY_DEFAULTS          # §10.6.3.3.2/3: relational results carry study attributes
+        if query.level == "instance":
+            keys += SERIES_DEFAULTS
+    if query.include_all:
+        keys += sorted(STUDY_LEVEL)
+        if query.level != "study":
+            keys += sorted(SERIES_LEVEL - {0x00400275, 0x00081111})
+        if query.level == "instance":
+            keys += INSTANCE_ALL
+    paths: list[TagPath] = [(t,) for t in dict.fromkeys(keys) if t]
+    for path in sorted(query.includefields):
+        if _RANK[level_of(path[0])] <= _RANK[query.level] and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def _put(ds: Dataset, path: TagPath, value: str) -> None:
+    if len(path) == 1:
+        ds.add(DataElement(path[0], vr_of(path[0]), value or None))
+        return
+    seq_tag, item_tag = path
+    if seq_tag in ds and ds[seq_tag].value:
+        item = ds[seq_tag].value[0]
+    else:
+        item = Dataset()
+        ds.add(DataElement(seq_tag, "SQ", DicomSequence([item])))
+    item.add(DataElement(item_tag, vr_of(item_tag), value or None))
+
+
+@dataclass(frozen=True)
+class NodeCapabilities:
+    """The quirks of one node that change the identifier (from settings.NodeQuirks)."""
+
+    case_sensitive_pn: bool = False
+    modalities_in_study_matching: bool = True
+    or_multiple_values: bool = False
+
+
+@dataclass
+class FindPlan:
+    """The C-FIND identifiers for one node and the keys to re-check locally on their results."""
+
+    identifiers: list[Dataset]
+    local_keys: list[MatchKey] = field(default_factory=list)
+
+
+def build_identifiers(query: QidoQuery, caps: NodeCapabilities = NodeCapabilities(),
+                      *, dimse_level: str | None = None) -> FindPlan:
+    """PS3.4 C.6.2.1: one identifier per OR branch, return keys zero-length, match keys valued."""
+    base = Dataset()
+    base.QueryRetrieveLevel = dimse_level or DIMSE_LEVEL[query.level]
+    for path in return_keys(query):
+        if path[0] in (CHARSET,):
+            continue
+        _put(base, path, "")
+    local: list[MatchKey] = []
+    branches: list[MatchKey] = []
+    non_ascii = False
+    for key in query.matches:
+        vr = vr_of(key.path[-1])
+        if _RANK[level_of(key.path[0])] > _RANK[query.level] and key.path[0] not in (STUDY_UID, SERIES_UID):
+            # A lower-level key cannot be matched at this level (PS3.4 C.2.2.1.1): ignore it.
+            continue
+        widen = (vr == "PN" and caps.case_sensitive_pn and key.values != ("",)) or (
+            key.path == (MODALITIES_IN_STUDY,) and not caps.modalities_in_study_matching)
+        if widen:
+            local.append(key)
+            _put(base, key.path, "")
+            continue
+        if len(key.values) > 1 and vr != "UI" and not caps.or_multiple_values:
+            branches.append(key)
+            continue
+        value = "\\".join(key.values)
+        non_ascii |= not value.isascii()
+        _put(base, key.path, value)
+    if non_ascii:
+        base.SpecificCharacterSet = "ISO_IR 192"
+
+    identifiers = [base]
+    for key in branches:   # OR semantics: the cartesian product of the branches' values
+        expanded: list[Dataset] = []
+        for ident in identifiers:
+            for value in key.values:
+                copy = _copy(ident)
+                _put(copy, key.path, value)
+                expanded.append(copy)
+        identifiers = expanded
+    return FindPlan(identifiers=identifiers, local_keys=local)
+
+
+def _copy(ds: Dataset) -> Dataset:
+    out = Dataset()
+    for elem in ds:
+        if elem.VR == "SQ":
+            out.add(DataElement(elem.tag, "SQ", DicomSequence([_copy(i) for i in elem.value])))
+        else:
+            out.add(DataElement(elem.tag, elem.VR, elem.value))
+    return out
+
+
+def local_identifier(keys: Sequence[MatchKey]) -> Dataset:
+    """The identifier to re-check results against with translators.matching."""
+    ds = Dataset()
+    for key in keys:
+        _put(ds, key.path, "\\".join(key.values))
+    return ds
+
+
+# ------------------------------------------------------------------------ results
+
+
+def uid_of(level: Level) -> int:
+    return {"study": STUDY_UID, "series": SERIES_UID, "instance": SOP_UID}[level]
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    elem = ds.get(tag)
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _number(ds: Dataset, tag: int) -> float:
+    try:
+        return float(_text(ds, tag).split("\\")[0])
+    except ValueError:
+        return float("inf")
+
+
+def sort_key(level: Level) -> Callable[[Dataset], tuple[object, ...]]:
+    """Deterministic order (§8.3.4.4.1: paging must be idempotent): newest study first, then
+    series/instance number, UIDs as tie-breakers."""
+    def study(ds: Dataset) -> tuple[object, ...]:
+        # Descending date/time: invert the digits so a plain ascending sort gives newest first.
+        date = _text(ds, 0x00080020).ljust(8, "0")[:8]
+        time = re.sub(r"[^0-9]", "", _text(ds, 0x00080030)).ljust(6, "0")[:6]
+        inv = "".join(chr(ord("9") - ord(c) + ord("0")) if c.isdigit() else c for c in date + time)
+        return (inv, _text(ds, STUDY_UID))
+
+    def series(ds: Dataset) -> tuple[object, ...]:
+        return (*study(ds), _number(ds, 0x00200011), _text(ds, SERIES_UID))
+
+    def instance(ds: Dataset) -> tuple[object, ...]:
+        return (*series(ds), _number(ds, 0x00200013), _text(ds, SOP_UID))
+
+    return {"study": study, "series": series, "instance": instance}[level]
+
+
+def normalise_result(ds: Dataset) -> Dataset:
+    """Tidy one C-FIND response for DICOM JSON: drop QR level, normalise legacy DA/TM, and never
+    emit an empty ModalitiesInStudy (OHIF's getModalities crashes on it, dicomweb-notes §1.4)."""
+    for tag in (QR_LEVEL, RETRIEVE_AET):
+        if tag in ds:
+            del ds[tag]
+    for elem in list(ds):
+        if elem.VR == "DA" and isinstance(elem.value, str) and elem.value:
+            elem.value = re.sub(r"[.\-/]", "", elem.value)
+        elif elem.VR == "TM" and isinstance(elem.value, str) and ":" in elem.value:
+            elem.value = elem.value.replace(":", "")
+    for tag in (MODALITIES_IN_STUDY, N_STUDY_SERIES, N_STUDY_INSTANCES, N_SERIES_INSTANCES,
+                0x00080056, 0x00080201):
+        if tag in ds and (ds[tag].value is None or ds[tag].value == "" or ds[tag].value == []):
+            del ds[tag]
+    return ds
+
+
+def missing(ds: Dataset, tag: int) -> bool:
+    return tag not in ds or ds[tag].value in (None, "", [])
+
+
+@dataclass
+class Merged:
+    datasets: list[Dataset]
+    nodes: dict[str, list[str]]   # result UID -> node names holding it, in config order
+
+
+def merge(level: Level, per_node: Sequence[tuple[str, str, Sequence[Dataset]]]) -> Merged:
+    """Federation: dedupe by UID keeping the first node's answer (config order); RetrieveAETitle
+    (0008,0054) lists the AE titles of every node holding the result. ``per_node``: (name, aet, results)."""
+    uid_tag = uid_of(level)
+    out: dict[str, Dataset] = {}
+    holders: dict[str, list[str]] = {}
+    aets: dict[str, list[str]] = {}
+    for name, aet, results in per_node:
+        for ds in results:
+            uid = _text(ds, uid_tag)
+            if not uid:
+                continue
+            if uid not in out:
+                out[uid] = ds
+            if name not in holders.setdefault(uid, []):
+                holders[uid].append(name)
+                aets.setdefault(uid, []).append(aet)
+    for uid, ds in out.items():
+        ds.add(DataElement(RETRIEVE_AET, "AE", aets[uid] if len(aets[uid]) > 1 else aets[uid][0]))
+    return Merged(datasets=list(out.values()), nodes=holders)
+
+
+@dataclass(frozen=True)
+class Page:
+    datasets: list[Dataset]
+    more: bool      # results remain beyond this page (-> Warning 299)
+
+
+def page(datasets: Sequence[Dataset], level: Level, limit: int | None, offset: int, cap: int) -> Page:
+    """Sort, then slice per §8.3.4.4: results = min(max(0, matches - offset), cap, limit)."""
+    ordered = sorted(datasets, key=sort_key(level))
+    size = cap if limit is None else min(limit, cap)
+    window = ordered[offset:offset + size]
+    return Page(datasets=window, more=offset + len(window) < len(ordered))
+
+
+def retrieve_url(base: str, level: Level, ds: Dataset) -> str | None:
+    study = _text(ds, STUDY_UID)
+    if not study:
+        return None
+    url = f"{base}/studies/{study}"
+    if level == "study":
+        return url
+    series = _text(ds, SERIES_UID)
+    if not series:
+        return None
+    url += f"/series/{series}"
+    if level == "series":
+        return url
+    sop = _text(ds, SOP_UID)
+    return f"{url}/instances/{sop}" if sop else None
+
+
+def keyword(tag: int) -> str:
+    return keyword_for_tag(tag) or f"{tag:08X}"
+
+
+__all__ = ["QidoQuery", "QueryError", "MatchKey", "NodeCapabilities", "FindPlan", "parse_query",
+           "build_identifiers", "local_identifier", "merge", "page", "normalise_result", "retrieve_url",
+           "sort_key", "return_keys", "missing"]
