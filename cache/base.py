@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+StrSet = set[str]
+
 
 def key(*parts: str) -> str:
     """Join key parts with ':' (UIDs and node names never contain ':')."""
@@ -42,7 +44,7 @@ class Cache(Protocol):
         """Add members to a set and (re)arm the set's TTL."""
         ...
 
-    async def smembers(self, key: str) -> set[str]: ...
+    async def smembers(self, key: str) -> StrSet: ...
 
     async def ping(self) -> bool: ...
 

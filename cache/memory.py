@@ -9,18 +9,20 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+StrSet = set[str]
+
 
 class MemoryCache:
     def __init__(self, max_entries: int = 10000, prefix: str = "dwg:") -> None:
         self._max = max_entries
         self._prefix = prefix
-        self._data: OrderedDict[str, tuple[float, bytes | set[str]]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, bytes | StrSet]] = OrderedDict()
         self._counters: dict[str, int] = {}
 
     def _k(self, key: str) -> str:
         return self._prefix + key
 
-    def _live(self, key: str) -> bytes | set[str] | None:
+    def _live(self, key: str) -> bytes | StrSet | None:
         item = self._data.get(key)
         if item is None:
             return None
@@ -31,7 +33,7 @@ class MemoryCache:
         self._data.move_to_end(key)
         return value
 
-    def _store(self, key: str, value: bytes | set[str], ttl: float) -> None:
+    def _store(self, key: str, value: bytes | StrSet, ttl: float) -> None:
         self._data[key] = (time.monotonic() + ttl, value)
         self._data.move_to_end(key)
         while len(self._data) > self._max:
@@ -65,7 +67,7 @@ class MemoryCache:
         merged.update(members)
         self._store(k, merged, ttl)
 
-    async def smembers(self, key: str) -> set[str]:
+    async def smembers(self, key: str) -> StrSet:
         value = self._live(self._k(key))
         return set(value) if isinstance(value, set) else set()
 

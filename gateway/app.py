@@ -61,7 +61,8 @@ def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
     if settings.http.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.http.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Accept", "Content-Type"],
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
     return Starlette(
         routes=[*admin.routes(), Mount("/dicom-web", routes=dicomweb),

@@ -698,13 +698,16 @@ def summarize_studies(datasets: Iterable[Dataset]) -> list[dict[str, Any]]:
     return list(studies.values())
 
 
+# Declared, not assigned: module __getattr__ computes it on first access (importing stays cheap).
+DEMO_STUDIES: list[dict[str, Any]]
+
+
 @functools.cache
 def _default_summary() -> list[dict[str, Any]]:
     return summarize_studies(generate_demo_datasets())
 
 
 def __getattr__(name: str) -> Any:
-    # DEMO_STUDIES is computed on first use so importing this module stays cheap.
     if name == "DEMO_STUDIES":
         return _default_summary()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

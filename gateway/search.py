@@ -229,10 +229,11 @@ class SearchService:
             study_uid = q._text(study, q.STUDY_UID)
             if not budget.take():
                 break
+            at_series = query.level == "series"
             series_q = q.QidoQuery(level="series", study_uid=study_uid,
                                    matches=series_keys + (q.MatchKey((q.STUDY_UID,), (study_uid,)),),
-                                   includefields=query.includefields if query.level == "series" else frozenset(),
-                                   include_all=query.include_all and query.level == "series")
+                                   includefields=query.includefields if at_series else frozenset(),
+                                   include_all=query.include_all and at_series)
             series_list = await self._search_node(node, series_q, budget)
             result.truncated |= series_list.truncated
             if query.level == "series":
@@ -242,10 +243,10 @@ class SearchService:
                 if not budget.take():
                     break
                 series_uid = q._text(series, q.SERIES_UID)
+                own = tuple(m for m in query.matches if q.level_of(m.path[0]) == "instance")
                 inst_q = replace(query, relational=False, study_uid=study_uid, series_uid=series_uid,
-                                 matches=tuple(m for m in query.matches if q.level_of(m.path[0]) == "instance")
-                                 + (q.MatchKey((q.STUDY_UID,), (study_uid,)),
-                                    q.MatchKey((q.SERIES_UID,), (series_uid,))))
+                                 matches=own + (q.MatchKey((q.STUDY_UID,), (study_uid,)),
+                                                q.MatchKey((q.SERIES_UID,), (series_uid,))))
                 inst = await self._search_node(node, inst_q, budget)
                 result.truncated |= inst.truncated
                 result.datasets += [_with_parent(_with_parent(i, series), study) for i in inst.datasets]

@@ -15,6 +15,7 @@ The full schema is also published as JSON Schema (``gateway/config.schema.json``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -168,7 +169,7 @@ class Settings:
 
 
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from an optional YAML file and ``GATEWAY_*`` variables (``env`` defaults to os.environ)."""
+    """Build Settings from an optional YAML file and ``GATEWAY_*`` variables (default env: os.environ)."""
     env = os.environ if env is None else env
     path = path or env.get("GATEWAY_CONFIG") or None
     raw: dict[str, Any] = {}
@@ -336,8 +337,8 @@ def _url(v: Any, key: str) -> str | None:
     return v.rstrip("/")
 
 
-def _fields(cls: type) -> set[str]:
-    return set(cls.__dataclass_fields__)
+def _fields(cls: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _node(raw: Any, index: int) -> PacsNode:

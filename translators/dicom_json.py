@@ -172,7 +172,7 @@ def _encode_dataset(
         if isinstance(stored, RawDataElement):
             if fast and stored.value is not None:
                 if encodings is None:
-                    encodings = _read_encodings(ds)
+                    encodings = _read_encodings(ds, ancestors)
                 attr = _encode_raw_fast(stored, encodings)
             if attr is None:
                 elem = _element(ds, tag)
@@ -345,12 +345,12 @@ def _encode_raw_fast(raw: RawDataElement, encodings: list[str]) -> dict[str, Any
     return {"vr": vr, "Value": encoded}
 
 
-def _read_encodings(ds: Dataset) -> list[str]:
+def _read_encodings(ds: Dataset, ancestors: list[Dataset]) -> list[str]:
     """Python codec names for a dataset's raw text: the character set it was read with (pydicom
     sets it from (0008,0005), or the parent's for sequence items), as pydicom itself uses."""
     read = ds.original_character_set
     if not read:
-        return convert_encodings(_charsets([ds]) or None)
+        return convert_encodings(_charsets(ancestors) or None)
     return [read] if isinstance(read, str) else list(read)
 
 

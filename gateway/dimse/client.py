@@ -13,27 +13,26 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    Verification,
-)
 
 from gateway.dimse.outcomes import status_error
 from gateway.dimse.pool import AssociationPool
-from gateway.errors import AssociationAborted, DimseFailure, GatewayError, PacsError
+from gateway.errors import AssociationAborted, DimseFailure
 from gateway.settings import PacsNode, Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 QueryModel = Literal["study", "patient"]
+Verification = "1.2.840.10008.1.1"
+StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
+PatientRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.1.1"
 _FIND_MODELS = {"study": StudyRootQueryRetrieveInformationModelFind,
                 "patient": PatientRootQueryRetrieveInformationModelFind}
 
@@ -69,12 +68,12 @@ class DimseClient:
             self._msg_id = self._msg_id % 65535 + 1
             return self._msg_id
 
-    async def _run(self, pool: AssociationPool, fn: object, cancel: threading.Event) -> T:
+    async def _run(self, pool: AssociationPool, fn: Callable[[], T], cancel: threading.Event) -> T:
         loop = asyncio.get_running_loop()
         async with pool.slots:
-            fut = loop.run_in_executor(self._executor, fn)  # type: ignore[arg-type]
+            fut: asyncio.Future[T] = loop.run_in_executor(self._executor, fn)
             try:
-                return await asyncio.shield(fut)  # type: ignore[no-any-return]
+                return await asyncio.shield(fut)
             except asyncio.CancelledError:
                 # The HTTP client went away: ask the thread to C-CANCEL and keep the slot until it has.
                 cancel.set()
@@ -148,8 +147,8 @@ class DimseClient:
                 assoc, reused = pool.acquire()
                 if not pool.accepted(assoc, sop_class):
                     pool.release(assoc, reusable=True)
-                    raise DimseFailure(f"node {node.name} does not support "
-                                       f"{'Patient' if sop_class.endswith('2.1.1') else 'Study'} Root C-FIND "
+                    root = "Patient" if sop_class == PatientRootQueryRetrieveInformationModelFind else "Study"
+                    raise DimseFailure(f"node {node.name} does not support {root} Root C-FIND "
                                        f"(set query_model for this node)", node=node.name, status=0x0122)
                 try:
                     attempt(assoc, result)
@@ -165,13 +164,7 @@ class DimseClient:
                     if reused and try_no == 1 and not result.datasets:
                         continue
                     raise
-                except PacsError:
-                    pool.release(assoc, reusable=False)
-                    raise
-                except GatewayError:
-                    pool.release(assoc, reusable=False)
-                    raise
-                except Exception:
+                except BaseException:
                     pool.release(assoc, reusable=False)
                     raise
                 pool.release(assoc, reusable=True)

@@ -177,15 +177,15 @@ def test_paging_is_deterministic_and_complete(rows, limit, perm):
 def test_normalise_result_drops_empty_modalities_and_fixes_dates():
     from pydicom import config
 
-    old = config.settings.writing_validation_mode
-    config.settings.writing_validation_mode = config.IGNORE
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
     try:
         ds = _study("1.1", "2024.01.31", "10:30:00")
+        ds.ModalitiesInStudy = ""
+        ds.QueryRetrieveLevel = "STUDY"
+        q.normalise_result(ds)
     finally:
-        config.settings.writing_validation_mode = old
-    ds.ModalitiesInStudy = ""
-    ds.QueryRetrieveLevel = "STUDY"
-    q.normalise_result(ds)
+        config.settings.reading_validation_mode = old
     assert "ModalitiesInStudy" not in ds and "QueryRetrieveLevel" not in ds
     assert ds.StudyDate == "20240131" and ds.StudyTime == "103000"
 

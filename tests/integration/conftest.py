@@ -1,0 +1,113 @@
+"""Session fixtures: demo data, real PACS peers (Orthanc, dcmqrscp) loaded with it, and Redis.
+
+Peers and Redis are started once per session and stopped at its end, also when tests fail.
+A missing binary fails the fixture with a message naming it (scripts/install-test-deps.sh
+installs them): integration tests never skip.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.demo_data import write_demo_files
+
+from .peers import INSTALL_HINT, DcmqrscpPeer, OrthancPeer, PeerError, free_port
+
+GATEWAY_AE_TITLE = "DICOMWEBGW"
+DEFAULT_REDIS = ("127.0.0.1", 6379)
+
+
+@pytest.fixture(scope="session")
+def gateway_scp_port() -> int:
+    """The port the gateway's storage SCP will listen on; peers know it as a C-MOVE destination."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def gateway_modality(gateway_scp_port: int) -> dict[str, list[str | int]]:
+    return {"gateway": [GATEWAY_AE_TITLE, "127.0.0.1", gateway_scp_port]}
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_demo_files(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def orthanc(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_files: list[Path],
+    gateway_modality: dict[str, list[str | int]],
+) -> Iterator[OrthancPeer]:
+    peer = OrthancPeer(tmp_path_factory.mktemp("orthanc"), modalities=gateway_modality)
+    try:
+        peer.start()
+        peer.load(demo_files)
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture(scope="session")
+def dcmqrscp(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_files: list[Path],
+    gateway_modality: dict[str, list[str | int]],
+) -> Iterator[DcmqrscpPeer]:
+    peer = DcmqrscpPeer(tmp_path_factory.mktemp("dcmqrscp"), modalities=gateway_modality)
+    try:
+        peer.start()
+        peer.load(demo_files)
+        yield peer
+    finally:
+        peer.stop()
+
+
+def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING (RESP inline command, no client library)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Database 15 of a Redis on 6379 if one answers, else a private redis-server on a free port."""
+    if redis_ping(*DEFAULT_REDIS):
+        yield "redis://127.0.0.1:6379/15"
+        return
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise PeerError(f"no Redis on 127.0.0.1:6379 and 'redis-server' not on PATH; {INSTALL_HINT}")
+    workdir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    log_path = workdir / "redis.log"
+    argv = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), "--logfile", str(log_path)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not redis_ping("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                raise PeerError(f"redis-server did not answer PING on port {port}:\n{tail}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/15"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
