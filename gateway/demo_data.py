@@ -2,30 +2,31 @@
 
 Every call returns the same UIDs and the same pixel values (no clock, no random generator: noise
 comes from an integer hash), so tests can hard-code what they expect. Pixel data are simple
-phantoms that look like the anatomy named in the descriptions. Default scale (``DemoScale()``),
-about 3.5 MB in total:
+phantoms that look like the anatomy named in the descriptions. Default scale (``DemoScale()``):
+6 patients, 8 studies, 13 series, 111 instances, about 3.8 MB.
 
-== ================= ======== ============ ========== ======================== =====================
-#  PatientName       PatientID Charset     StudyDate  StudyDescription         Series (instances)
-== ================= ======== ============ ========== ======================== =====================
-1  Doe^John          DGW0001  (none)       2023-03-14 CT CHEST W/O CONTRAST    CT 1 Topogram (1),
-                                                                               CT 2 Axial 2.5mm (24)
-2  Doe^John          DGW0001  (none)       2021-02-10 CT CHEST (prior)         CT 2 Axial 5mm (12)
-3  DOE^JANE          DGW0002  (none)       2022-06-21 MR BRAIN                 MR 1 Ax T1 SE (16),
-                                                                               MR 2 Ax T2 TSE (16) RLE
-4  Smith^Anna        DGW0003  ISO_IR 100   2019-11-08 CR CHEST 2 VIEWS         CR 1 Chest PA+LAT (2)
-                                                                               MONOCHROME1
-5  Smith^Anna        DGW0003  ISO_IR 100   2024-01-15 CT ABDOMEN + report      CT 2 Abdomen (12),
-                                                                               SR 900 Report (1)
-6  Müller^Jürgen     DGW0004  ISO_IR 100   2020-09-02 PET/CT Ganzkörper        CT 2 CT AC (12),
-                                                                               PT 3 PET AC (12) 64x64
-7  Østergård^Søren   DGW0005  ISO_IR 192   2024-05-27 Hjerte cine (sekundær)   OT 1 Cine (1 instance,
-                                                                               12 frames 96x96)
-8  Yamada^Tarou=山田^ DGW0006  \\ISO 2022   2023-10-05 膝 X線 (knee X-ray)        DX 1 Knee AP (1),
-   太郎=やまだ^たろう                  IR 87                                         DX 2 Knee LAT (1)
-== ================= ======== ============ ========== ======================== =====================
+| PatientID | PatientName                          | Sex | BirthDate | SpecificCharacterSet    |
+|-----------|--------------------------------------|-----|-----------|-------------------------|
+| DGW0001   | Doe^John                             | M   | 19610412  | (absent)                |
+| DGW0002   | DOE^JANE                             | F   | 19780930  | (absent)                |
+| DGW0003   | Smith^Anna                           | F   | 19900105  | ISO_IR 100              |
+| DGW0004   | Müller^Jürgen                        | M   | 19550723  | ISO_IR 100              |
+| DGW0005   | Østergård^Søren                      | M   | 19831201  | ISO_IR 192              |
+| DGW0006   | Yamada^Tarou=山田^太郎=やまだ^たろう   | M   | 19700214  | ["", "ISO 2022 IR 87"]  |
 
-Totals: 6 patients, 8 studies, 13 series, 110 instances (counts scale with ``DemoScale``).
+| # | PatientID | StudyDate/Time    | Accession   | StudyDescription       | Series no. modality (instances) |
+|---|-----------|-------------------|-------------|------------------------|---------------------------------|
+| 1 | DGW0001   | 20230314 101530   | A2303140011 | CT CHEST W/O CONTRAST  | 1 CT topogram (1), 2 CT (24)    |
+| 2 | DGW0001   | 20210210 083000   | A2102100007 | CT CHEST (the prior)   | 2 CT 5 mm (12)                  |
+| 3 | DGW0002   | 20220621 142233.5 | A2206210031 | MR BRAIN               | 1 MR T1 (16), 2 MR T2 RLE (16)  |
+| 4 | DGW0003   | 20191108 091205   | A1911080004 | CR CHEST 2 VIEWS       | 1 CR MONOCHROME1 (2)            |
+| 5 | DGW0003   | 20240115 163045   | A2401150102 | CT ABDOMEN W CONTRAST  | 2 CT (12), 900 SR (1)           |
+| 6 | DGW0004   | 20200902 073512   | A2009020019 | PET/CT Ganzkörper      | 2 CT (12), 3 PT 64x64 (12)      |
+| 7 | DGW0005   | 20240527 110003   | A2405270008 | Hjerte cine (sekundær) | 1 OT 12 frames (1)              |
+| 8 | DGW0006   | 20231005 152140   | A2310050055 | 膝 X線                 | 1 DX AP (1), 2 DX LAT (1)       |
+
+Instance counts scale with ``DemoScale``: study 1 axial = ct_slices; studies 2, 5, 6 = ct_slices // 2
+per series; study 3 = mr_slices per series; study 7 = mf_frames frames of mf_size.
 
 - Transfer syntax: Explicit VR Little Endian everywhere except study 3 series 2 (MR T2), which is
   RLE Lossless, so retrieval tests see encapsulated pixel data.
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1082."
 
@@ -118,6 +119,11 @@ def _noise(shape: tuple[int, ...], seed: int, amplitude: int) -> np.ndarray:
     a = (x % span).astype(np.int32)
     b = ((x >> np.uint64(20)) % span).astype(np.int32)
     return (a + b - amplitude).reshape(shape)
+
+
+def _unsigned(img: np.ndarray, maximum: int) -> np.ndarray:
+    out: np.ndarray = np.clip(np.rint(img), 0, maximum).astype(np.uint16)
+    return out
 
 
 def _ct_chest_hu(size: int, z: float, seed: int, noise: int = 12) -> np.ndarray:
@@ -211,7 +217,7 @@ def _mr_brain(size: int, z: float, weighting: str, seed: int) -> np.ndarray:
     if 0.5 < z < 0.75:
         img[_ellipse(u, v, 0.32, -0.25, 0.08, 0.07)] = t["lesion"]
     img += np.where(img > 0, _noise(img.shape, seed, 15), 0) + np.abs(_noise(img.shape, seed + 1, 6))
-    return np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+    return _unsigned(img, 4095)
 
 
 def _pet(size: int, z: float, seed: int) -> np.ndarray:
@@ -228,7 +234,7 @@ def _pet(size: int, z: float, seed: int) -> np.ndarray:
     if 0.3 < z < 0.6:
         img[_ellipse(u, v, -0.4, -0.1, 0.07, 0.07)] = 3200.0
     img += np.where(img > 0, _noise(img.shape, seed, 40), 0)
-    return np.clip(np.rint(img), 0, 65535).astype(np.uint16)
+    return _unsigned(img, 65535)
 
 
 def _cr_chest(size: int, lateral: bool, seed: int) -> np.ndarray:
@@ -250,7 +256,7 @@ def _cr_chest(size: int, lateral: bool, seed: int) -> np.ndarray:
             rib = np.abs(v - (-0.55 + 0.13 * k) - 0.12 * u**2) < 0.015
             img[rib & _ellipse(u, v, 0, -0.05, 0.62, 0.6)] -= 700.0
     img += _noise(img.shape, seed, 20)
-    return np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+    return _unsigned(img, 4095)
 
 
 def _dx_knee(size: int, lateral: bool, seed: int) -> np.ndarray:
@@ -266,7 +272,7 @@ def _dx_knee(size: int, lateral: bool, seed: int) -> np.ndarray:
     else:
         img[(np.abs(u - 0.26) < 0.05) & (v > 0.2)] = 2300.0  # fibula
     img += _noise(img.shape, seed, 25)
-    return np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+    return _unsigned(img, 4095)
 
 
 def _cine(size: int, frames: int) -> np.ndarray:
@@ -280,7 +286,7 @@ def _cine(size: int, frames: int) -> np.ndarray:
         img[_ellipse(u, v, 0.05, 0.0, 0.5 * beat + 0.12, 0.62 * beat + 0.12)] = 1800.0  # myocardium
         img[_ellipse(u, v, 0.05, 0.0, 0.5 * beat, 0.62 * beat)] = 300.0  # blood pool
         img += _noise(img.shape, 500 + f, 30)
-        out[f] = np.clip(np.rint(img), 0, 4095).astype(np.uint16)
+        out[f] = _unsigned(img, 4095)
     return out
 
 
@@ -356,8 +362,9 @@ _EQUIPMENT = {
 
 
 def _age(birth: str, on: str) -> str:
-    b, d = date.fromisoformat(f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"), date.fromisoformat(
-        f"{on[:4]}-{on[4:6]}-{on[6:]}"
+    b, d = (
+        date.fromisoformat(f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"),
+        date.fromisoformat(f"{on[:4]}-{on[4:6]}-{on[6:]}"),
     )
     years = d.year - b.year - ((d.month, d.day) < (b.month, b.day))
     return f"{years:03d}Y"
@@ -367,8 +374,8 @@ def _base(series: _Series, sop_class: str, instance: int, seconds: int = 0) -> D
     study, patient = series.study, series.study.patient
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = series.instance_uid(instance)
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(series.instance_uid(instance))
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if patient.charset is not None:
         ds.SpecificCharacterSet = patient.charset
@@ -418,9 +425,10 @@ def _axial(ds: Dataset, size: int, fov_mm: float, z_mm: float, thickness: float)
     spacing = fov_mm / size
     ds.PatientPosition = "HFS"
     ds.SliceThickness = thickness
-    ds.ImagePositionPatient = [-fov_mm / 2 + spacing / 2, -fov_mm / 2 + spacing / 2, z_mm]
+    corner = round(-fov_mm / 2 + spacing / 2, 4)
+    ds.ImagePositionPatient = [corner, corner, round(z_mm, 4)]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SliceLocation = z_mm
+    ds.SliceLocation = round(z_mm, 4)
     ds.PixelSpacing = [round(spacing, 6), round(spacing, 6)]
 
 
@@ -444,8 +452,9 @@ def _ct_series(
 
 
 def _study_ct_current(scale: DemoScale) -> list[Dataset]:
-    study = _Study(1, _JOHN, "20230314", "101530", "CT CHEST W/O CONTRAST", "A2303140011", "CT1401",
-                   "House^Gregory^^Dr.")
+    study = _Study(
+        1, _JOHN, "20230314", "101530", "CT CHEST W/O CONTRAST", "A2303140011", "CT1401", "House^Gregory^^Dr."
+    )
     topo = _Series(study, 1, "CT", "Topogram 0.6 T20f", 0, "CHEST")
     ds = _base(topo, CT_IMAGE, 1)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
@@ -460,8 +469,14 @@ def _study_ct_current(scale: DemoScale) -> list[Dataset]:
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
     series = [_image(ds, _ct_topogram(scale.ct_size), "MONOCHROME2", 16, (300, 2000))]
     axial = _Series(study, 2, "CT", "Thorax 2.5mm B30f", 2, "CHEST")
-    series += _ct_series(axial, lambda z, i: _ct_chest_hu(scale.ct_size, z, 100 + i), scale.ct_slices,
-                         scale.ct_size, 300.0, 0.0)
+    series += _ct_series(
+        axial,
+        lambda z, i: _ct_chest_hu(scale.ct_size, z, 100 + i),
+        scale.ct_slices,
+        scale.ct_size,
+        300.0,
+        0.0,
+    )
     return series
 
 
@@ -469,8 +484,9 @@ def _study_ct_prior(scale: DemoScale) -> list[Dataset]:
     study = _Study(2, _JOHN, "20210210", "083000", "CT CHEST", "A2102100007", "CT0210", "House^Gregory^^Dr.")
     axial = _Series(study, 2, "CT", "Thorax 5mm B30f", 1, "CHEST")
     slices = max(scale.ct_slices // 2, 1)
-    return _ct_series(axial, lambda z, i: _ct_chest_hu(scale.ct_size, z, 200 + i), slices, scale.ct_size,
-                      300.0, 0.0)
+    return _ct_series(
+        axial, lambda z, i: _ct_chest_hu(scale.ct_size, z, 200 + i), slices, scale.ct_size, 300.0, 0.0
+    )
 
 
 def _study_mr_brain(scale: DemoScale) -> list[Dataset]:
@@ -498,8 +514,9 @@ def _study_mr_brain(scale: DemoScale) -> list[Dataset]:
             ds.SpacingBetweenSlices = 6.0
             z = i / max(scale.mr_slices - 1, 1)
             window = (600, 1000) if weighting == "T1" else (800, 1600)
-            ds = _image(ds, _mr_brain(scale.mr_size, z, weighting, 300 + 40 * number + i), "MONOCHROME2",
-                        12, window)
+            ds = _image(
+                ds, _mr_brain(scale.mr_size, z, weighting, 300 + 40 * number + i), "MONOCHROME2", 12, window
+            )
             if weighting == "T2":
                 ds.compress(RLELossless, generate_instance_uid=False)
             out.append(ds)
@@ -523,12 +540,14 @@ def _study_cr(scale: DemoScale) -> list[Dataset]:
 
 
 def _study_ct_sr(scale: DemoScale) -> list[Dataset]:
-    study = _Study(5, _ANNA, "20240115", "163045", "CT ABDOMEN W CONTRAST", "A2401150102", "CT0115",
-                   "Shepherd^Derek")
+    study = _Study(
+        5, _ANNA, "20240115", "163045", "CT ABDOMEN W CONTRAST", "A2401150102", "CT0115", "Shepherd^Derek"
+    )
     slices = max(scale.ct_slices // 2, 1)
     axial = _Series(study, 2, "CT", "Abdomen 5mm portal venous", 1, "ABDOMEN")
-    out = _ct_series(axial, lambda z, i: _ct_abdomen_hu(scale.ct_size, z, 500 + i), slices, scale.ct_size,
-                     240.0, -320.0)
+    out = _ct_series(
+        axial, lambda z, i: _ct_abdomen_hu(scale.ct_size, z, 500 + i), slices, scale.ct_size, 240.0, -320.0
+    )
     report = _Series(study, 900, "SR", "Radiology report", 40)
     ds = _base(report, BASIC_TEXT_SR, 1)
     ds.ValueType = "CONTAINER"
@@ -553,12 +572,14 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def _study_pet_ct(scale: DemoScale) -> list[Dataset]:
-    study = _Study(6, _JUERGEN, "20200902", "073512", "PET/CT Ganzkörper", "A2009020019", "PT0902",
-                   "Schröder^Käthe")
+    study = _Study(
+        6, _JUERGEN, "20200902", "073512", "PET/CT Ganzkörper", "A2009020019", "PT0902", "Schröder^Käthe"
+    )
     slices = max(scale.ct_slices // 2, 1)
     ct = _Series(study, 2, "CT", "CT Schwächungskorrektur", 1, "CHEST")
-    out = _ct_series(ct, lambda z, i: _ct_chest_hu(scale.ct_size, z, 600 + i, noise=30), slices,
-                     scale.ct_size, 300.0, 0.0)
+    out = _ct_series(
+        ct, lambda z, i: _ct_chest_hu(scale.ct_size, z, 600 + i, noise=30), slices, scale.ct_size, 300.0, 0.0
+    )
     pet = _Series(study, 3, "PT", "PET AC Ganzkörper", 4, "CHEST")
     size = max(scale.ct_size // 2, 8)
     thickness = round(300.0 / slices, 3)
@@ -585,8 +606,9 @@ def _study_pet_ct(scale: DemoScale) -> list[Dataset]:
 
 
 def _study_cine(scale: DemoScale) -> list[Dataset]:
-    study = _Study(7, _SOEREN, "20240527", "110003", "Hjerte cine (sekundær)", "A2405270008", "OT0527",
-                   "Ærø^Åse")
+    study = _Study(
+        7, _SOEREN, "20240527", "110003", "Hjerte cine (sekundær)", "A2405270008", "OT0527", "Ærø^Åse"
+    )
     series = _Series(study, 1, "OT", "Cine kortakse", 0, "HEART")
     ds = _base(series, MF_WORD_SC, 1)
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -599,8 +621,16 @@ def _study_cine(scale: DemoScale) -> list[Dataset]:
 
 
 def _study_dx(scale: DemoScale) -> list[Dataset]:
-    study = _Study(8, _TAROU, "20231005", "152140", "膝 X線", "A2310050055", "DX1005",
-                   "Sato^Hanako=佐藤^花子=さとう^はなこ")
+    study = _Study(
+        8,
+        _TAROU,
+        "20231005",
+        "152140",
+        "膝 X線",
+        "A2310050055",
+        "DX1005",
+        "Sato^Hanako=佐藤^花子=さとう^はなこ",
+    )
     size = 2 * scale.ct_size
     out = []
     for number, view, lateral in ((1, "AP", False), (2, "LAT", True)):

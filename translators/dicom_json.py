@@ -21,7 +21,6 @@ import math
 import struct
 from array import array
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
 
@@ -60,8 +59,12 @@ _INT_VRS = frozenset({"SL", "SS", "UL", "US", "SV", "UV"})
 _FLOAT_VRS = frozenset({"FL", "FD"})
 _STRUCT_FORMATS = {"SL": "l", "SS": "h", "UL": "L", "US": "H", "SV": "q", "UV": "Q", "FL": "f", "FD": "d"}
 _WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-_ARRAY_CODES = {2: "H", 4: "L", 8: "Q"}
+_ARRAY_CODES = {array(code).itemsize: code for code in ("Q", "L", "I", "H")}  # size -> typecode
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+# Delimiters at which ISO 2022 code extensions revert to the first character set (PS3.5 6.1.2.5.3)
+_TEXT_DELIMS = set(TEXT_VR_DELIMS)
+_MULTI_TEXT_DELIMS = _TEXT_DELIMS | {0x5C}
+_PN_DELIMS = _MULTI_TEXT_DELIMS | {0x3D, 0x5E}
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _MAX_EXACT_INT = 2**53
@@ -140,15 +143,15 @@ def decode_text_value(raw: bytes, vr: str, charsets: list[str]) -> str:
     """Decode the raw value field of a text element to Unicode (PS3.18 F.2.1, PS3.5 6.1).
 
     ``charsets`` are the Defined Terms of (0008,0005), e.g. ``["", "ISO 2022 IR 87"]``; empty
-    means the default repertoire. Each of a multi-valued element's values (separated by ``\\``)
-    is decoded on its own, as ISO 2022 code extensions reset at each delimiter; PN component
-    groups likewise. Trailing padding (spaces, NULs) is removed; values stay ``\\``-joined.
+    means the default repertoire. ISO 2022 code extensions are reset to the first character set
+    at every delimiter (PS3.5 6.1.2.5.3): CR, LF, TAB, FF, and for multi-valued VRs ``\\``,
+    for PN also ``^`` and ``=``. Values stay ``\\``-joined; padding (spaces, NULs) is removed
+    from the end of each value (of the whole value for PN, as pydicom does).
     """
-    encodings = convert_encodings(list(charsets) or None)
-    if vr in _SINGLE_VALUED_TEXT_VRS:
-        return decode_bytes(raw, encodings, TEXT_VR_DELIMS).rstrip(" \x00")
-    values = [_decode_one(part, vr, encodings) for part in raw.split(b"\\")]
-    return "\\".join(values)
+    text = _decode(raw, vr, convert_encodings(list(charsets) or None))
+    if vr in _SINGLE_VALUED_TEXT_VRS or vr == "PN":
+        return text.rstrip("\x00 ")
+    return "\\".join(v.rstrip("\x00 ") for v in text.split("\\"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +310,7 @@ def _encode_raw_fast(raw: RawDataElement, encodings: list[str]) -> dict[str, Any
     elif vr in _FAST_CHARSET_VRS:
         if not value:
             return {"vr": vr}
-        if vr == "PN":
-            value = value.rstrip(b"\x00 ")
-        if value.isascii() and b"\x1b" not in value:
-            text = value.decode("ascii")
-        else:
-            text = decode_bytes(value, encodings, TEXT_VR_DELIMS)
+        text = _decode(value, vr, encodings)
         if vr in _SINGLE_VALUED_TEXT_VRS:
             parts = [text.rstrip("\x00 ")]
         elif vr == "PN":
@@ -323,7 +321,7 @@ def _encode_raw_fast(raw: RawDataElement, encodings: list[str]) -> dict[str, Any
         if not value:
             return {"vr": vr}
         fmt = _STRUCT_FORMATS[vr]
-        size = struct.calcsize(fmt)
+        size = struct.calcsize("<" + fmt)
         if len(value) % size:
             return None
         endian = "<" if raw.is_little_endian else ">"
@@ -411,24 +409,11 @@ def _string_values(values: list[Any], vr: str, ancestors: list[Dataset]) -> list
     for v in values:
         if isinstance(v, str):
             out.append(v or None)
-        elif v is None:
-            out.append(None)
         elif isinstance(v, bytes):
             out.append(decode_text_value(v, vr, _charsets(ancestors)) or None)
-        elif isinstance(v, date | time):  # config.datetime_conversion: DA/TM/DT objects
-            out.append(getattr(v, "original_string", None) or _dicom_datetime(v))
-        else:
-            out.append(str(v))
+        else:  # None, or DA/DT/TM objects (config.datetime_conversion) whose str() is their text
+            out.append(None if v is None else str(v) or None)
     return out
-
-
-def _dicom_datetime(v: date | time) -> str:
-    if isinstance(v, datetime):
-        text = v.strftime("%Y%m%d%H%M%S.%f")
-        return text + v.strftime("%z") if v.tzinfo else text
-    if isinstance(v, date):
-        return v.strftime("%Y%m%d")
-    return v.strftime("%H%M%S.%f") if v.microsecond else v.strftime("%H%M%S")
 
 
 def _pn_value(value: Any, ancestors: list[Dataset]) -> dict[str, str] | None:
@@ -490,8 +475,9 @@ def _number_values(values: list[Any], vr: str, ds: Dataset) -> list[Any]:
         endian = ">" if ds.original_encoding[1] is False else "<"
         fmt = _STRUCT_FORMATS[vr]
         data = bytes(values[0])
-        count = len(data) // struct.calcsize(fmt)
-        values = list(struct.unpack(f"{endian}{count}{fmt}", data[: count * struct.calcsize(fmt)]))
+        size = struct.calcsize(endian + fmt)
+        count = len(data) // size
+        values = list(struct.unpack(f"{endian}{count}{fmt}", data[: count * size]))
     if vr in _FLOAT_VRS:
         return [None if v is None or v == "" else float(v) for v in values]
     return [None if v is None or v == "" else int(v) for v in values]
@@ -500,11 +486,7 @@ def _number_values(values: list[Any], vr: str, ds: Dataset) -> list[Any]:
 def _at_value(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    if isinstance(value, int):
-        return f"{value:08X}"
-    if isinstance(value, tuple | list) and len(value) == 2:
-        return f"{value[0]:04X}{value[1]:04X}"
-    return str(value).upper()
+    return f"{value:08X}" if isinstance(value, int) else str(value).upper()
 
 
 def _encode_binary(
@@ -537,8 +519,6 @@ def _binary_bytes(value: Any, vr: str, ds: Dataset) -> bytes:
         data = value
     elif isinstance(value, bytearray | memoryview):
         data = bytes(value)
-    elif isinstance(value, list | tuple | MultiValue):
-        data = b"".join(bytes(v) for v in value)
     elif hasattr(value, "tobytes"):  # numpy array
         data = bytes(value.tobytes())
     else:
@@ -555,10 +535,17 @@ def _binary_bytes(value: Any, vr: str, ds: Dataset) -> bytes:
 # Character sets
 
 
-def _decode_one(raw: bytes, vr: str, encodings: list[str]) -> str:
+def _decode(raw: bytes, vr: str, encodings: list[str]) -> str:
+    """Decode escape-aware before splitting: a multi-byte character may contain 0x5C or 0x3D."""
     if vr == "PN":
-        return "=".join(PersonName(raw.rstrip(b" \x00"), encodings).components)
-    return decode_bytes(raw, encodings, TEXT_VR_DELIMS).strip(" \x00")
+        raw = raw.rstrip(b"\x00 ")
+    if raw.isascii() and b"\x1b" not in raw:
+        return raw.decode("ascii")
+    if vr == "PN":
+        return decode_bytes(raw, encodings, _PN_DELIMS)
+    if vr in _SINGLE_VALUED_TEXT_VRS:
+        return decode_bytes(raw, encodings, _TEXT_DELIMS)
+    return decode_bytes(raw, encodings, _MULTI_TEXT_DELIMS)
 
 
 def _charsets(ancestors: list[Dataset]) -> list[str]:

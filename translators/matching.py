@@ -82,8 +82,8 @@ def element_matches(
     vr = _resolve_vr(key.VR, candidate.VR)
     if vr == "SQ":
         return _sequence_matches(key, candidate, pn_case_insensitive)
-    key_values = [v for v in _values(key) if not _is_empty_value(v)]
-    candidate_values = [v for v in _values(candidate) if not _is_empty_value(v)]
+    key_values = [v for v in _values(key, vr) if not _is_empty_value(v)]
+    candidate_values = [v for v in _values(candidate, vr) if not _is_empty_value(v)]
     return any(
         _value_matches(vr, kv, cv, pn_case_insensitive) for kv in key_values for cv in candidate_values
     )
@@ -105,7 +105,7 @@ def dataset_matches(
     return True
 
 
-def build_response(identifier: Dataset, candidate: Dataset) -> Dataset:
+def build_response(identifier: Dataset, candidate: Dataset, *, pn_case_insensitive: bool = True) -> Dataset:
     """The C-FIND response identifier for a matched ``candidate`` (PS3.4 C.4.1.2.3, C.2.2.2.6).
 
     Every key of ``identifier`` is returned with the candidate's value, zero-length if the candidate
@@ -124,7 +124,7 @@ def build_response(identifier: Dataset, candidate: Dataset) -> Dataset:
             continue
         found = _get(candidate, key.tag)
         if _resolve_vr(key.VR, found.VR if found is not None else None) == "SQ":
-            response.add(_sequence_response(key, found))
+            response.add(_sequence_response(key, found, pn_case_insensitive))
         elif found is None:
             response.add(DataElement(key.tag, _resolve_vr(key.VR, None), None))
         else:
@@ -161,13 +161,14 @@ def _resolve_vr(vr: str, other: str | None) -> str:
     return vr.split(" or ")[0]
 
 
-def _values(elem: DataElement) -> list[Any]:
+def _values(elem: DataElement, vr: str) -> list[Any]:
     value = elem.value
     if value is None:
         return []
     if isinstance(value, MultiValue | list | tuple):
         return list(value)
-    if isinstance(value, bytes) and elem.VR not in _BINARY_VRS:
+    if isinstance(value, bytes) and vr not in _BINARY_VRS:
+        # e.g. a UN candidate (implicit VR, unknown tag) compared as the key's string VR
         return value.decode("latin-1").split("\\")
     return [value]
 
@@ -180,7 +181,7 @@ def _is_universal(key: DataElement) -> bool:
     if key.VR == "SQ":
         items = key.value or []
         return len(items) == 0 or all(len(item) == 0 for item in items)
-    values = [v for v in _values(key) if not _is_empty_value(v)]
+    values = [v for v in _values(key, key.VR) if not _is_empty_value(v)]
     if not values:
         return True
     if key.VR in _NUMERIC_VRS or key.VR in _BINARY_VRS or key.VR == "AT":
@@ -226,7 +227,7 @@ def _sequence_matches(key: DataElement, candidate: DataElement, pn_case_insensit
     )
 
 
-def _sequence_response(key: DataElement, found: DataElement | None) -> DataElement:
+def _sequence_response(key: DataElement, found: DataElement | None, pn_case_insensitive: bool) -> DataElement:
     if found is None or found.VR != "SQ" or not found.value:
         return DataElement(key.tag, "SQ", Sequence())
     if _is_universal(key):
@@ -234,9 +235,11 @@ def _sequence_response(key: DataElement, found: DataElement | None) -> DataEleme
     key_items = [item for item in key.value if len(item)]
     items = []
     for item in found.value:
-        matched = next((k for k in key_items if dataset_matches(k, item)), None)
+        matched = next(
+            (k for k in key_items if dataset_matches(k, item, pn_case_insensitive=pn_case_insensitive)), None
+        )
         if matched is not None:
-            items.append(build_response(matched, item))
+            items.append(build_response(matched, item, pn_case_insensitive=pn_case_insensitive))
     return DataElement(key.tag, "SQ", Sequence(items))
 
 

@@ -444,11 +444,10 @@ def sort_key(level: Level) -> Callable[[Dataset], tuple[object, ...]]:
 
 
 def normalise_result(ds: Dataset) -> Dataset:
-    """Tidy one C-FIND response for DICOM JSON: drop QR level, normalise legacy DA/TM, and never
+    """Tidy one merged C-FIND response for DICOM JSON: drop QR level, normalise legacy DA/TM, and never
     emit an empty ModalitiesInStudy (OHIF's getModalities crashes on it, dicomweb-notes §1.4)."""
-    for tag in (QR_LEVEL, RETRIEVE_AET):
-        if tag in ds:
-            del ds[tag]
+    if QR_LEVEL in ds:
+        del ds[QR_LEVEL]
     for elem in list(ds):
         if elem.VR == "DA" and isinstance(elem.value, str) and elem.value:
             elem.value = re.sub(r"[.\-/]", "", elem.value)

@@ -8,7 +8,6 @@ installs them): integration tests never skip.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 
 from gateway.demo_data import write_demo_files
 
-from .peers import INSTALL_HINT, DcmqrscpPeer, OrthancPeer, PeerError, free_port
+from .peers import INSTALL_HINT, DcmqrscpPeer, OrthancPeer, PeerError, free_port, redis_ping
 
 GATEWAY_AE_TITLE = "DICOMWEBGW"
 DEFAULT_REDIS = ("127.0.0.1", 6379)
@@ -46,7 +45,10 @@ def orthanc(
     demo_files: list[Path],
     gateway_modality: dict[str, list[str | int]],
 ) -> Iterator[OrthancPeer]:
-    peer = OrthancPeer(tmp_path_factory.mktemp("orthanc"), modalities=gateway_modality)
+    # Orthanc answers C-FIND in its DefaultEncoding (Latin-1 by default: Japanese names come back
+    # garbled whatever the query asks); UTF-8 is what a multilingual site configures.
+    peer = OrthancPeer(tmp_path_factory.mktemp("orthanc"), modalities=gateway_modality,
+                       extra_config={"DefaultEncoding": "Utf8"})
     try:
         peer.start()
         peer.load(demo_files)
@@ -70,16 +72,6 @@ def dcmqrscp(
         peer.stop()
 
 
-def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis server answers PING (RESP inline command, no client library)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Database 15 of a Redis on 6379 if one answers, else a private redis-server on a free port."""
@@ -92,10 +84,28 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("redis")
     port = free_port()
     log_path = workdir / "redis.log"
-    argv = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir), "--logfile", str(log_path)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    argv = [
+        executable,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--logfile",
+        str(log_path),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 10
         while not redis_ping("127.0.0.1", port):

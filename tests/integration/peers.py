@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydicom.filereader import read_file_meta_info
 
@@ -59,7 +59,8 @@ def free_port() -> int:
 
 
 def find_executable(name: str, package: str) -> str:
-    path = shutil.which(name)
+    # Debian installs Orthanc in /usr/sbin, which a non-root PATH usually lacks.
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if path is None:
         raise PeerError(f"{name!r} not found on PATH (Debian package {package!r}); {INSTALL_HINT}")
     return path
@@ -83,10 +84,12 @@ def dcmtk_tool(name: str) -> str:
     raise PeerError(f"DCMTK's {name!r} not found on PATH (Debian package 'dcmtk'); {INSTALL_HINT}")
 
 
-def tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
+def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING (RESP inline command, no client library)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
 
@@ -94,7 +97,7 @@ def tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
 def dicom_echo(host: str, port: int, ae_title: str, timeout: float = 5.0) -> bool:
     """One C-ECHO through pynetdicom; True when the peer answered Success."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = AE(ae_title="PEERCHECK")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -148,7 +151,7 @@ class _PeerProcess:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.ae_title}@{self.host}:{self.dicom_port}>"
 
-    def __enter__(self) -> _PeerProcess:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -160,6 +163,16 @@ class _PeerProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
+        """Start the process and wait until it answers C-ECHO; on any failure nothing is left running."""
+        if self.running:
+            return
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         raise NotImplementedError
 
     def _spawn(self, argv: list[str], user: pwd.struct_passwd | None = None) -> None:
@@ -190,13 +203,12 @@ class _PeerProcess:
             if ready():
                 return
             time.sleep(0.1)
-        self.stop()
         raise PeerError(f"{self.name} not {what} after {self.startup_timeout:.0f} s{self.log_tail()}")
 
     def _wait_dicom(self) -> None:
+        # C-ECHO only: a bare TCP probe makes dcmqrscp log a DUL state-machine error.
         self._wait_until(
-            lambda: tcp_open(self.host, self.dicom_port)
-            and dicom_echo(self.host, self.dicom_port, self.ae_title),
+            lambda: dicom_echo(self.host, self.dicom_port, self.ae_title),
             f"answering C-ECHO on port {self.dicom_port}",
         )
 
@@ -314,9 +326,7 @@ class OrthancPeer(_PeerProcess):
         config.update(self.extra_config)
         return config
 
-    def start(self) -> None:
-        if self.running:
-            return
+    def _start(self) -> None:
         # Orthanc runs as the package's 'orthanc' user; pytest's tmp dirs are private to root, so
         # its config and storage live in a directory of its own (the log stays in workdir).
         base = None if self._user is not None else self.workdir
@@ -360,8 +370,12 @@ class OrthancPeer(_PeerProcess):
         count = 0
         try:
             for path in paths:
-                conn.request("POST", "/instances", body=Path(path).read_bytes(),
-                             headers={"Content-Type": "application/dicom"})
+                conn.request(
+                    "POST",
+                    "/instances",
+                    body=Path(path).read_bytes(),
+                    headers={"Content-Type": "application/dicom"},
+                )
                 response = conn.getresponse()
                 payload = response.read()
                 status = json.loads(payload).get("Status") if response.status == 200 else None
@@ -424,9 +438,7 @@ class DcmqrscpPeer(_PeerProcess):
             "AETable END\n"
         )
 
-    def start(self) -> None:
-        if self.running:
-            return
+    def _start(self) -> None:
         if " " in str(self.storage):
             raise PeerError(f"dcmqrscp cannot use a storage path with spaces: {self.storage}")
         self.storage.mkdir(exist_ok=True)
@@ -438,7 +450,10 @@ class DcmqrscpPeer(_PeerProcess):
         self._wait_dicom()
 
     def load(self, paths: Iterable[Path], batch: int = 500) -> int:
-        """C-STORE files with DCMTK's storescu: uncompressed as is, RLE with ``-R -xr``."""
+        """C-STORE files with DCMTK's storescu, proposing only the contexts the files need (``-R``).
+
+        Uncompressed files go as they are; RLE files need ``-xr`` (storescu cannot decompress them).
+        """
         storescu = dcmtk_tool("storescu")
         groups: dict[str, list[str]] = {}
         for path in paths:
@@ -451,11 +466,22 @@ class DcmqrscpPeer(_PeerProcess):
                 raise PeerError(f"dcmqrscp peer accepts uncompressed and RLE only, not {syntax}: {path}")
         count = 0
         for option, files in groups.items():
-            extra = ["-R", option] if option else []
+            extra = ["-R", option] if option else ["-R"]
             for start in range(0, len(files), batch):
                 chunk = files[start : start + batch]
-                argv = [storescu, "-aet", "LOADER", "-aec", self.ae_title, "-pdu", str(self.max_pdu),
-                        *extra, self.host, str(self.dicom_port), *chunk]
+                argv = [
+                    storescu,
+                    "-aet",
+                    "LOADER",
+                    "-aec",
+                    self.ae_title,
+                    "-pdu",
+                    str(self.max_pdu),
+                    *extra,
+                    self.host,
+                    str(self.dicom_port),
+                    *chunk,
+                ]
                 done = subprocess.run(argv, capture_output=True, text=True, env=_env(True), check=False)
                 if done.returncode != 0:
                     tail = done.stderr[-3000:]

@@ -119,6 +119,12 @@ def test_binary_and_at_vrs_compare_values() -> None:
     )
 
 
+def test_un_candidate_is_read_as_the_key_vr() -> None:
+    assert element_matches(elem("PatientID", "P1"), DataElement(0x00100020, "UN", b"P1"))
+    assert element_matches(elem("ModalitiesInStudy", "PT"), DataElement(0x00080061, "UN", b"CT\\PT"))
+    assert not element_matches(elem("ModalitiesInStudy", "MR"), DataElement(0x00080061, "UN", b"CT\\PT"))
+
+
 # --- list of UIDs (C.2.2.2.2) and multiple values ----------------------------------------------------
 
 
@@ -294,6 +300,16 @@ def test_build_response_returns_requested_keys_only() -> None:
     assert "ScheduledProcedureStepID" not in items[0]  # only the item keys come back
     response.PatientID = "changed"
     assert candidate.PatientID == "P1"  # a copy, not a view
+
+
+def test_build_response_filters_sequence_items_with_the_pn_rule() -> None:
+    item = dataset(PatientName="DOE^JOHN", PatientID="P1")
+    candidate = dataset(ReferencedPatientSequence=[item])
+    identifier = dataset(ReferencedPatientSequence=[dataset(PatientName="doe*")])
+    assert len(build_response(identifier, candidate).ReferencedPatientSequence) == 1
+    assert (
+        len(build_response(identifier, candidate, pn_case_insensitive=False).ReferencedPatientSequence) == 0
+    )
 
 
 def test_build_response_resolves_ambiguous_vr_for_missing_elements() -> None:

@@ -1,0 +1,584 @@
+"""An in-process Query/Retrieve SCP holding instances in memory: the peer of ``dicomweb-gateway demo``.
+
+Tests use it as a PACS they can configure and observe: fault injection (``fail_status``,
+``find_delay``, ``patient_root_only``, case-sensitive PN, no counts, ModalitiesInStudy ignored) and
+counting what reached the peer (``counters``, ``received_identifiers``).
+
+Services (PS3.4 Annex C, all on one AE):
+
+- Verification;
+- C-FIND, Study Root (STUDY/SERIES/IMAGE) and Patient Root (PATIENT/STUDY/SERIES/IMAGE),
+  hierarchical (C.4.1.3.1): the unique keys of every level above the query level must be present;
+  matching by :mod:`translators.matching`; optional keys computed per level (counts,
+  ModalitiesInStudy, SOPClassesInStudy, AvailableTransferSyntaxUID); pending status FF00, or FF01
+  when computed keys were asked for but ``return_counts`` is off (they are then left out); C-CANCEL
+  honoured between responses;
+- C-GET and C-MOVE at PATIENT (Patient Root)/STUDY/SERIES/IMAGE level, by unique keys (UID lists
+  allowed), sending each instance in the transfer syntax it was stored in;
+- C-STORE of every storage SOP class pynetdicom knows, in any transfer syntax pynetdicom knows.
+
+Keys of a level below the query level (e.g. SOPInstanceUID in a STUDY query) are neither matched nor
+returned; attributes this module does not classify are treated as belonging to the query level.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    DEFAULT_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    build_context,
+    evt,
+)
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import ThreadedAssociationServer
+
+from translators.matching import DEFAULT_IGNORED_KEYS, build_response, dataset_matches, element_matches
+
+LOGGER = logging.getLogger(__name__)
+
+PENDING = 0xFF00
+PENDING_OPTIONAL_KEYS_UNSUPPORTED = 0xFF01
+CANCEL = 0xFE00
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+MAX_REQUESTED_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_MODEL_LEVELS = {"PATIENT": LEVELS, "STUDY": LEVELS[1:]}  # Patient Root, Study Root (C.6.1, C.6.2)
+VERIFICATION = UID("1.2.840.10008.1.1")
+PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET = (
+    UID(f"1.2.840.10008.5.1.4.1.2.1.{n}") for n in (1, 2, 3)
+)
+STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET = (UID(f"1.2.840.10008.5.1.4.1.2.2.{n}") for n in (1, 2, 3))
+_FIND: dict[str, str] = {PATIENT_ROOT_FIND: "PATIENT", STUDY_ROOT_FIND: "STUDY"}
+_GET: dict[str, str] = {PATIENT_ROOT_GET: "PATIENT", STUDY_ROOT_GET: "STUDY"}
+_MOVE: dict[str, str] = {PATIENT_ROOT_MOVE: "PATIENT", STUDY_ROOT_MOVE: "STUDY"}
+_UNCOMPRESSED = {
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+}
+COUNTER_NAMES = ("associations", "echo", "find", "get", "move", "store", "cancel", "sent")
+
+
+def _tags(keywords: str) -> frozenset[int]:
+    tags = [tag_for_keyword(k) for k in keywords.split()]
+    assert None not in tags, keywords
+    return frozenset(int(t) for t in tags if t is not None)
+
+
+_UNIQUE_KEYS = (0x00100020, 0x0020000D, 0x0020000E, 0x00080018)  # PatientID, Study/Series/SOP Instance UID
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_RETRIEVE_AE_TITLE = 0x00080054
+_MODALITIES_IN_STUDY = 0x00080061
+_AVAILABLE_TRANSFER_SYNTAX_UID = 0x00083002
+
+# Attributes computed from the whole hierarchy, by the level they describe.
+_COMPUTED = {
+    "PATIENT": _tags(
+        "NumberOfPatientRelatedStudies NumberOfPatientRelatedSeries NumberOfPatientRelatedInstances"
+    ),
+    "STUDY": _tags(
+        "NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances ModalitiesInStudy SOPClassesInStudy"
+    ),
+    "SERIES": _tags("NumberOfSeriesRelatedInstances"),
+}
+_ALL_COMPUTED = frozenset().union(*_COMPUTED.values())
+_MATCHABLE_COMPUTED = _tags("ModalitiesInStudy SOPClassesInStudy")
+# Where well-known attributes live (PS3.4 C.6.1.1, C.6.2.1); patient attributes are group 0010.
+_LEVEL_KEYS = {
+    "STUDY": _COMPUTED["STUDY"]
+    | _tags(
+        """StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID ReferringPhysicianName
+        StudyDescription PatientAge PatientSize PatientWeight IssuerOfAccessionNumberSequence
+        NameOfPhysiciansReadingStudy ProcedureCodeSequence AdmittingDiagnosesDescription"""
+    ),
+    "SERIES": _COMPUTED["SERIES"]
+    | _tags(
+        """SeriesInstanceUID Modality SeriesNumber SeriesDescription SeriesDate SeriesTime BodyPartExamined
+        Laterality ProtocolName PerformedProcedureStepStartDate PerformedProcedureStepStartTime
+        PerformedProcedureStepID RequestAttributesSequence FrameOfReferenceUID Manufacturer
+        ManufacturerModelName StationName InstitutionName OperatorsName PerformingPhysicianName"""
+    ),
+    "IMAGE": _tags(
+        """SOPInstanceUID SOPClassUID InstanceNumber ImageType ContentDate ContentTime AcquisitionDate
+        AcquisitionTime AcquisitionDateTime AcquisitionNumber Rows Columns BitsAllocated BitsStored HighBit
+        PixelRepresentation SamplesPerPixel PhotometricInterpretation NumberOfFrames ImagePositionPatient
+        ImageOrientationPatient SliceLocation SliceThickness PixelSpacing WindowCenter WindowWidth
+        AvailableTransferSyntaxUID ContentLabel ContentDescription ConceptNameCodeSequence CompletionFlag
+        VerificationFlag InstanceCreationDate InstanceCreationTime"""
+    ),
+}
+
+
+def _level_of(tag: int, query_level: str) -> str:
+    for level in ("IMAGE", "SERIES", "STUDY"):
+        if tag in _LEVEL_KEYS[level]:
+            return level
+    if tag >> 16 == 0x0010 or tag in _COMPUTED["PATIENT"]:
+        return "PATIENT"
+    return query_level
+
+
+def quiet_pynetdicom_identifier_logging() -> None:
+    """Stop pynetdicom logging whole C-FIND/GET/MOVE identifiers (names, IDs: PHI) at INFO level.
+
+    The switches live in ``pynetdicom._config``, which is process-global. Off is the right value for
+    the whole process (the gateway must not log PHI either), so this is idempotent and meant for
+    start-up; :meth:`DemoPacs.start` calls it because without it every request identifier the demo
+    PACS receives is logged at INFO.
+    """
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Instance:
+    dataset: Dataset  # for matching, with file_meta; without Pixel Data when ``raw`` is kept
+    raw: bytes | None  # the Part 10 bytes as read or received, sent again as they are
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> _Instance:
+        return cls(_ensure_file_meta(dcmread(BytesIO(raw), force=True, stop_before_pixels=True)), raw)
+
+    @property
+    def transfer_syntax(self) -> UID:
+        return UID(self.dataset.file_meta.TransferSyntaxUID)
+
+    def outgoing(self) -> Dataset:
+        """The whole dataset, re-read from the stored bytes so it keeps its transfer syntax."""
+        if self.raw is None:
+            return self.dataset
+        ds = dcmread(BytesIO(self.raw), force=True)
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", ()):
+            ds.file_meta = self.dataset.file_meta  # a bare dataset file, without Part 10 header
+        return ds
+
+
+def _ensure_file_meta(ds: Dataset) -> Dataset:
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not ds.get(keyword):
+            raise ValueError(f"dataset has no {keyword}")
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit = ds.original_encoding[0]
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    meta.setdefault("MediaStorageSOPClassUID", ds.SOPClassUID)
+    meta.setdefault("MediaStorageSOPInstanceUID", ds.SOPInstanceUID)
+    return ds
+
+
+def _str(ds: Dataset, tag: int) -> str:
+    value = ds.get(tag)
+    return "" if value is None or value.value is None else str(value.value)
+
+
+class _Hierarchy:
+    """Counts and modalities of every patient, study and series, for the computed keys."""
+
+    def __init__(self, instances: Iterable[_Instance]) -> None:
+        self.series_instances: Counter[str] = Counter()
+        self.study_instances: Counter[str] = Counter()
+        self.patient_instances: Counter[str] = Counter()
+        self.study_series: dict[str, dict[str, None]] = {}
+        self.patient_series: dict[str, dict[str, None]] = {}
+        self.patient_studies: dict[str, dict[str, None]] = {}
+        self.study_modalities: dict[str, dict[str, None]] = {}
+        self.study_sop_classes: dict[str, dict[str, None]] = {}
+        for inst in instances:
+            ds = inst.dataset
+            patient, study, series = (_str(ds, tag) for tag in _UNIQUE_KEYS[:3])
+            self.series_instances[series] += 1
+            self.study_instances[study] += 1
+            self.patient_instances[patient] += 1
+            self.study_series.setdefault(study, {})[series] = None
+            self.patient_series.setdefault(patient, {})[series] = None
+            self.patient_studies.setdefault(patient, {})[study] = None
+            if ds.get("Modality"):
+                self.study_modalities.setdefault(study, {})[str(ds.Modality)] = None
+            self.study_sop_classes.setdefault(study, {})[str(ds.SOPClassUID)] = None
+
+    def computed(self, level: str, ds: Dataset) -> list[DataElement]:
+        patient, study, series = (_str(ds, tag) for tag in _UNIQUE_KEYS[:3])
+        if level == "PATIENT":
+            return [
+                DataElement(0x00201200, "IS", len(self.patient_studies[patient])),
+                DataElement(0x00201202, "IS", len(self.patient_series[patient])),
+                DataElement(0x00201204, "IS", self.patient_instances[patient]),
+            ]
+        if level == "STUDY":
+            return [
+                DataElement(_MODALITIES_IN_STUDY, "CS", sorted(self.study_modalities.get(study, {}))),
+                DataElement(0x00080062, "UI", list(self.study_sop_classes[study])),
+                DataElement(0x00201206, "IS", len(self.study_series[study])),
+                DataElement(0x00201208, "IS", self.study_instances[study]),
+            ]
+        if level == "SERIES":
+            return [DataElement(0x00201209, "IS", self.series_instances[series])]
+        return []
+
+
+class DemoPacs:
+    """A pynetdicom Q/R SCP + storage SCP over an in-memory store; see the module docstring."""
+
+    def __init__(
+        self,
+        datasets: Iterable[Dataset] | None = None,
+        *,
+        files: Iterable[Path] | None = None,
+        ae_title: str = "DEMOPACS",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        move_destinations: Mapping[str, tuple[str, int]] | None = None,
+        patient_root_only: bool = False,
+        case_sensitive_pn: bool = False,
+        return_counts: bool = True,
+        honour_modalities_in_study: bool = True,
+        find_delay: float = 0.0,
+        fail_status: int | None = None,
+        max_pdu: int = 16382,
+        max_associations: int = 32,
+    ) -> None:
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.move_destinations: dict[str, tuple[str, int]] = dict(move_destinations or {})
+        self.patient_root_only = patient_root_only
+        self.case_sensitive_pn = case_sensitive_pn
+        self.return_counts = return_counts
+        self.honour_modalities_in_study = honour_modalities_in_study
+        self.find_delay = find_delay
+        self.fail_status = fail_status
+        self.max_pdu = max_pdu
+        self.max_associations = max_associations
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.received_identifiers: list[Dataset] = []  # C-FIND identifiers, as the peer sent them
+        self.received_retrieve_identifiers: list[Dataset] = []  # C-GET and C-MOVE identifiers
+        self._lock = threading.Lock()
+        self._instances: dict[str, _Instance] = {}
+        self._ae: AE | None = None
+        self._server: ThreadedAssociationServer | None = None
+        for ds in datasets or ():
+            self.add(ds)
+        for path in files or ():
+            self.add_file(path)
+
+    # --- the store ---------------------------------------------------------------------------------
+
+    def add(self, ds: Dataset) -> None:
+        """Hold ``ds`` (not a copy); a missing file meta / Transfer Syntax UID is filled in place."""
+        self._put(_Instance(_ensure_file_meta(ds), None))
+
+    def add_file(self, path: Path) -> None:
+        """Hold the file's bytes, to send them unchanged; only the attributes before Pixel Data are parsed."""
+        self._put(_Instance.from_bytes(Path(path).read_bytes()))
+
+    def _put(self, inst: _Instance) -> None:
+        with self._lock:
+            self._instances[str(inst.dataset.SOPInstanceUID)] = inst
+
+    def get(self, sop_instance_uid: str) -> Dataset | None:
+        """The whole instance (a fresh decode for file-loaded or received ones, else the object added)."""
+        with self._lock:
+            inst = self._instances.get(sop_instance_uid)
+        return None if inst is None else inst.outgoing()
+
+    def sop_instance_uids(self) -> list[str]:
+        with self._lock:
+            return list(self._instances)
+
+    def _snapshot(self) -> list[_Instance]:
+        with self._lock:
+            return list(self._instances.values())
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    # --- server lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving in background threads; with ``port=0`` the chosen port is in ``.port``."""
+        if self._server is not None:
+            raise RuntimeError("DemoPacs already started")
+        quiet_pynetdicom_identifier_logging()
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = self.max_pdu
+        ae.maximum_associations = self.max_associations  # pynetdicom's default is 10
+        ae.add_supported_context(VERIFICATION, DEFAULT_TRANSFER_SYNTAXES)
+        models = [_FIND, _GET, _MOVE]
+        for model in models:
+            for sop_class, root in model.items():
+                if root == "PATIENT" or not self.patient_root_only:
+                    ae.add_supported_context(sop_class, DEFAULT_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            # Both roles: the peer may send us C-STOREs (we are SCP), and a C-GET peer proposes SCP/SCU
+            # role selection to be the storage SCP for our sub-operations (PS3.4 C.4.3, PS3.7 D.3.3.4).
+            ae.add_supported_context(
+                str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, _set_nodelay),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        assert server is not None
+        self._ae, self._server = ae, server
+        self.port = int(server.server_address[1])
+        LOGGER.info("demo PACS %s listening on %s:%d", self.ae_title, self.host, self.port)
+
+    def stop(self) -> None:
+        if self._ae is not None:
+            self._ae.shutdown()  # aborts active associations, then stops the server
+        self._ae = self._server = None
+
+    def __enter__(self) -> DemoPacs:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- handlers ------------------------------------------------------------------------------------
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self._count("associations")
+
+    def _on_echo(self, event: evt.Event) -> int:
+        self._count("echo")
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int:
+        self._count("store")
+        try:
+            self._put(_Instance.from_bytes(event.encoded_dataset()))
+        except ValueError:
+            return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+        return 0x0000
+
+    def _received(self, name: str, event: evt.Event) -> Dataset:
+        identifier = event.identifier
+        with self._lock:
+            self.counters[name] += 1
+            received = self.received_identifiers if name == "find" else self.received_retrieve_identifiers
+            received.append(identifier)
+        return identifier
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        identifier = self._received("find", event)
+        if self.fail_status is not None:
+            yield self.fail_status, None
+            return
+        level = _check_level(identifier, _FIND[str(event.request.AffectedSOPClassUID)], hierarchical=True)
+        if level is None:
+            yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+            return
+        matching, returned, status = self._split_keys(identifier, level)
+        matches = 0
+        for candidate in self._candidates(level, identifier):
+            if not dataset_matches(
+                matching,
+                candidate,
+                pn_case_insensitive=not self.case_sensitive_pn,
+                ignore=DEFAULT_IGNORED_KEYS,
+            ):
+                continue
+            if not self._pause(event):
+                self._count("cancel")
+                yield CANCEL, None
+                return
+            response = build_response(returned, candidate, pn_case_insensitive=not self.case_sensitive_pn)
+            if _RETRIEVE_AE_TITLE in response:
+                response.RetrieveAETitle = self.ae_title
+            matches += 1
+            yield status, response
+        self._pause(event)
+        LOGGER.info("C-FIND %s from %s: %d matches", level, event.assoc.requestor.ae_title, matches)
+
+    def _pause(self, event: evt.Event) -> bool:
+        """Sleep ``find_delay``; False if the request was cancelled (before or during the sleep).
+
+        pynetdicom's ``event.is_cancelled`` is consume-once: reading True clears the C-CANCEL.
+        """
+        deadline = time.monotonic() + self.find_delay
+        while True:
+            if event.is_cancelled:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not event.assoc.is_established:
+                return True
+            time.sleep(min(0.01, remaining))
+
+    def _split_keys(self, identifier: Dataset, level: str) -> tuple[Dataset, Dataset, int]:
+        """(keys to match, keys to return, pending status) for a query at ``level``."""
+        depth = LEVELS.index(level)
+        matching, returned = Dataset(), Dataset()
+        status = PENDING
+        for elem in identifier:
+            tag = int(elem.tag)
+            if LEVELS.index(_level_of(tag, level)) > depth:
+                continue  # "shall not be returned" (C.4.1.2.2): a key below the query level
+            if tag in _ALL_COMPUTED and not self.return_counts:
+                status = PENDING_OPTIONAL_KEYS_UNSUPPORTED
+            else:
+                returned.add(elem)
+            if tag in _ALL_COMPUTED and tag not in _MATCHABLE_COMPUTED:
+                continue  # counts are return keys only
+            if tag == _MODALITIES_IN_STUDY and not self.honour_modalities_in_study:
+                continue
+            matching.add(elem)
+        return matching, returned, status
+
+    def _candidates(self, level: str, identifier: Dataset) -> Iterator[Dataset]:
+        """One dataset per entity at ``level``: the identifier's attributes of its first instance."""
+        instances = self._snapshot()
+        hierarchy = _Hierarchy(instances)
+        wanted = [int(tag) for tag in identifier.keys()] + [_SPECIFIC_CHARACTER_SET]
+        entity_key = _UNIQUE_KEYS[LEVELS.index(level)]
+        seen: set[str] = set()
+        for inst in instances:
+            ds = inst.dataset
+            key = _str(ds, entity_key)
+            if key in seen:
+                continue
+            seen.add(key)
+            candidate = Dataset()
+            for tag in wanted:
+                if tag in ds and tag not in _ALL_COMPUTED:
+                    candidate.add(ds[tag])
+            for computed in hierarchy.computed(level, ds):
+                candidate.add(computed)
+            if level == "IMAGE":
+                candidate.add(DataElement(_AVAILABLE_TRANSFER_SYNTAX_UID, "UI", inst.transfer_syntax))
+            yield candidate
+
+    def _select(self, identifier: Dataset, level: str) -> list[_Instance]:
+        """Instances named by the retrieve identifier's unique keys (PS3.4 C.4.2.2.1, C.4.3.2.1)."""
+        keys = [identifier[t] for t in _UNIQUE_KEYS[: LEVELS.index(level) + 1] if t in identifier]
+        return [
+            inst
+            for inst in self._snapshot()
+            if all(element_matches(k, inst.dataset.get(k.tag)) for k in keys)
+        ]
+
+    def _retrieve_request(
+        self, name: str, event: evt.Event, models: dict[str, str]
+    ) -> tuple[int, list[_Instance]]:
+        identifier = self._received(name, event)
+        if self.fail_status is not None:
+            return self.fail_status, []
+        level = _check_level(identifier, models[str(event.request.AffectedSOPClassUID)], hierarchical=False)
+        if level is None:
+            return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, []
+        instances = self._select(identifier, level)
+        requestor = event.assoc.requestor.ae_title
+        LOGGER.info("C-%s %s from %s: %d instances", name.upper(), level, requestor, len(instances))
+        return 0x0000, instances
+
+    def _send(self, event: evt.Event, instances: list[_Instance]) -> Iterator[tuple[int, Dataset | None]]:
+        for inst in instances:
+            if event.is_cancelled:
+                self._count("cancel")
+                yield CANCEL, None
+                return
+            self._count("sent")
+            yield PENDING, inst.outgoing()
+
+    def _on_get(self, event: evt.Event) -> Iterator[int | tuple[int, Dataset | None]]:
+        status, instances = self._retrieve_request("get", event, _GET)
+        if status:
+            yield 1
+            yield status, None
+            return
+        yield len(instances)
+        yield from self._send(event, instances)
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        destination = self.move_destinations.get(event.move_destination or "")
+        status, instances = self._retrieve_request("move", event, _MOVE)
+        if destination is None:
+            yield None, None  # pynetdicom answers A801 "Move Destination unknown"
+            return
+        options = {
+            "contexts": _storage_contexts(instances),
+            "max_pdu": self.max_pdu,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, _set_nodelay)],
+        }
+        yield destination[0], destination[1], options
+        if status:
+            yield 1
+            yield status, None
+            return
+        yield len(instances)
+        yield from self._send(event, instances)
+
+
+def _check_level(identifier: Dataset, model: str, *, hierarchical: bool) -> str | None:
+    """The identifier's Query/Retrieve Level if valid for ``model`` with its unique keys present."""
+    level = _str(identifier, _QUERY_RETRIEVE_LEVEL).strip().upper()
+    if level not in _MODEL_LEVELS[model]:
+        return None
+    first = LEVELS.index(_MODEL_LEVELS[model][0])
+    depth = LEVELS.index(level)
+    # C-FIND needs the unique keys above the level; C-GET/C-MOVE also the one at the level.
+    required = _UNIQUE_KEYS[first:depth] if hierarchical else _UNIQUE_KEYS[first : depth + 1]
+    if any(not _str(identifier, tag).strip() for tag in required):
+        return None
+    return level
+
+
+def _storage_contexts(instances: Iterable[_Instance]) -> list[PresentationContext]:
+    """Contexts to propose to a C-MOVE destination: each SOP class in each stored transfer syntax."""
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    for inst in instances:
+        ts = inst.transfer_syntax
+        syntaxes = (ts,) if ts not in _UNCOMPRESSED else (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        wanted[(str(inst.dataset.SOPClassUID), tuple(dict.fromkeys(syntaxes)))] = None
+    if not wanted:
+        return [build_context(VERIFICATION)]
+    if len(wanted) > MAX_REQUESTED_CONTEXTS:
+        LOGGER.warning("C-MOVE needs %d presentation contexts, proposing the first 128", len(wanted))
+    return [build_context(sop, list(ts)) for sop, ts in list(wanted)[:MAX_REQUESTED_CONTEXTS]]
+
+
+def _set_nodelay(event: evt.Event) -> None:
+    """DIMSE is request/response with small PDUs: Nagle's algorithm only adds latency."""
+    try:
+        sock = event.assoc.dul.socket.socket  # type: ignore[union-attr]
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
