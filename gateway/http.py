@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.errors import GatewayError, NotAcceptable, NotFound
 from gateway.settings import PacsNode, Settings
 
+T = TypeVar("T")
 DICOM_JSON = "application/dicom+json"
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while we were working for it."""
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it (which C-CANCELs its C-FINDs,
+    architecture.md §4) and raise ClientGone. Only for bodiless requests: it consumes receive()."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientGone()
 SERVICE = "dicomweb-gateway"
 
 

@@ -87,10 +87,13 @@ class SearchService:
             per_node.append((node.name, node.ae_title, res.datasets))
         if failures and len(failures) == len(nodes):
             # Every queried node failed: answer with the worst error (504 beats 502), naming them all.
+            if len(failures) == 1:
+                raise failures[0]
             worst = max(failures, key=lambda e: e.status_code)
-            names = ", ".join(sorted({e.node or "?" for e in failures}))
-            raise type(worst)(f"every queried node failed ({names}): "
-                              + "; ".join(e.detail for e in failures), node=names)
+            names = ", ".join(e.node or "?" for e in failures)
+            worst.detail = f"every queried node failed ({names}): " + "; ".join(e.detail for e in failures)
+            worst.node = names
+            raise worst
 
         merged = q.merge(query.level, per_node)
         await self._record_locations(query.level, merged)

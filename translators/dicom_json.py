@@ -2,13 +2,19 @@
 
 The encoder builds plain ``dict``/``list``/``str``/``int``/``float`` trees directly from the
 data elements and serialises them with orjson. pydicom's own ``Dataset.to_json_dict`` is not
-used: it does not sort keys (F.2.2), writes ``""`` where F.2.5 wants ``null`` and raises on a
-multi-valued PN containing an empty value.
+used: it does not sort keys (F.2.2), writes ``""`` where F.2.5 wants ``null``, raises on a
+multi-valued PN containing an empty value, and is slow.
 
-Character sets: text is taken from pydicom, which decodes raw elements on first access with
-the dataset's (0008,0005) Specific Character Set (inherited by sequence items). That covers
-datasets read with ``dcmread`` and identifiers decoded by pynetdicom (raw elements). Text
-values that are still ``bytes`` are decoded here with the nearest Specific Character Set.
+Character sets: all text comes out as Unicode, whatever the source's (0008,0005).
+- Elements pydicom has already converted carry decoded ``str``/``PersonName`` values.
+- Raw elements (``dcmread`` output not yet accessed, pynetdicom's C-FIND identifiers) of text
+  and numeric VRs are decoded here, straight from their bytes, with the character set the
+  dataset was read with (``Dataset.original_character_set``; sequence items inherit it),
+  and are left raw in the dataset. Decoding follows pydicom's rules, except that ISO 2022
+  code extensions are also reset at ``\\`` (and ``^``/``=`` in PN) as PS3.5 6.1.2.5.3
+  requires. Other raw elements (sequences, binary, AT, implicit VR private) go through
+  ``ds[tag]``, i.e. pydicom's conversion.
+- Text values held as ``bytes`` are decoded with the nearest (0008,0005).
 
 Nothing here does I/O, except that pydicom may read a *deferred* element from its file when
 the element is accessed.
@@ -112,7 +118,8 @@ def dataset_to_json(
       returns None the value is inlined anyway. Pixel Data, Float and Double Float Pixel Data
       are never inlined while ``omit_pixel_data_without_uri`` is True: without a URI they are
       left out of the object.
-    - DS/IS are numbers; a value that is not a valid finite number is kept as its string.
+    - DS/IS are numbers (DS as int when integral); a value that is not a valid finite number
+      is kept as its string. FL/FD NaN and infinities, which JSON cannot represent, become null.
     """
     options = _Options(bulk_data_uri, inline_threshold, exclude_group_0002, omit_pixel_data_without_uri)
     return _encode_dataset(ds, options, (), [ds])
@@ -290,9 +297,8 @@ def _encode_raw_fast(raw: RawDataElement, encodings: list[str]) -> dict[str, Any
     if vr is None:
         if tag >> 16 & 1:  # implicit VR private element: needs its private creator
             return None
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
+        vr = _dictionary_vr(tag)
+        if vr is None:
             return None
     value = raw.value or b""
     if vr in _FAST_ASCII_VRS:
@@ -341,6 +347,25 @@ def _encode_raw_fast(raw: RawDataElement, encodings: list[str]) -> dict[str, Any
     if len(encoded) == 1 and encoded[0] is None:
         return {"vr": vr}
     return {"vr": vr, "Value": encoded}
+
+
+_VR_CACHE: dict[int, str | None] = {}
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    """The data dictionary VR of a public tag (None if unknown), memoised: pydicom's lookup
+    costs more than the rest of decoding a short value."""
+    try:
+        return _VR_CACHE[tag]
+    except KeyError:
+        pass
+    try:
+        vr: str | None = str(dictionary_VR(tag))
+    except KeyError:
+        vr = None
+    if len(_VR_CACHE) < 8192:
+        _VR_CACHE[int(tag)] = vr
+    return vr
 
 
 def _read_encodings(ds: Dataset, ancestors: list[Dataset]) -> list[str]:

@@ -54,6 +54,7 @@ from pynetdicom import (
     build_context,
     evt,
 )
+from pynetdicom.dimse_messages import C_CANCEL_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -348,6 +349,7 @@ class DemoPacs:
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, _set_nodelay),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
@@ -376,6 +378,11 @@ class DemoPacs:
 
     def _on_accepted(self, event: evt.Event) -> None:
         self._count("associations")
+
+    def _on_dimse_recv(self, event: evt.Event) -> None:
+        # Counted on arrival, even when every response was already sent (nothing left to cancel).
+        if isinstance(event.message, C_CANCEL_RQ):
+            self._count("cancel")
 
     def _on_echo(self, event: evt.Event) -> int:
         self._count("echo")
@@ -417,7 +424,6 @@ class DemoPacs:
             ):
                 continue
             if not self._pause(event):
-                self._count("cancel")
                 yield CANCEL, None
                 return
             response = build_response(returned, candidate, pn_case_insensitive=not self.case_sensitive_pn)
@@ -511,7 +517,6 @@ class DemoPacs:
     def _send(self, event: evt.Event, instances: list[_Instance]) -> Iterator[tuple[int, Dataset | None]]:
         for inst in instances:
             if event.is_cancelled:
-                self._count("cancel")
                 yield CANCEL, None
                 return
             self._count("sent")

@@ -7,7 +7,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.errors import BadRequest
-from gateway.http import DICOM_JSON, dicomweb_base, negotiate_search, target_nodes, with_warnings
+from gateway.http import (
+    DICOM_JSON,
+    ClientGone,
+    dicomweb_base,
+    negotiate_search,
+    target_nodes,
+    unless_client_leaves,
+    with_warnings,
+)
 from gateway.search import SearchService
 from translators import qido as q
 from translators.dicom_json import datasets_to_json_bytes
@@ -29,7 +37,11 @@ async def _search(request: Request, level: q.Level, *, relational: bool = False)
         known = set(await service.study_nodes(query.study_uid))
         if known:
             nodes = [n for n in nodes if n.name in known] or nodes
-    outcome = await service.search(query, nodes, dicomweb_base(request, settings, pinned))
+    try:
+        outcome = await unless_client_leaves(
+            request, service.search(query, nodes, dicomweb_base(request, settings, pinned)))
+    except ClientGone:
+        return Response(status_code=499)
     if not outcome.datasets:
         return with_warnings(Response(status_code=204), outcome.warnings)
     body = datasets_to_json_bytes(outcome.datasets)

@@ -557,3 +557,30 @@ def test_no_patient_identifiers_logged_at_info(caplog: pytest.LogCaptureFixture)
     assert any("C-FIND STUDY" in m for m in messages)
     for phi in ("doe", "Doe^John", "DOE^JANE", "PID1", "PID2"):
         assert not any(phi in m for m in messages), phi
+
+
+def test_get_cancel_stops_the_suboperations() -> None:
+    with DemoPacs(hand_built()) as server:
+        received = Received()
+        state: dict[str, Any] = {}
+
+        def cancel_after_first(event: evt.Event) -> int:
+            status = received(event)
+            if len(received.items) == 1:
+                state["assoc"].send_c_cancel(11, state["context_id"])
+            return status
+
+        with associate(
+            server, STUDY_ROOT_GET, storage=True, handlers=[(evt.EVT_C_STORE, cancel_after_first)]
+        ) as assoc:
+            state["assoc"] = assoc
+            state["context_id"] = next(
+                cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == STUDY_ROOT_GET
+            )
+            identifier = query("STUDY", StudyInstanceUID=uid(1, 1))
+            final = list(assoc.send_c_get(identifier, STUDY_ROOT_GET, msg_id=11))[-1][0]
+        assert final.Status == 0xFE00
+        assert final.NumberOfCompletedSuboperations == 1
+        assert final.NumberOfRemainingSuboperations == 4
+        assert server.counters["cancel"] == 1
+        assert server.counters["sent"] == 1

@@ -471,7 +471,7 @@ def test_text_is_decoded_here_when_pydicom_conversion_fails(monkeypatch: pytest.
     _put(ds, _raw(0x00080005, "CS", b"ISO_IR 100"))
     _put(ds, _raw(0x00101001, "PN", raw))
     _put(ds, _raw(0x00181050, "DS", b"1.5\\x\\2 "))
-    _put(ds, _raw(0x00080060, "CS", b"C T\\"))  # space not allowed in CS
+    _put(ds, _raw(0x00081030, "LO", b"L" * 65 + b"\\"))  # LO values have up to 64 characters
     _put(ds, _raw(0x00080050, "SH", b""))
     got = dataset_to_json(ds)
     assert got["00101001"] == {
@@ -479,7 +479,7 @@ def test_text_is_decoded_here_when_pydicom_conversion_fails(monkeypatch: pytest.
         "Value": [{"Alphabetic": "Müller^Jürgen"}, {"Ideographic": "Ö"}, {"Alphabetic": "A" * 70}],
     }
     assert got["00181050"] == {"vr": "DS", "Value": [1.5, "x", 2]}
-    assert got["00080060"] == {"vr": "CS", "Value": ["C T", None]}
+    assert got["00081030"] == {"vr": "LO", "Value": ["L" * 65, None]}
     assert got["00080050"] == {"vr": "SH"}
 
 
