@@ -355,6 +355,7 @@ _VR_CACHE: dict[int, str | None] = {}
 def _dictionary_vr(tag: int) -> str | None:
     """The data dictionary VR of a public tag (None if unknown), memoised: pydicom's lookup
     costs more than the rest of decoding a short value."""
+    tag = int(tag)  # a plain int key: BaseTag.__eq__ is a slow Python method
     try:
         return _VR_CACHE[tag]
     except KeyError:
@@ -364,7 +365,7 @@ def _dictionary_vr(tag: int) -> str | None:
     except KeyError:
         vr = None
     if len(_VR_CACHE) < 8192:
-        _VR_CACHE[int(tag)] = vr
+        _VR_CACHE[tag] = vr
     return vr
 
 

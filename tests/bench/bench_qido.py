@@ -1,0 +1,451 @@
+"""QIDO-RS benchmark: the gateway against raw pynetdicom C-FIND on the same Orthanc (report-only).
+
+Run ``python3 tests/bench/bench_qido.py [--quick]`` from anywhere. In one run, for an Orthanc started
+with ``TCP_NODELAY=1`` and then (unless ``--no-nagle-run``) for one started without it (Debian's DCMTK
+default: Nagle on), it measures:
+
+1. raw C-FIND latency: one reused pynetdicom association, TCP_NODELAY set on the client socket, the
+   STUDY-level identifier the gateway itself builds for ``/studies?PatientID=DGW0001``;
+2. gateway latency for ``GET /dicom-web/studies?PatientID=DGW0001`` over one keep-alive httpx.Client;
+3. throughput: gateway requests/s with 8 concurrent HTTP clients (threads with their own httpx.Client,
+   in a separate process so they do not share the gateway's GIL) against raw C-FINDs/s over as many
+   associations as the gateway may open to the node (``max_query_associations``, default 4);
+5. latency of ``/studies`` without a filter (all 8 demo studies, counts returned by Orthanc).
+
+Raw and gateway samples alternate, so drift on a busy machine hits both alike. Every latency series
+stops early when its time budget is spent (the report gives the n actually measured), so a run stays
+bounded: < 2 min normally, < 40 s with ``--quick``. The figures go to stdout and to
+``tests/bench/results/qido.md``; ``main()`` returns them as a dict (the CI smoke test asserts on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pynetdicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gateway.demo_data import DEMO_STUDIES, write_demo_files  # noqa: E402
+from gateway.settings import Settings, settings_from_dict  # noqa: E402
+from tests.integration.peers import HOST, OrthancPeer  # noqa: E402
+from tests.support.server import running_gateway  # noqa: E402
+from translators import qido  # noqa: E402
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+MAX_PDU = 131072          # the gateway's default nodes[].max_pdu
+RESULTS = Path(__file__).resolve().parent / "results" / "qido.md"
+FILTER = [("PatientID", "DGW0001")]
+QUERIES = {  # row name -> QIDO parameters of /studies
+    "/studies?PatientID=DGW0001": FILTER,
+    "/studies (no filter)": [],
+}
+EXPECTED = {
+    "/studies?PatientID=DGW0001": sum(1 for s in DEMO_STUDIES if s["patient_id"] == "DGW0001"),
+    "/studies (no filter)": len(DEMO_STUDIES),
+}
+CONDITIONS = {True: "TCP_NODELAY=1", False: "Nagle on (Debian default)"}
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be taken or gave a wrong answer."""
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (no interpolation: with n = 200, p95 is the 190th smallest sample)."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def summary(samples: Sequence[float]) -> tuple[float, float]:
+    return statistics.median(samples), percentile(samples, 0.95)
+
+
+# ------------------------------------------------------------------------ the two clients
+
+
+def open_raw_association(peer: OrthancPeer) -> Association:
+    """A Study Root C-FIND association with TCP_NODELAY on our side, as the gateway's pool opens it."""
+    ae = AE(ae_title="BENCHRAW")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate(HOST, peer.dicom_port, ae_title=peer.ae_title, max_pdu=MAX_PDU)
+    if not assoc.is_established:
+        raise BenchError(f"raw association to {peer} not established")
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def raw_find(assoc: Association, identifier: Dataset) -> int:
+    """One C-FIND, every response read and decoded; returns the number of matches."""
+    matches = 0
+    for status, _ in assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+        if not status:  # pynetdicom's empty status: timeout or abort
+            raise BenchError("raw C-FIND got no status (timeout or abort)")
+        code = int(status.Status)
+        if code in (0xFF00, 0xFF01):
+            matches += 1
+        elif code != 0x0000:
+            raise BenchError(f"raw C-FIND failed with status 0x{code:04X}")
+    return matches
+
+
+def identifier_for(params: list[tuple[str, str]]) -> Dataset:
+    """The identifier the gateway sends for ``/studies?<params>`` to a node with default quirks."""
+    plan = qido.build_identifiers(qido.parse_query("study", params))
+    if len(plan.identifiers) != 1:
+        raise BenchError(f"{params} expands to {len(plan.identifiers)} C-FINDs")
+    return plan.identifiers[0]
+
+
+def gateway_get(client: httpx.Client, params: list[tuple[str, str]]) -> int:
+    """One QIDO request; returns the number of studies in the answer."""
+    response = client.get("/dicom-web/studies", params=params,
+                          headers={"Accept": "application/dicom+json"})
+    if response.status_code == 204:
+        return 0
+    if response.status_code != 200:
+        raise BenchError(f"gateway answered {response.status_code}: {response.text[:300]}")
+    return len(response.json())
+
+
+# ------------------------------------------------------------------------ measurements
+
+
+def measure_pair(raw: Callable[[], int], gateway: Callable[[], int], iterations: int, warmup: int,
+                 budget: float) -> dict[str, Any]:
+    """Alternate raw and gateway calls; latencies in ms. Stops early (n >= 5) past ``budget`` seconds."""
+    for _ in range(warmup):
+        raw()
+        gateway()
+    raw_ms: list[float] = []
+    gw_ms: list[float] = []
+    counts: set[tuple[int, int]] = set()
+    deadline = time.perf_counter() + budget
+    for i in range(iterations):
+        t0 = time.perf_counter()
+        raw_n = raw()
+        t1 = time.perf_counter()
+        gw_n = gateway()
+        t2 = time.perf_counter()
+        raw_ms.append((t1 - t0) * 1000)
+        gw_ms.append((t2 - t1) * 1000)
+        counts.add((raw_n, gw_n))
+        if t2 > deadline and i + 1 >= min(iterations, 5):
+            break
+    if len(counts) != 1:
+        raise BenchError(f"result counts (raw, gateway) changed between iterations: {sorted(counts)}")
+    raw_n, gw_n = counts.pop()
+    if raw_n != gw_n:
+        raise BenchError(f"raw C-FIND found {raw_n} studies, the gateway returned {gw_n}")
+    raw_median, raw_p95 = summary(raw_ms)
+    gw_median, gw_p95 = summary(gw_ms)
+    return {
+        "results": gw_n, "n": len(gw_ms),
+        "raw_median_ms": raw_median, "raw_p95_ms": raw_p95,
+        "gw_median_ms": gw_median, "gw_p95_ms": gw_p95,
+        "ratio_median": gw_median / raw_median, "ratio_p95": gw_p95 / raw_p95,
+    }
+
+
+def run_load(make_worker: Callable[[], tuple[Callable[[], int], Callable[[], None]]], clients: int,
+             duration: float) -> dict[str, Any]:
+    """``clients`` threads calling their worker for ``duration`` s after one warm-up call each.
+
+    ``make_worker()`` runs in the thread and returns (call, close). Only calls that complete within
+    the window count; a failed call counts as an error and ends that thread (its connection may be
+    broken).
+    """
+    window: dict[str, float] = {}
+    barrier = threading.Barrier(
+        clients + 1, action=lambda: window.update(end=time.perf_counter() + duration), timeout=60)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def thread_main() -> None:
+        try:
+            call, close = make_worker()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"setup: {exc}")
+            barrier.abort()
+            return
+        try:
+            call()
+            barrier.wait()
+            mine: list[float] = []
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= window["end"]:
+                    break
+                call()
+                t1 = time.perf_counter()
+                if t1 <= window["end"]:
+                    mine.append((t1 - t0) * 1000)
+            with lock:
+                latencies.extend(mine)
+        except threading.BrokenBarrierError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - counted, reported
+            with lock:
+                errors.append(str(exc)[:200])
+        finally:
+            close()
+
+    threads = [threading.Thread(target=thread_main, name=f"bench-load-{i}", daemon=True)
+               for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for thread in threads:
+        thread.join(duration + 60)
+    if barrier.broken or not latencies:
+        raise BenchError(f"no request completed under load; errors: {errors[:3]}")
+    p50, p95 = summary(latencies)
+    return {"clients": clients, "seconds": duration, "requests": len(latencies),
+            "rps": len(latencies) / duration, "p50_ms": p50, "p95_ms": p95, "errors": len(errors),
+            "error_samples": errors[:3]}
+
+
+def gateway_load(root: str, clients: int, duration: float) -> dict[str, Any]:
+    """The HTTP load generator, in a child process (this script with ``--loadgen``)."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--loadgen", root,
+            "--clients", str(clients), "--duration", str(duration)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 90, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"load generator failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def loadgen_main(root: str, clients: int, duration: float) -> dict[str, Any]:
+    def make_worker() -> tuple[Callable[[], int], Callable[[], None]]:
+        client = httpx.Client(base_url=root, timeout=30)
+
+        def call() -> int:
+            if gateway_get(client, FILTER) != EXPECTED["/studies?PatientID=DGW0001"]:
+                raise BenchError("wrong number of studies under load")
+            return 1
+
+        return call, client.close
+
+    return run_load(make_worker, clients, duration)
+
+
+def raw_load(peer: OrthancPeer, clients: int, duration: float) -> dict[str, Any]:
+    identifier = identifier_for(FILTER)
+
+    def make_worker() -> tuple[Callable[[], int], Callable[[], None]]:
+        assoc = open_raw_association(peer)
+        return (lambda: raw_find(assoc, identifier)), assoc.release
+
+    return run_load(make_worker, clients, duration)
+
+
+# ------------------------------------------------------------------------ one Orthanc
+
+
+def gateway_settings(peer: OrthancPeer) -> Settings:
+    # Defaults everywhere, max_query_associations (4) included: that is what a deployment gets.
+    return settings_from_dict({"nodes": [
+        {"name": "orthanc", "ae_title": peer.ae_title, "host": HOST, "port": peer.dicom_port},
+    ]})
+
+
+def run_condition(nodelay: bool, files: list[Path], workdir: Path, opts: argparse.Namespace,
+                  machine: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    label = CONDITIONS[nodelay]
+    peer = OrthancPeer(workdir / ("orthanc-nodelay" if nodelay else "orthanc-nagle"), tcp_nodelay=nodelay,
+                       dicomweb=False, extra_config={"DefaultEncoding": "Utf8"})
+    try:
+        peer.start()
+        peer.load(files)
+        status, body = peer.request("GET", "/system")
+        if status == 200:
+            machine.setdefault("orthanc", json.loads(body).get("Version", "?"))
+        settings = gateway_settings(peer)
+        max_query = settings.nodes[0].max_query_associations
+        rows: list[dict[str, Any]] = []
+        with running_gateway(settings) as root, httpx.Client(base_url=root, timeout=30) as client:
+            assoc = open_raw_association(peer)
+            try:
+                for name, params in QUERIES.items():
+                    identifier = identifier_for(params)
+                    row = measure_pair(lambda i=identifier: raw_find(assoc, i),
+                                       lambda p=params: gateway_get(client, p),
+                                       opts.iterations, opts.warmup, opts.latency_budget)
+                    if row["results"] != EXPECTED[name]:
+                        raise BenchError(f"{name}: {row['results']} studies, expected {EXPECTED[name]}")
+                    rows.append({"condition": label, "query": name, **row})
+            finally:
+                assoc.release()
+            gw = gateway_load(root, opts.clients, opts.duration)
+        raw = raw_load(peer, max_query, opts.duration)
+        throughput = {"condition": label, "raw": raw, "gw": gw, "ratio": gw["rps"] / raw["rps"]}
+        return rows, throughput
+    finally:
+        peer.stop()
+
+
+# ------------------------------------------------------------------------ report
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "platform": platform.platform(terse=True), "pynetdicom": pynetdicom.__version__,
+            "httpx": httpx.__version__}
+
+
+def render(result: dict[str, Any]) -> str:
+    m, o = result["machine"], result["options"]
+    lines = [
+        "# QIDO-RS benchmark: gateway vs raw pynetdicom C-FIND",
+        "",
+        f"- Date: {result['date']}; `python3 tests/bench/bench_qido.py{' --quick' if o['quick'] else ''}`",
+        f"- Machine: nproc {m['nproc']} ({m['cpu']}), {m['platform']}, Python {m['python']}, "
+        f"pynetdicom {m['pynetdicom']}, httpx {m['httpx']}, Orthanc {m.get('orthanc', '?')}; "
+        "Orthanc, the gateway and the clients share these cores.",
+        f"- Latency: {o['iterations']} timed iterations per row after {o['warmup']} warm-up, raw and "
+        f"gateway alternating (n = samples actually taken within the {o['latency_budget']:.0f} s "
+        "budget per row); median and p95 (nearest rank) in ms.",
+        "- Raw: one reused pynetdicom association, TCP_NODELAY on the client socket, the identifier the "
+        "gateway builds for the same query. Gateway: uvicorn (asyncio loop) in the benchmark process, "
+        "one keep-alive httpx.Client; the gateway sets TCP_NODELAY on its own sockets.",
+        f"- Throughput over {o['duration']:.0f} s: gateway with {o['clients']} HTTP clients (threads, "
+        "own httpx.Client each, separate process) vs raw C-FINDs over as many associations as the "
+        "gateway may open to the node: `nodes[].max_query_associations` (default "
+        f"{result['max_query_associations']}, kept) bounds its concurrent C-FINDs, so "
+        f"{o['clients']} clients share {result['max_query_associations']} associations.",
+        "- Ratios are gateway / raw: above 1 for latency and below 1 for throughput mean the gateway costs.",
+        "",
+        "## Latency (ms)",
+        "",
+        "| Orthanc | query | studies | n | raw median | raw p95 | gateway median | gateway p95 "
+        "| ratio median | ratio p95 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["latency"]:
+        lines.append(
+            f"| {r['condition']} | `{r['query']}` | {r['results']} | {r['n']} | {r['raw_median_ms']:.1f} "
+            f"| {r['raw_p95_ms']:.1f} | {r['gw_median_ms']:.1f} | {r['gw_p95_ms']:.1f} "
+            f"| {r['ratio_median']:.2f} | {r['ratio_p95']:.2f} |")
+    lines += [
+        "",
+        "## Throughput (`/studies?PatientID=DGW0001`, requests/s)",
+        "",
+        "| Orthanc | raw (associations) | gateway (HTTP clients) | ratio | gateway p50 / p95 under load, ms "
+        "| errors raw / gateway |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in result["throughput"]:
+        raw, gw = t["raw"], t["gw"]
+        lines.append(
+            f"| {t['condition']} | {raw['rps']:.0f} ({raw['clients']}) | {gw['rps']:.0f} ({gw['clients']}) "
+            f"| {t['ratio']:.2f} | {gw['p50_ms']:.1f} / {gw['p95_ms']:.1f} | {raw['errors']} / {gw['errors']} |")
+    by = {(r["condition"], r["query"]): r for r in result["latency"]}
+    fast, slow = (by.get((CONDITIONS[flag], "/studies?PatientID=DGW0001")) for flag in (True, False))
+    if fast and slow:
+        lines += [
+            "",
+            f"Nagle on the PACS side multiplies the filtered query's median by "
+            f"{slow['raw_median_ms'] / fast['raw_median_ms']:.1f} raw and "
+            f"{slow['gw_median_ms'] / fast['gw_median_ms']:.1f} through the gateway: TCP_NODELAY on the "
+            "gateway's own sockets does not remove the PACS's delayed-ACK stalls.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="N=30, 2 s throughput windows (< 40 s)")
+    parser.add_argument("--iterations", type=int, help="timed iterations per latency row (200; quick 30)")
+    parser.add_argument("--duration", type=float, help="seconds per throughput window (5; quick 2)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients (8)")
+    parser.add_argument("--no-nagle-run", action="store_true",
+                        help="skip the second Orthanc (Nagle on); measure TCP_NODELAY=1 only")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"markdown report ({RESULTS})")
+    parser.add_argument("--loadgen", metavar="ROOT", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    opts.iterations = opts.iterations or (30 if opts.quick else 200)
+    opts.duration = opts.duration or (2.0 if opts.quick else 5.0)
+    opts.warmup = 3 if opts.quick else 10
+    opts.latency_budget = 5.0 if opts.quick else 25.0
+    if opts.iterations < 1 or opts.duration <= 0 or opts.clients < 1:
+        parser.error("--iterations, --duration and --clients must be positive")
+    return opts
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    opts = parse_args(argv)
+    if opts.loadgen:
+        result = loadgen_main(opts.loadgen, opts.clients, opts.duration)
+        print(json.dumps(result))
+        return result
+    started = time.monotonic()
+    machine = machine_info()
+    latency: list[dict[str, Any]] = []
+    throughput: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-qido-") as tmp:
+        files = write_demo_files(Path(tmp) / "demo")
+        for nodelay in (True,) if opts.no_nagle_run else (True, False):
+            rows, tp = run_condition(nodelay, files, Path(tmp), opts, machine)
+            latency += rows
+            throughput.append(tp)
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "options": {k: getattr(opts, k) for k in
+                    ("quick", "iterations", "warmup", "duration", "clients", "latency_budget")},
+        "max_query_associations": throughput[0]["raw"]["clients"],
+        "latency": latency,
+        "throughput": throughput,
+        "wall_seconds": time.monotonic() - started,
+    }
+    result["markdown"] = render(result)
+    print(result["markdown"])
+    print(f"(run took {result['wall_seconds']:.0f} s; written to {opts.output})")
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(result["markdown"])
+    return result
+
+
+if __name__ == "__main__":
+    main()
