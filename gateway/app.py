@@ -15,10 +15,15 @@ from starlette.routing import Mount
 
 from cache.base import Cache
 from cache.memory import MemoryCache
+from cache.spool import Spool
 from gateway.dimse.client import DimseClient
+from gateway.dimse.process import quiet_pynetdicom_identifier_logging
+from gateway.dimse.storage_scp import StorageScp
 from gateway.errors import GatewayError
 from gateway.http import error_response
-from gateway.routes import admin, qido
+from gateway.instances import InstanceReader
+from gateway.retrieval import RetrievalService
+from gateway.routes import admin, qido, wado
 from gateway.search import SearchService
 from gateway.settings import Settings
 
@@ -37,13 +42,31 @@ def make_cache(settings: Settings) -> Cache:
 def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        quiet_pynetdicom_identifier_logging()   # pynetdicom logs whole identifiers (PHI) at INFO
         app.state.settings = settings
+        app.state.metrics = {"aborted_streams": 0}
         app.state.cache = cache or make_cache(settings)
         app.state.dimse = DimseClient(settings)
         app.state.search = SearchService(settings, app.state.dimse, app.state.cache)
+        app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
+        app.state.instances = InstanceReader()
+        scp = None
+        if any(n.retrieve == "move" for n in settings.nodes):
+            g = settings.gateway
+            scp = StorageScp(g.ae_title, g.dimse_host, g.dimse_port,
+                             reject_unexpected=settings.retrieval.reject_unexpected_stores)
+            scp.start()
+        app.state.storage_scp = scp
+        app.state.retrieval = RetrievalService(settings, app.state.dimse, app.state.cache,
+                                               app.state.spool, scp)
         try:
             yield
         finally:
+            await app.state.retrieval.close()
+            if scp is not None:
+                scp.stop()
+            app.state.instances.close()
+            app.state.spool.close()
             await app.state.dimse.close()
             await app.state.cache.close()
 
@@ -56,7 +79,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
         return JSONResponse({"error": "InternalError", "detail": "internal error", "node": None},
                             status_code=500)
 
-    dicomweb = qido.routes()
+    dicomweb = qido.routes() + wado.routes()
     middleware = []
     if settings.http.cors_origins:
         middleware.append(Middleware(

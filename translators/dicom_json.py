@@ -180,7 +180,7 @@ def _encode_dataset(
             continue
         attr: dict[str, Any] | None = None
         if isinstance(stored, RawDataElement):
-            if fast and stored.value is not None:
+            if fast and (stored.value is not None or not stored.length):  # not a deferred read
                 if encodings is None:
                     encodings = _read_encodings(ds, ancestors)
                 attr = _encode_raw_fast(stored, encodings)
@@ -225,7 +225,7 @@ def _encode_element(
     vr = str(elem.VR)
     value = elem.value
     if isinstance(value, str) and vr in _STRING_VRS:  # the common case, kept short
-        return {"vr": vr, "Value": [value]} if value else {"vr": vr}
+        return {"vr": vr, "Value": [str(value)]} if value else {"vr": vr}  # str(): UID is a subclass
     if vr in AMBIGUOUS_VR:
         elem = _resolve_ambiguous(elem, ancestors)
         vr, value = str(elem.VR), elem.value
@@ -434,7 +434,7 @@ def _string_values(values: list[Any], vr: str, ancestors: list[Dataset]) -> list
     out: list[str | None] = []
     for v in values:
         if isinstance(v, str):
-            out.append(v or None)
+            out.append(str(v) or None)
         elif isinstance(v, bytes):
             out.append(decode_text_value(v, vr, _charsets(ancestors)) or None)
         else:  # None, or DA/DT/TM objects (config.datetime_conversion) whose str() is their text
@@ -458,13 +458,13 @@ def _pn_value(value: Any, ancestors: list[Dataset]) -> dict[str, str] | None:
 
 def _ds_value(value: Any) -> int | float | str | None:
     """A DS value as a JSON number (int when integral), or its text when not a finite number."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, float | int | Decimal) and not isinstance(value, bool):
+    if isinstance(value, float | int | Decimal) and not isinstance(value, bool):  # before "== ''": slow
         number = float(value)
         if math.isfinite(number):
             return int(number) if number.is_integer() and abs(number) < _MAX_EXACT_INT else number
         return getattr(value, "original_string", None) or str(value)
+    if value is None:
+        return None
     text = str(value).strip()
     try:
         number = float(text)
@@ -477,10 +477,10 @@ def _ds_value(value: Any) -> int | float | str | None:
 
 def _is_value(value: Any) -> int | str | None:
     """An IS value as a JSON integer, or its text when it is not an integer."""
+    if isinstance(value, int) and not isinstance(value, bool):  # before "== ''": IS.__eq__ is slow
+        return int(value)
     if value is None or value == "":
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return int(value)
     if isinstance(value, float) and value.is_integer():  # pydicom's ISfloat, e.g. "1.0"
         return int(value)
     original = getattr(value, "original_string", None)

@@ -50,7 +50,6 @@ from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     DEFAULT_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
-    _config,
     build_context,
     evt,
 )
@@ -58,6 +57,7 @@ from pynetdicom.dimse_messages import C_CANCEL_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from gateway.dimse.process import quiet_pynetdicom_identifier_logging
 from translators.matching import DEFAULT_IGNORED_KEYS, build_response, dataset_matches, element_matches
 
 LOGGER = logging.getLogger(__name__)
@@ -147,16 +147,6 @@ def _level_of(tag: int, query_level: str) -> str:
     return query_level
 
 
-def quiet_pynetdicom_identifier_logging() -> None:
-    """Stop pynetdicom logging whole C-FIND/GET/MOVE identifiers (names, IDs: PHI) at INFO level.
-
-    The switches live in ``pynetdicom._config``, which is process-global. Off is the right value for
-    the whole process (the gateway must not log PHI either), so this is idempotent and meant for
-    start-up; :meth:`DemoPacs.start` calls it because without it every request identifier the demo
-    PACS receives is logged at INFO.
-    """
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,128 @@
+"""The gateway's storage SCP: where C-MOVE sub-operations arrive.
+
+Each arriving C-STORE is routed to its pending move by Move Originator Message ID (+ our AE title
+as the originator); PACS that omit them are matched by the SOP Instance UIDs the move expects, then
+by study/series. The C-STORE is answered only after ``on_instance`` returned, i.e. after the atomic
+rename into the spool, so the final C-MOVE response proves the data is on disk (architecture.md §4).
+Instances matching no pending move are refused (``retrieval.reject_unexpected_stores``), so nobody
+can inject data into the spool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+from gateway.dimse.pool import _nodelay
+from gateway.dimse.retrieve import OnInstance
+
+log = logging.getLogger(__name__)
+
+REFUSED_NOT_AUTHORISED = 0x0124
+REFUSED_OUT_OF_RESOURCES = 0xA700
+
+
+@dataclass
+class PendingMove:
+    msg_id: int
+    study: str
+    series: str | None
+    expected: set[str] | None
+    on_instance: OnInstance
+    received: set[str] = field(default_factory=set)
+
+
+class StorageScp:
+    def __init__(self, ae_title: str, host: str, port: int, *, reject_unexpected: bool = True,
+                 max_pdu: int = 0) -> None:
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.reject_unexpected = reject_unexpected
+        ae = AE(ae_title=ae_title)
+        ae.maximum_pdu_size = max_pdu
+        ae.maximum_associations = 64
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        self._ae = ae
+        self._server: Any = None
+        self._pending: dict[int, PendingMove] = {}
+        self._lock = threading.Lock()
+        self.unexpected = 0
+        self._msg_id = 0
+
+    def start(self) -> None:
+        self._server = self._ae.start_server(
+            (self.host, self.port), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, _nodelay)])
+        self.port = self._server.server_address[1]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def next_msg_id(self) -> int:
+        """Message IDs unique among this replica's pending moves (the cache issue makes them cluster-wide)."""
+        with self._lock:
+            for _ in range(65535):
+                self._msg_id = self._msg_id % 65535 + 1
+                if self._msg_id not in self._pending:
+                    return self._msg_id
+        raise RuntimeError("65535 C-MOVEs pending")
+
+    def register(self, move: PendingMove) -> None:
+        with self._lock:
+            self._pending[move.msg_id] = move
+
+    def unregister(self, msg_id: int) -> None:
+        with self._lock:
+            self._pending.pop(msg_id, None)
+
+    def _route(self, event: evt.Event, sop_uid: str) -> PendingMove | None:
+        req: Any = event.request
+        msg_id = getattr(req, "MoveOriginatorMessageID", None)
+        with self._lock:
+            if msg_id is not None and msg_id in self._pending:
+                move = self._pending[msg_id]
+                if move.expected is None or sop_uid in move.expected:
+                    return move
+            # Fallback for PACS that omit the originator fields (or IDs that wrapped): UIDs.
+            candidates = [m for m in self._pending.values() if m.expected and sop_uid in m.expected
+                          and sop_uid not in m.received]
+            if len(candidates) >= 1:
+                return candidates[0]
+            open_moves = [m for m in self._pending.values() if m.expected is None]
+        if not open_moves:
+            return None
+        ds = event.dataset   # decode only when the cheap routes failed
+        study = str(ds.get("StudyInstanceUID", ""))
+        series = str(ds.get("SeriesInstanceUID", ""))
+        for move in open_moves:
+            if move.study == study and (move.series is None or move.series == series):
+                return move
+        return None
+
+    def _on_store(self, event: evt.Event) -> int:
+        req: Any = event.request
+        sop_uid = str(req.AffectedSOPInstanceUID)
+        move = self._route(event, sop_uid)
+        if move is None:
+            self.unexpected += 1
+            log.warning("C-STORE from %s matched no pending C-MOVE", event.assoc.requestor.ae_title)
+            if self.reject_unexpected:
+                return REFUSED_NOT_AUTHORISED
+            return REFUSED_OUT_OF_RESOURCES
+        try:
+            move.on_instance(event.encoded_dataset(include_meta=True), sop_uid,
+                             str(req.AffectedSOPClassUID), str(event.context.transfer_syntax))
+        except Exception:  # noqa: BLE001 - the PACS learns it failed; the move reports it missing
+            log.exception("storing a C-MOVE sub-operation failed")
+            return REFUSED_OUT_OF_RESOURCES
+        with self._lock:
+            move.received.add(sop_uid)
+        return 0x0000

@@ -1,0 +1,167 @@
+"""What the gateway derives from a spooled instance: metadata JSON, frame index, frames, bytes.
+
+Derived values are computed once, off the event loop, and kept on the spool entry (they die with the
+file). Metadata JSON is stored with a placeholder base in its BulkDataURIs; each response
+substitutes the externally visible base (architecture.md §4), so one stored value serves every
+proxy path and no client can poison what others get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+
+from cache.spool import SpoolEntry
+from translators import frames as fr
+from translators.dicom_json import dataset_to_json
+
+PLACEHOLDER = "@@DWG_BASE@@"
+CHUNK = 1 << 20
+INLINE_THRESHOLD = 4096
+LOSSY = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+                   "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.100",
+                   "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.103",
+                   "1.2.840.10008.1.2.4.104", "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.106",
+                   "1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108", "1.2.840.10008.1.2.4.203"})
+
+
+def instance_path(entry: SpoolEntry) -> str:
+    return f"/studies/{entry.study_uid}/series/{entry.series_uid}/instances/{entry.sop_instance_uid}"
+
+
+def with_base(data: bytes, base: str) -> bytes:
+    return data.replace(PLACEHOLDER.encode(), base.encode())
+
+
+class InstanceReader:
+    def __init__(self, max_threads: int = 8) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="spool-io")
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---------------------------------------------------------------- metadata
+
+    async def metadata(self, entry: SpoolEntry) -> bytes:
+        """DICOM JSON of the instance (PS3.18 Annex F), BulkDataURIs against PLACEHOLDER."""
+        cached = entry.derived.get("json")
+        if cached is None:
+            cached = await self._run(self._metadata_blocking, entry)
+            entry.derived["json"] = cached
+        return cached  # type: ignore[no-any-return]
+
+    def _metadata_blocking(self, entry: SpoolEntry) -> bytes:
+        with open(entry.path, "rb") as fh:
+            ds = dcmread(fh, stop_before_pixels=True)
+        index = self._index_blocking(entry)
+        base = PLACEHOLDER + instance_path(entry) + "/bulkdata/"
+
+        def bulk_uri(path: tuple[int, ...], elem: DataElement) -> str | None:
+            return base + ".".join(f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path))
+
+        body = dataset_to_json(ds, bulk_data_uri=bulk_uri, inline_threshold=INLINE_THRESHOLD)
+        # cornerstone reads the transfer syntax from (0008,3002) when group 0002 is absent (notes §2.5).
+        body["00083002"] = {"vr": "UI", "Value": [entry.transfer_syntax]}
+        if index is not None:
+            vr = "OB" if index.encapsulated or index.bits_allocated <= 8 else "OW"
+            body["7FE00010"] = {"vr": vr, "BulkDataURI": base + "7FE00010"}
+        return orjson.dumps(dict(sorted(body.items())))
+
+    # ---------------------------------------------------------------- frames
+
+    async def frame_index(self, entry: SpoolEntry) -> fr.FrameIndex | None:
+        return await self._run(self._index_blocking, entry)  # type: ignore[no-any-return]
+
+    def _index_blocking(self, entry: SpoolEntry) -> fr.FrameIndex | None:
+        if "index" not in entry.derived:
+            with open(entry.path, "rb") as fh:
+                entry.derived["index"] = fr.index_part10(fh)
+        return entry.derived["index"]  # type: ignore[no-any-return]
+
+    async def frames(self, entry: SpoolEntry, numbers: list[int]) -> list[bytes]:
+        """The stored bytes of each frame (1-based numbers); raises FrameError for bad numbers."""
+        def work() -> list[bytes]:
+            index = self._index_blocking(entry)
+            if index is None:
+                raise fr.FrameError("the instance has no pixel data")
+            with open(entry.path, "rb") as fh:
+                return [fr.read_frame(fh, index, n) for n in numbers]
+        return await self._run(work)  # type: ignore[no-any-return]
+
+    async def transcode_frame(self, entry: SpoolEntry, frame: bytes, target_ts: str) -> bytes:
+        def work() -> bytes:
+            index = self._index_blocking(entry)
+            assert index is not None
+            header = entry.derived.get("header")
+            if header is None:
+                with open(entry.path, "rb") as fh:
+                    header = dcmread(fh, stop_before_pixels=True)
+                entry.derived["header"] = header
+            return fr.transcode_frame(frame, index, header, target_ts)
+        return await self._run(work)  # type: ignore[no-any-return]
+
+    # ---------------------------------------------------------------- whole instance
+
+    async def chunks(self, entry: SpoolEntry) -> AsyncIterator[bytes]:
+        """The stored Part-10 file, in chunks read off the event loop."""
+        fh = await self._run(open, entry.path, "rb")
+        try:
+            while True:
+                chunk = await self._run(fh.read, CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            fh.close()
+
+    async def transcoded(self, entry: SpoolEntry, target_ts: str) -> bytes:
+        def work() -> bytes:
+            with open(entry.path, "rb") as fh:
+                return fr.transcode_part10(fh.read(), target_ts)
+        return await self._run(work)  # type: ignore[no-any-return]
+
+    async def dataset(self, entry: SpoolEntry) -> Dataset:
+        def work() -> Dataset:
+            with open(entry.path, "rb") as fh:
+                return dcmread(fh)
+        return await self._run(work)  # type: ignore[no-any-return]
+
+    async def element_bytes(self, entry: SpoolEntry, path: list[int]) -> bytes | None:
+        """Raw value of a (possibly nested) element, for bulkdata URIs other than pixel data."""
+        def work() -> bytes | None:
+            with open(entry.path, "rb") as fh:
+                ds: Any = dcmread(fh)
+            for i, part in enumerate(path):
+                if i % 2 == 0:
+                    if part not in ds:
+                        return None
+                    ds = ds[part]
+                    if i < len(path) - 1:
+                        ds = ds.value
+                else:
+                    if part >= len(ds):
+                        return None
+                    ds = ds[part]
+            if not isinstance(ds, DataElement):
+                return None
+            if isinstance(ds.value, bytes):
+                return ds.value
+            # Numbers and text: the value field as PS3.5 encodes it (little endian).
+            buf = DicomBytesIO()
+            buf.is_little_endian = True
+            buf.is_implicit_VR = True
+            write_data_element(buf, ds)
+            return bytes(buf.getvalue()[8:])
+        return await self._run(work)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
