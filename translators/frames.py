@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from io import BytesIO
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from pydicom import dcmread
@@ -133,6 +133,9 @@ _UNDEFINED = 0xFFFFFFFF
 _START_MARKERS = (b"\xff\xd8", b"\xff\x4f", b"\x00\x00\x00\x0cjP  ")
 _END_MARKER = b"\xff\xd9"  # JPEG / JPEG-LS EOI and JPEG 2000 EOC
 
+Spans = tuple[tuple[tuple[int, int], ...], ...]
+"""Per frame, the ``(file_offset, length)`` of its bytes or fragments."""
+
 
 @dataclass(frozen=True)
 class FrameIndex:
@@ -149,16 +152,12 @@ class FrameIndex:
     number_of_frames: int
     pixel_offset: int
     pixel_length: int
-    frames: tuple[tuple[tuple[int, int], ...], ...]
+    frames: Spans
     rows: int
     columns: int
     samples_per_pixel: int
     bits_allocated: int
-
-    @property
-    def frame_bits(self) -> int:
-        """Bits in one native frame (PS3.5 §8.1.1)."""
-        return self.rows * self.columns * self.samples_per_pixel * self.bits_allocated
+    pixel_keyword: str = "PixelData"  # or FloatPixelData / DoubleFloatPixelData (7FE0,0008/0009)
 
     def to_json(self) -> bytes:
         doc = {
@@ -173,6 +172,7 @@ class FrameIndex:
             "columns": self.columns,
             "samples_per_pixel": self.samples_per_pixel,
             "bits_allocated": self.bits_allocated,
+            "pixel_keyword": self.pixel_keyword,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -183,24 +183,34 @@ class FrameIndex:
             doc = json.loads(b)
             if doc.get("v") != 1:
                 raise ValueError(f"unknown frame index version {doc.get('v')!r}")
-            frames = tuple(
-                tuple((_as_int(off), _as_int(length)) for off, length in frame) for frame in doc["frames"]
+            index = cls(
+                transfer_syntax=_checked(doc["transfer_syntax"], str),
+                encapsulated=_checked(doc["encapsulated"], bool),
+                number_of_frames=_checked(doc["number_of_frames"], int),
+                pixel_offset=_checked(doc["pixel_offset"], int),
+                pixel_length=_checked(doc["pixel_length"], int),
+                frames=tuple(
+                    tuple((_checked(o, int), _checked(n, int)) for o, n in frame) for frame in doc["frames"]
+                ),
+                rows=_checked(doc["rows"], int),
+                columns=_checked(doc["columns"], int),
+                samples_per_pixel=_checked(doc["samples_per_pixel"], int),
+                bits_allocated=_checked(doc["bits_allocated"], int),
+                pixel_keyword=_checked(doc["pixel_keyword"], str),
             )
-            ints = {k: _as_int(doc[k]) for k in ("number_of_frames", "pixel_offset", "pixel_length", "rows",
-                                                 "columns", "samples_per_pixel", "bits_allocated")}
-            ts, encapsulated = doc["transfer_syntax"], doc["encapsulated"]
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed frame index: {exc!r}") from exc
-        if not isinstance(ts, str) or not isinstance(encapsulated, bool):
+        if len(index.frames) != index.number_of_frames or index.pixel_keyword not in _PIXEL_TAGS.values():
             raise ValueError("malformed frame index")
-        if len(frames) != ints["number_of_frames"]:
-            raise ValueError("malformed frame index")
-        return cls(transfer_syntax=ts, encapsulated=encapsulated, frames=frames, **ints)
+        return index
 
 
-def _as_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {value!r}")
+_T = TypeVar("_T")
+
+
+def _checked(value: object, kind: type[_T]) -> _T:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"expected {kind.__name__}, got {value!r}")
     return value
 
 
@@ -268,10 +278,11 @@ def index_part10(fp: BinaryIO) -> FrameIndex | None:
     if length != _UNDEFINED:
         if ts not in _NATIVE_SOURCES:
             raise NotIndexable(f"defined-length Pixel Data in compressed transfer syntax {ts}")
-        frames = _native_spans(value_offset, length, rows * columns * spp * bits, nframes)
+        frame_bits = _frame_bits(rows, columns, spp, bits, str(header.get("PhotometricInterpretation", "")))
+        frames = _native_spans(value_offset, length, frame_bits, nframes)
         if value_offset + length > size:
             raise NotIndexable("file ends inside the Pixel Data element")
-        return FrameIndex(ts, False, nframes, value_offset, length, frames, rows, columns, spp, bits)
+        return FrameIndex(ts, False, nframes, value_offset, length, frames, rows, columns, spp, bits, keyword)
 
     items, end = _scan_items(fp, value_offset, size)
     if not items:
@@ -281,7 +292,8 @@ def index_part10(fp: BinaryIO) -> FrameIndex | None:
         raise NotIndexable("encapsulated Pixel Data has no fragments")
     grouped = _group_fragments(fp, header, bot, fragments, nframes)
     length = end - value_offset
-    return FrameIndex(ts, True, len(grouped), value_offset, length, grouped, rows, columns, spp, bits)
+    return FrameIndex(ts, True, len(grouped), value_offset, length, grouped, rows, columns, spp, bits,
+                      keyword)
 
 
 def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
@@ -294,7 +306,11 @@ def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
         raise NotIndexable(f"bad {keyword} value {value!r}") from exc
 
 
-Spans = tuple[tuple[tuple[int, int], ...], ...]
+def _frame_bits(rows: int, columns: int, spp: int, bits: int, photometric: str = "") -> int:
+    """Bits in one native frame (PS3.5 §8.1.1); YBR_FULL_422 stores 2 samples a pixel (PS3.3 C.7.6.3.1.2)."""
+    if photometric == "YBR_FULL_422" and spp == 3:
+        spp = 2
+    return rows * columns * spp * bits
 
 
 def _native_spans(offset: int, length: int, frame_bits: int, nframes: int) -> Spans:
@@ -358,7 +374,7 @@ def _group_fragments(
     grouped = _by_markers(fp, fragments)
     if len(grouped) != nframes:
         raise NotIndexable(
-            f"cannot split {len(fragments)} fragments into {nframes} frames: no usable offset table or markers"
+            f"cannot split {len(fragments)} fragments into {nframes} frames: no usable offset table/markers"
         )
     return grouped
 
@@ -418,7 +434,7 @@ def read_frame(fp: BinaryIO, index: FrameIndex, number: int) -> bytes:
             raise NotIndexable("the file is shorter than its frame index")
         chunks.append(chunk)
     data = b"".join(chunks)
-    bits = index.frame_bits
+    bits = _frame_bits(index.rows, index.columns, index.samples_per_pixel, index.bits_allocated)
     if index.encapsulated or bits % 8 == 0:
         return data
     shift = (number - 1) * bits % 8
@@ -500,9 +516,10 @@ def transcode_frame(frame: bytes, index: FrameIndex, header: Dataset, target_ts:
     """One frame from :func:`read_frame`, re-encoded in ``target_ts`` (PS3.5 §8.2, Annex A.4).
 
     ``header`` supplies Bits Stored, Pixel Representation, Photometric Interpretation and Planar
-    Configuration. Native output is pixel-interleaved (Planar Configuration 0) little endian, and
-    YCbCr lossy JPEG is converted to RGB, as pydicom's ``decompress`` does: a client must then
-    be told Photometric Interpretation RGB. Compressed output is one codestream (lossless only).
+    Configuration. Native output is pixel-interleaved (Planar Configuration 0) little endian;
+    decoded YCbCr (compressed, or native YBR_FULL_422) becomes RGB, as pydicom's ``decompress``
+    does, so a client must then be told Photometric Interpretation RGB. Compressed output is one
+    codestream (lossless only).
     Raises :class:`TranscodeError` when :func:`can_transcode` is false or the codec fails (e.g.
     JPEG 2000 encoding of images under 32x32 pixels, JPEG-LS of more than 16 bits).
     """
@@ -512,11 +529,13 @@ def transcode_frame(frame: bytes, index: FrameIndex, header: Dataset, target_ts:
     if source == target_ts or (source in _NATIVE_SOURCES and target_ts in _NATIVE_TARGETS):
         return frame
     opts = _pixel_options(index, header)
+    native = source in _NATIVE_SOURCES
     with _codec_errors(f"decoding a {source} frame"):
-        if source in _NATIVE_SOURCES:
-            arr, meta = get_decoder(EXPLICIT_LE).as_array(frame, index=0, **opts, as_rgb=False)
-        else:
-            arr, meta = get_decoder(source).as_array(encapsulate([frame]), index=0, **opts, as_rgb=True)
+        decoder = get_decoder(EXPLICIT_LE if native else source)
+        src = frame if native else encapsulate([frame])
+        # YCbCr is converted to RGB except for native YBR_FULL, a valid input for every encoder here.
+        as_rgb = not native or opts["photometric_interpretation"] == "YBR_FULL_422"
+        arr, meta = decoder.as_array(src, index=0, **{**opts, "as_rgb": as_rgb})
     if target_ts in _NATIVE_TARGETS:
         return _native_bytes(arr, index.bits_allocated, int(opts["pixel_representation"]))
     opts.update(photometric_interpretation=meta["photometric_interpretation"], planar_configuration=0)
@@ -537,6 +556,7 @@ def _pixel_options(index: FrameIndex, header: Dataset) -> dict[str, Any]:
         "photometric_interpretation": str(photometric),
         "planar_configuration": _int(header, "PlanarConfiguration", 0),
         "number_of_frames": 1,
+        "pixel_keyword": index.pixel_keyword,
     }
 
 
@@ -574,7 +594,11 @@ def transcode_part10(data: bytes, target_ts: str) -> bytes:
                 if keyword in ds:
                     del ds[keyword]
         if has_pixels and target_ts not in _NATIVE_TARGETS:
-            ds.compress(target_ts, generate_instance_uid=False)
+            arr = None
+            if ds.get("PhotometricInterpretation") == "YBR_FULL_422":  # subsampled (PS3.3 C.7.6.3.1.2)
+                arr = ds.pixel_array  # as RGB, like the frames
+                ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+            ds.compress(target_ts, arr, generate_instance_uid=False)
         ds.file_meta.TransferSyntaxUID = UID(target_ts)
         out = BytesIO()
         ds.save_as(out, enforce_file_format=True, implicit_vr=target_ts == IMPLICIT_LE, little_endian=True)

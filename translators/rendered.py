@@ -16,7 +16,8 @@ Slope/Intercept) -> VOI (the ``window`` parameter, else the first Window Center/
 VOI LUT Function, else the first VOI LUT Sequence item, else the frame's min..max) -> inversion
 for MONOCHROME1 -> 8 bits. Enhanced multi-frame objects take the rescale and window from the
 Pixel Value Transformation / Frame VOI LUT functional groups of the frame given as ``frame``.
-Colour: RGB as is, YBR converted to RGB, PALETTE COLOR through its palette. Then the source region
+Colour: RGB as is, YBR converted to RGB, PALETTE COLOR through its palette (``window`` does not
+apply to colour). Then the source region
 and viewport of §8.3.5.1.3, then the encoder (Pillow).
 
 Never annotated: ``annotation`` is accepted and ignored, so no patient-identifying text is ever
@@ -149,8 +150,8 @@ def negotiate_media_type(accept_param: str | None, accept_header: str | None, *,
                 return choice
             if choice in _WILDCARDS:
                 return default
-            multipart = media_type == "multipart/related"
-            asked.append(f"{media_type}; type={type_param}" if multipart else media_type)
+            is_multipart = type_param is not None and choice == type_param
+            asked.append(f"{media_type}; type={type_param}" if is_multipart else media_type)
     if not asked and not (accept_param or "").strip() and not (accept_header or "").strip():
         return default
     raise UnsupportedRendering(f"cannot render {', '.join(asked) or 'the requested media types'}; "
@@ -327,7 +328,7 @@ def to_display(
         model = "RGB" if pixels.ndim == 3 else "MONOCHROME2"
     if model in _GRAYSCALE:
         _check_shape(pixels, 2, model)
-        display = _voi(ds, _modality_lut(ds, pixels, frame), window, frame)
+        display = _grayscale(ds, pixels, window, frame)
         return 255 - display if model == "MONOCHROME1" else display
     if model == "PALETTE COLOR":
         _check_shape(pixels, 2, model)
@@ -376,6 +377,24 @@ def _check_shape(pixels: NDArray[Any], ndim: int, model: str) -> None:
     if pixels.ndim != ndim or (ndim == 3 and pixels.shape[2] != 3) or 0 in pixels.shape:
         want = "(rows, cols)" if ndim == 2 else "(rows, cols, 3)"
         raise ValueError(f"{model} frame must have shape {want}, got {pixels.shape}")
+
+
+def _grayscale(
+    ds: Dataset, pixels: NDArray[Any], window: Window | None, frame: int | None
+) -> NDArray[np.uint8]:
+    """Modality LUT then VOI. Integer frames of up to 16 bits go through a lookup table built over
+    their low..high range: far less memory and time than float arrays of the size of the frame."""
+    if pixels.dtype.kind in "iub" and pixels.dtype.itemsize <= 2:
+        low, high = int(pixels.min()), int(pixels.max())
+        domain = np.arange(low, high + 1, dtype=np.int64)
+        table = _voi(ds, _modality_lut(ds, domain, frame), window, frame)
+        # pixels - low, computed modulo 2**bits in the unsigned type of the same size: it is exact
+        # (0 <= pixels - low < 2**bits) and, unlike an intp index, costs 2 bytes a pixel at most.
+        unsigned = pixels.view(np.dtype(f"u{pixels.dtype.itemsize}"))
+        index = unsigned - unsigned.dtype.type(low % 2 ** (8 * pixels.dtype.itemsize))
+        display: NDArray[np.uint8] = table[index]
+        return display
+    return _voi(ds, _modality_lut(ds, pixels, frame), window, frame)
 
 
 # PS3.3 C.11.1: Modality LUT Sequence, else Rescale Slope/Intercept (top level, else functional groups).
