@@ -269,9 +269,14 @@ class RetrievalService:
                     whole = manifest.complete and len(missing) == len(manifest.uids)
                     await self._retrieve(node, fetch, None if whole else missing)
                 still = [u for u in manifest.uids if not fetch.has(u)]
-                if still and not fetch.cancel.is_set():
+                # Retry what is missing once preferring compressed syntaxes (DCMTK PACS fail
+                # sub-operations they cannot convert to the one syntax agreed per SOP class), then once
+                # more preferring native ones.
+                for compressed_first in (True, False):
+                    if not still or fetch.cancel.is_set():
+                        break
                     log.warning("retrying %d missing instances of a series on %s", len(still), node.name)
-                    await self._retrieve(node, fetch, still)
+                    await self._retrieve(node, fetch, still, compressed_first=compressed_first)
                     still = [u for u in manifest.uids if not fetch.has(u)]
             if fetch.cancel.is_set() and still:
                 fetch.finish(RetrievalFailed("retrieval cancelled: every client left", node=node.name))
@@ -293,7 +298,8 @@ class RetrievalService:
             if fetch.error is not None:
                 self._manifests.pop((node.name, manifest.series), None)
 
-    async def _retrieve(self, node: PacsNode, fetch: SeriesFetch, sops: list[str] | None) -> None:
+    async def _retrieve(self, node: PacsNode, fetch: SeriesFetch, sops: list[str] | None,
+                        compressed_first: bool = False) -> None:
         loop = asyncio.get_running_loop()
         manifest = fetch.manifest
         classes = sorted({i.sop_class_uid for i in manifest.instances if i.sop_class_uid})
@@ -314,13 +320,14 @@ class RetrievalService:
                 def work(chunk: list[str] | None = chunk, level: str = level) -> RetrieveOutcome:
                     return self.retriever.get(node, level=level, study=manifest.study,  # type: ignore[arg-type]
                                               series=manifest.series, sops=chunk, sop_classes=classes,
-                                              on_instance=on_instance, cancel=fetch.cancel, patient_id=pid)
+                                              on_instance=on_instance, cancel=fetch.cancel, patient_id=pid,
+                                              compressed_first=compressed_first)
                 await loop.run_in_executor(self._executor, work)
             else:
-                await self._move(node, fetch, chunk, level, on_instance, pid)
+                await self._move(node, fetch, chunk, level, on_instance, pid, compressed_first)
 
     async def _move(self, node: PacsNode, fetch: SeriesFetch, chunk: list[str] | None, level: str,
-                    on_instance: object, pid: str | None) -> None:
+                    on_instance: object, pid: str | None, compressed_first: bool = False) -> None:
         if self.scp is None:
             raise PacsError(f"node {node.name} is configured for C-MOVE but the storage SCP is not running",
                             node=node.name)
@@ -330,6 +337,8 @@ class RetrievalService:
         expected = set(chunk) if chunk is not None else set(manifest.uids)
         self.scp.register(PendingMove(msg_id, manifest.study, manifest.series, expected,
                                       on_instance))  # type: ignore[arg-type]
+        if compressed_first:
+            self.scp.prefer_compressed(True)
         try:
             def work() -> RetrieveOutcome:
                 return self.retriever.move(node, level=level, study=manifest.study,  # type: ignore[arg-type]
@@ -339,6 +348,8 @@ class RetrievalService:
             await loop.run_in_executor(self._executor, work)
         finally:
             self.scp.unregister(msg_id)
+            if compressed_first:
+                self.scp.prefer_compressed(False)
 
     async def _patient_id(self, node: PacsNode, study: str) -> str | None:
         if node.query_model != "patient":

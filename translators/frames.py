@@ -40,7 +40,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import decompress, pack_bits
@@ -230,13 +230,21 @@ def index_part10(fp: BinaryIO) -> FrameIndex | None:
     at fragment boundaries. Raises :class:`NotIndexable` when none of these gives
     NumberOfFrames frames, for Deflated and Big Endian files, and for truncated files.
     """
+    try:
+        return _index_part10(fp)
+    except NotIndexable:
+        raise
+    # pydicom parses lazily: a corrupt header can fail in dcmread or on first access to an element.
+    except (InvalidDicomError, BytesLengthException, EOFError, OSError, ValueError, NotImplementedError,
+            KeyError, TypeError, struct.error) as exc:
+        raise NotIndexable(f"not a readable DICOM file: {exc}") from exc
+
+
+def _index_part10(fp: BinaryIO) -> FrameIndex | None:
     fp.seek(0, 2)
     size = fp.tell()
     fp.seek(0)
-    try:
-        header = dcmread(fp, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, struct.error) as exc:
-        raise NotIndexable(f"not a readable DICOM file: {exc}") from exc
+    header = dcmread(fp, stop_before_pixels=True)
     ts = str(header.file_meta.get("TransferSyntaxUID", ""))
     if not ts:
         raise NotIndexable("no (0002,0010) Transfer Syntax UID in the file meta information")
@@ -471,6 +479,8 @@ def transfer_syntaxes_for_media_type(media_type: str) -> list[str]:
 def _decodable(ts: str) -> bool:
     if ts in _NATIVE_SOURCES:
         return True
+    if ts in _NATIVE_ALL:  # big endian, encapsulated uncompressed: no pydicom path to native LE
+        return False
     try:
         return bool(get_decoder(ts).is_available)
     except (NotImplementedError, ValueError):
@@ -587,6 +597,8 @@ def transcode_part10(data: bytes, target_ts: str) -> bytes:
     if not can_transcode(source, target_ts):
         raise TranscodeError(f"cannot transcode {source} to {target_ts}")
     has_pixels = "PixelData" in ds
+    if target_ts not in _NATIVE_TARGETS and ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
+        raise TranscodeError("float pixel data has no compressed transfer syntax (PS3.5 §8.2)")
     with _codec_errors(f"transcoding {source} to {target_ts}"):
         if has_pixels and source not in _NATIVE_SOURCES:
             decompress(ds, as_rgb=True, generate_instance_uid=False)

@@ -75,17 +75,24 @@ class RetrieveOutcome:
     cancelled: bool = False
 
 
-def storage_contexts(sop_classes: Iterable[str], reserved: int = 1) -> list[tuple[str, list[str]]]:
-    """(SOP class, [transfer syntax]) pairs within the 128-context limit (PS3.8 §9.3.2.2)."""
+def storage_contexts(sop_classes: Iterable[str], reserved: int = 1,
+                     compressed_first: bool = False) -> list[tuple[str, list[str]]]:
+    """(SOP class, [transfer syntax]) pairs within the 128-context limit (PS3.8 §9.3.2.2).
+
+    Order matters: DCMTK-based PACS send each C-GET sub-operation on the *first* accepted context of
+    its SOP class and fail when they cannot convert the file to it. ``compressed_first`` is used for
+    the retry of instances a native-first attempt could not deliver.
+    """
     classes = list(dict.fromkeys(sop_classes)) or COMMON_STORAGE
     budget = MAX_CONTEXTS - reserved
-    contexts: list[tuple[str, list[str]]] = [(c, list(NATIVE)) for c in classes][:budget]
+    native: list[tuple[str, list[str]]] = [(c, list(NATIVE)) for c in classes][:budget]
+    compressed: list[tuple[str, list[str]]] = []
     for ts in COMPRESSED:   # breadth first: every class gets RLE before any gets JPEG-LS
         for cls in classes:
-            if len(contexts) >= budget:
-                return contexts
-            contexts.append((cls, [ts]))
-    return contexts
+            if len(native) + len(compressed) >= budget:
+                break
+            compressed.append((cls, [ts]))
+    return compressed + native if compressed_first else native + compressed
 
 
 def _identifier(level: str, study: str, series: str | None, sops: list[str] | None,
@@ -139,12 +146,12 @@ class Retriever:
     def get(self, node: PacsNode, *, level: Literal["STUDY", "SERIES", "IMAGE"], study: str,
             series: str | None = None, sops: list[str] | None = None, sop_classes: Iterable[str] = (),
             on_instance: OnInstance, cancel: threading.Event,
-            patient_id: str | None = None) -> RetrieveOutcome:
+            patient_id: str | None = None, compressed_first: bool = False) -> RetrieveOutcome:
         """Blocking C-GET; storage sub-operations arrive on the same association."""
         model = PATIENT_ROOT_GET if node.query_model == "patient" else STUDY_ROOT_GET
         ae = self._ae(node)
         ae.add_requested_context(model)
-        contexts = storage_contexts(sop_classes)
+        contexts = storage_contexts(sop_classes, compressed_first=compressed_first)
         for cls, syntaxes in contexts:
             ae.add_requested_context(cls, syntaxes)
         roles = [build_role(cls, scp_role=True) for cls in dict.fromkeys(c for c, _ in contexts)]

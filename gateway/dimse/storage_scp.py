@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 
 from gateway.dimse.pool import _nodelay
 from gateway.dimse.retrieve import OnInstance
@@ -46,9 +46,19 @@ class StorageScp:
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.maximum_associations = 64
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        # pynetdicom accepts, per proposed context, the first syntax in *our* list that was proposed.
+        # DCMTK proposes one context per SOP class ([stored, uncompressed...]) and fails sub-operations
+        # it cannot convert, so a retry flips the order (see prefer_compressed).
+        native = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+        legacy = ["1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]   # deflated, big endian: last resort
+        compressed = [t for t in ALL_TRANSFER_SYNTAXES if t not in native + legacy]
+        classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+        self._native_first = [build_context(c, native + compressed + legacy) for c in classes]
+        self._compressed_first = [build_context(c, compressed + native + legacy) for c in classes]
+        for cx in self._native_first:
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
         self._ae = ae
+        self._compressed_users = 0
         self._server: Any = None
         self._pending: dict[int, PendingMove] = {}
         self._lock = threading.Lock()
@@ -65,6 +75,14 @@ class StorageScp:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def prefer_compressed(self, on: bool) -> None:
+        """Counted switch: while any retry asks for it, new associations accept compressed syntaxes first."""
+        with self._lock:
+            self._compressed_users += 1 if on else -1
+            if self._server is not None:
+                self._server.contexts = (self._compressed_first if self._compressed_users > 0
+                                         else self._native_first)
 
     def next_msg_id(self) -> int:
         """Message IDs unique among this replica's pending moves (the cache issue makes them cluster-wide)."""

@@ -44,7 +44,6 @@ import httpx
 import pynetdicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.association import Association
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -60,12 +59,10 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 MAX_PDU = 131072          # the gateway's default nodes[].max_pdu
 RESULTS = Path(__file__).resolve().parent / "results" / "qido.md"
 FILTER = [("PatientID", "DGW0001")]
-QUERIES = {  # row name -> QIDO parameters of /studies
-    "/studies?PatientID=DGW0001": FILTER,
-    "/studies (no filter)": [],
-}
+FILTER_ROW = "/studies?PatientID=DGW0001"
+QUERIES = {FILTER_ROW: FILTER, "/studies (no filter)": []}  # row name -> QIDO parameters of /studies
 EXPECTED = {
-    "/studies?PatientID=DGW0001": sum(1 for s in DEMO_STUDIES if s["patient_id"] == "DGW0001"),
+    FILTER_ROW: sum(1 for s in DEMO_STUDIES if s["patient_id"] == "DGW0001"),
     "/studies (no filter)": len(DEMO_STUDIES),
 }
 CONDITIONS = {True: "TCP_NODELAY=1", False: "Nagle on (Debian default)"}
@@ -121,8 +118,8 @@ class RawFinder:
     reactor thread is woken; if the next ``send_c_find()`` comes before that thread has run, it takes
     the reactor's stale "paused" flag at its word and sends, and the reactor then takes one of the new
     responses off the queue ("Received unexpected C-FIND service message"): a match is lost or, if it
-    was the final response, the C-FIND waits for the DIMSE timeout. ``find()`` first waits until the
-    reactor has polled once since it was woken (only the reactor polls without blocking).
+    was the final response, the C-FIND waits for the DIMSE timeout. While ``find()`` runs, the
+    reactor's non-blocking poll (only the reactor polls without blocking) finds the queue empty.
     """
 
     def __init__(self, peer: OrthancPeer, *, quickack: bool = False, dimse_timeout: float = 10) -> None:
@@ -136,26 +133,20 @@ class RawFinder:
         sock = assoc.dul.socket.socket
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.assoc = assoc
-        self._polls = 0
-        self._polls_at_wake = -1
-        dimse, checkpoint, transport = assoc.dimse, assoc._reactor_checkpoint, assoc.dul.socket
-        get_msg, wake, recv = dimse.get_msg, checkpoint.set, transport.recv
+        self._busy = False
+        dimse, transport = assoc.dimse, assoc.dul.socket
+        get_msg, recv = dimse.get_msg, transport.recv
 
-        def counting_get_msg(block: bool = False) -> Any:
-            if not block:
-                self._polls += 1
+        def guarded_get_msg(block: bool = False) -> Any:
+            if self._busy and not block:
+                return None, None
             return get_msg(block)
-
-        def marking_wake() -> None:
-            self._polls_at_wake = self._polls
-            wake()
 
         def quick_recv(nr_bytes: int) -> bytearray:
             sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
             return recv(nr_bytes)
 
-        dimse.get_msg = counting_get_msg  # type: ignore[method-assign]
-        checkpoint.set = marking_wake  # type: ignore[method-assign]
+        dimse.get_msg = guarded_get_msg  # type: ignore[method-assign]
         if quickack:
             if QUICKACK is None:
                 raise BenchError("TCP_QUICKACK is Linux-only")
@@ -163,18 +154,19 @@ class RawFinder:
 
     def find(self, identifier: Dataset) -> int:
         """One C-FIND, every response read and decoded; returns the number of matches."""
-        deadline = time.perf_counter() + 1.0
-        while self._polls == self._polls_at_wake and time.perf_counter() < deadline:
-            time.sleep(0.00005)
         matches = 0
-        for status, _ in self.assoc.send_c_find(identifier, STUDY_ROOT_FIND):
-            if not status:  # pynetdicom's empty status: timeout or abort
-                raise BenchError("raw C-FIND got no status (timeout or abort)")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01):
-                matches += 1
-            elif code != 0x0000:
-                raise BenchError(f"raw C-FIND failed with status 0x{code:04X}")
+        self._busy = True
+        try:
+            for status, _ in self.assoc.send_c_find(identifier, STUDY_ROOT_FIND):
+                if not status:  # pynetdicom's empty status: timeout or abort
+                    raise BenchError("raw C-FIND got no status (timeout or abort)")
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    matches += 1
+                elif code != 0x0000:
+                    raise BenchError(f"raw C-FIND failed with status 0x{code:04X}")
+        finally:
+            self._busy = False
         return matches
 
     def release(self) -> None:
@@ -259,8 +251,8 @@ def run_load(make_worker: Callable[[], tuple[Callable[[], int], Callable[[], Non
     """``clients`` threads calling their worker for ``duration`` s after one warm-up call each.
 
     ``make_worker()`` runs in the thread and returns (call, close). Only calls that complete within
-    the window count; a failed call counts as an error and ends that thread (its connection may be
-    broken).
+    the window count. A wrong answer (BenchError) counts as an error; any other failure also ends
+    that thread (its connection may be broken).
     """
     window: dict[str, float] = {}
     barrier = threading.Barrier(
@@ -287,21 +279,28 @@ def run_load(make_worker: Callable[[], tuple[Callable[[], int], Callable[[], Non
                 return
             barrier.wait()
             mine: list[float] = []
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= window["end"]:
-                    break
-                call()
-                t1 = time.perf_counter()
-                if t1 <= window["end"]:
-                    mine.append((t1 - t0) * 1000)
-            with lock:
-                latencies.extend(mine)
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    if t0 >= window["end"]:
+                        break
+                    try:
+                        call()
+                    except BenchError as exc:
+                        with lock:
+                            errors.append(str(exc)[:200])
+                        continue
+                    t1 = time.perf_counter()
+                    if t1 <= window["end"]:
+                        mine.append((t1 - t0) * 1000)
+            finally:
+                with lock:
+                    latencies.extend(mine)
         except threading.BrokenBarrierError:
             pass
         except Exception as exc:  # noqa: BLE001 - counted, reported
             with lock:
-                errors.append(str(exc)[:200])
+                errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
         finally:
             close()
 
@@ -339,8 +338,9 @@ def loadgen_main(root: str, clients: int, duration: float) -> dict[str, Any]:
         client = httpx.Client(base_url=root, timeout=15)
 
         def call() -> int:
-            if gateway_get(client, FILTER) != EXPECTED["/studies?PatientID=DGW0001"]:
-                raise BenchError("wrong number of studies under load")
+            found = gateway_get(client, FILTER)
+            if found != EXPECTED[FILTER_ROW]:
+                raise BenchError(f"gateway returned {found} studies, expected {EXPECTED[FILTER_ROW]}")
             return 1
 
         return call, client.close
@@ -350,14 +350,15 @@ def loadgen_main(root: str, clients: int, duration: float) -> dict[str, Any]:
 
 def raw_load(peer: OrthancPeer, clients: int, duration: float) -> dict[str, Any]:
     identifier = identifier_for(FILTER)
-    expected = EXPECTED["/studies?PatientID=DGW0001"]
+    expected = EXPECTED[FILTER_ROW]
 
     def make_worker() -> tuple[Callable[[], int], Callable[[], None]]:
         finder = RawFinder(peer)
 
         def call() -> int:
-            if finder.find(identifier) != expected:
-                raise BenchError("wrong number of studies under load")
+            found = finder.find(identifier)
+            if found != expected:
+                raise BenchError(f"raw C-FIND found {found} studies, expected {expected}")
             return 1
 
         return call, finder.release
@@ -488,6 +489,11 @@ def render(result: dict[str, Any]) -> str:
             f"| {t['condition']} | {raw['rps']:.0f} ({raw['clients']}) | {gw['rps']:.0f} ({gw['clients']}) "
             f"| {t['ratio']:.2f} | {gw['p50_ms']:.1f} / {gw['p95_ms']:.1f} "
             f"| {raw['errors']} / {gw['errors']} |")
+    for t in result["throughput"]:
+        for side, name in (("raw", "raw"), ("gw", "gateway")):
+            if t[side]["errors"]:
+                samples = "; ".join(dict.fromkeys(t[side]["error_samples"]))
+                lines.append(f"\nErrors under load, {t['condition']}, {name}: {samples}")
     quick = [r for r in result["latency"] if "raw_quickack_median_ms" in r]
     if quick:
         lines += [
@@ -503,7 +509,7 @@ def render(result: dict[str, Any]) -> str:
                 f"| {r['raw_quickack_median_ms']:.1f} / {r['raw_quickack_p95_ms']:.1f} "
                 f"| {r['gw_median_ms']:.1f} / {r['gw_p95_ms']:.1f} |")
     by = {(r["condition"], r["query"]): r for r in result["latency"]}
-    fast, slow = (by.get((CONDITIONS[flag], "/studies?PatientID=DGW0001")) for flag in (True, False))
+    fast, slow = (by.get((CONDITIONS[flag], FILTER_ROW)) for flag in (True, False))
     if fast and slow:
         lines += [
             "",

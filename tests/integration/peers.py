@@ -443,7 +443,9 @@ class DcmqrscpPeer(_PeerProcess):
             raise PeerError(f"dcmqrscp cannot use a storage path with spaces: {self.storage}")
         self.storage.mkdir(exist_ok=True)
         self.config_path.write_text(self.config())
-        argv = [self.executable, "-c", str(self.config_path), "+xr"]
+        # +xr: accept RLE when loading; -xr: propose RLE (and uncompressed) on its outgoing C-MOVE and
+        # C-GET sub-associations, else it cannot send the RLE series it stores (it cannot decode RLE).
+        argv = [self.executable, "-c", str(self.config_path), "+xr", "-xr"]
         if self.single_process:
             argv.append("--single-process")
         self._spawn(argv)

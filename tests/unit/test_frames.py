@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
-from pydicom.pixels import get_encoder, pack_bits
+from pydicom.pixels.encoders.base import get_encoder
+from pydicom.pixels.utils import pack_bits
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -76,9 +78,9 @@ def make_dataset(arr: np.ndarray, photometric: str | None = None, bits_stored: i
     return ds
 
 
-def part10(ds: Dataset, **kwargs: object) -> bytes:
+def part10(ds: Dataset, *, implicit_vr: bool | None = None) -> bytes:
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True, **kwargs)
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=implicit_vr)
     return buf.getvalue()
 
 
@@ -378,6 +380,29 @@ def test_truncated_and_unsupported_files() -> None:
     assert all_frames(inflated)[1] == [ramp((4, 4), "u1").tobytes()]
 
 
+@given(cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(132, 10_000), st.integers(0, 255)),
+                                                    max_size=3))
+@settings(max_examples=150, deadline=None)
+def test_corrupt_files_raise_not_indexable(cut: int, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(CORRUPTIBLE)
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    data = data[: len(data) - cut % len(data)]
+    fp = io.BytesIO(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the damaged values it reads
+        try:
+            index = index_part10(fp)
+            for n in range(1, index.number_of_frames + 1 if index else 1):
+                assert index is not None
+                read_frame(fp, index, n)
+        except NotIndexable:
+            pass
+
+
+CORRUPTIBLE = rle_instance(nframes=3)[1]
+
+
 def test_big_endian_is_not_indexable() -> None:
     path = PYDICOM_FILES / "MR_small_bigendian.dcm"
     if not path.exists():
@@ -481,6 +506,19 @@ def test_can_transcode() -> None:
     assert not can_transcode("1.2.840.10008.1.2.4.102", ExplicitVRLittleEndian)  # video
     assert not can_transcode(ExplicitVRLittleEndian, "1.2.840.10008.1.2.2")  # big endian
     assert not can_transcode("1.2.3.4", ExplicitVRLittleEndian)
+    assert not can_transcode("1.2.840.10008.1.2.2", ExplicitVRLittleEndian)
+    assert not can_transcode("1.2.840.10008.1.2.1.98", ExplicitVRLittleEndian)
+
+
+def test_float_pixel_data_is_not_compressed() -> None:
+    ds = make_dataset(np.zeros((3, 4), "u1"))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = np.ones((3, 4), "<f4").tobytes()
+    with pytest.raises(TranscodeError, match="float"):
+        transcode_part10(part10(ds), RLELossless)
+    out = dcmread(io.BytesIO(transcode_part10(part10(ds), ImplicitVRLittleEndian)))
+    assert out.FloatPixelData == ds.FloatPixelData
 
 
 def test_rle_frames_to_native_and_back() -> None:
@@ -578,4 +616,4 @@ def test_index_100_frames_is_fast() -> None:
         elapsed = time.perf_counter() - start
         assert index is not None and index.number_of_frames == 100
         assert elapsed < 0.5, elapsed
-    assert UID(index.transfer_syntax) == RLELossless
+    assert index is not None and UID(index.transfer_syntax) == RLELossless
