@@ -47,17 +47,8 @@ from pydicom.pixels.utils import decompress, pack_bits
 from pydicom.uid import UID
 
 __all__ = [
-    "CORNERSTONE_UNDECODABLE",
-    "FrameError",
-    "FrameIndex",
-    "NotIndexable",
-    "TranscodeError",
-    "can_transcode",
-    "index_part10",
-    "media_type_for_transfer_syntax",
-    "read_frame",
-    "transcode_frame",
-    "transcode_part10",
+    "CORNERSTONE_UNDECODABLE", "FrameError", "FrameIndex", "NotIndexable", "TranscodeError", "can_transcode",
+    "index_part10", "media_type_for_transfer_syntax", "read_frame", "transcode_frame", "transcode_part10",
     "transfer_syntaxes_for_media_type",
 ]
 

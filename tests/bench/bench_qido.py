@@ -437,9 +437,13 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on Linux
+        load = float("nan")
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "platform": platform.platform(terse=True), "pynetdicom": pynetdicom.__version__,
-            "httpx": httpx.__version__}
+            "httpx": httpx.__version__, "load": load}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -450,7 +454,7 @@ def render(result: dict[str, Any]) -> str:
         f"- Date: {result['date']}; `python3 tests/bench/bench_qido.py{' --quick' if o['quick'] else ''}`",
         f"- Machine: nproc {m['nproc']} ({m['cpu']}), {m['platform']}, Python {m['python']}, "
         f"pynetdicom {m['pynetdicom']}, httpx {m['httpx']}, Orthanc {m.get('orthanc', '?')}; "
-        "Orthanc, the gateway and the clients share these cores.",
+        f"load average {m['load']:.2f} at start. Orthanc, the gateway and the clients share these cores.",
         f"- Latency: {o['iterations']} timed iterations per client and row after {o['warmup']} warm-up, "
         f"in interleaved blocks of {o['block']} back-to-back calls (n = samples taken within the "
         f"{o['latency_budget']:.0f} s the latency rows share); median and p95 (nearest rank) in ms.",

@@ -35,6 +35,16 @@ from translators.dicom_json import (
     json_bytes,
 )
 
+
+@pytest.fixture(autouse=True)
+def _pydicom_warns() -> Iterator[None]:
+    """These tests expect pydicom's default WARN validation; the gateway package sets IGNORE globally."""
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.WARN
+    yield
+    config.settings.reading_validation_mode = old
+
+
 GOLDEN = Path(__file__).parent.parent / "data" / "dicom_json_golden.json"
 JAPANESE_PN = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 
