@@ -23,7 +23,7 @@ from gateway.errors import GatewayError
 from gateway.http import error_response
 from gateway.instances import InstanceReader
 from gateway.retrieval import RetrievalService
-from gateway.routes import admin, qido, wado
+from gateway.routes import admin, qido, rendered, wado
 from gateway.search import SearchService
 from gateway.settings import Settings
 
@@ -80,6 +80,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
                             status_code=500)
 
     dicomweb = qido.routes() + wado.routes()
+    dicomweb += rendered.routes()
     middleware = []
     if settings.http.cors_origins:
         middleware.append(Middleware(
@@ -88,7 +89,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
     return Starlette(
-        routes=[*admin.routes(), Mount("/dicom-web", routes=dicomweb),
+        routes=[*admin.routes(), *rendered.wado_uri_routes(), Mount("/dicom-web", routes=dicomweb),
                 Mount("/nodes/{node}/dicom-web", routes=dicomweb)],
         middleware=middleware,
         exception_handlers={GatewayError: gateway_error, Exception: unexpected},

@@ -56,7 +56,7 @@ class StorageScp:
         self._native_first = [build_context(c, native + compressed + legacy) for c in classes]
         self._compressed_first = [build_context(c, compressed + native + legacy) for c in classes]
         for cx in self._native_first:
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+            ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax)
         self._ae = ae
         self._compressed_users = 0
         self._server: Any = None

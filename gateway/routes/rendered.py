@@ -1,0 +1,182 @@
+"""Rendered and thumbnail resources (PS3.18 §10.4.1.1.3, §10.4.3.3.4) and WADO-URI (PS3.18 ch. 9).
+
+Pixels come from the spooled instance (retrieved as for frames); rendering is
+``translators.rendered`` in a worker thread. Thumbnails never carry burned-in text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydicom.pixels.utils import pixel_array
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cache.spool import SpoolEntry
+from gateway.errors import BadRequest, NotAcceptable, NotFound
+from gateway.http import target_nodes
+from gateway.instances import LOSSY
+from gateway.retrieval import Manifest
+from gateway.routes.wado import _instance_entry, _node, _services, _uids, parse_frame_list
+from translators import frames as fr
+from translators import media
+from translators import multipart as mp
+from translators import rendered as rd
+
+
+def _params(request: Request, thumbnail: bool) -> rd.RenderParams:
+    try:
+        params = rd.parse_render_params(request.query_params.multi_items(),
+                                        accept_header=request.headers.get("accept"))
+    except rd.UnsupportedRendering as exc:
+        raise NotAcceptable(str(exc)) from None
+    except rd.RenderError as exc:
+        raise BadRequest(str(exc)) from None
+    return rd.thumbnail_params(params) if thumbnail else params
+
+
+async def _render(request: Request, entry: SpoolEntry, frame: int, params: rd.RenderParams) -> bytes:
+    _, reader = _services(request)
+    ds = await reader.dataset(entry)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise BadRequest("the instance has no pixel data to render")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= frame <= frames:
+        raise BadRequest(f"frame {frame} is outside 1..{frames}")
+
+    def work() -> bytes:
+        pixels = pixel_array(ds, index=frame - 1) if frames > 1 else pixel_array(ds)
+        return rd.render_frame(ds, pixels, params, frame=frame)
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+    except rd.UnsupportedRendering as exc:
+        raise NotAcceptable(str(exc)) from None
+    except rd.RenderError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+async def _representative(request: Request) -> SpoolEntry:
+    """The instance a study or series thumbnail shows: the middle one of the (first) series."""
+    study, series, _ = _uids(request)
+    node, _ = await _node(request, study)
+    service, _ = _services(request)
+    manifests: list[Manifest]
+    if series is None:
+        manifests = await service.series_list(node, study)
+    else:
+        manifests = [await service.manifest(node, study, series)]
+    manifest = next((m for m in manifests if m.instances), None)
+    if manifest is None:
+        raise NotFound("no instances to render")
+    uid = manifest.uids[(len(manifest.uids) - 1) // 2]
+    fetch = service.fetch(node, manifest, priority=uid)
+    fetch.join()
+    try:
+        await fetch.wait_for(uid)
+    finally:
+        fetch.waiters -= 1   # the viewer opening the series will want the rest
+    entry = service.entry(uid)
+    if entry is None:
+        raise NotFound(f"instance {uid} is not available")
+    return entry
+
+
+async def rendered(request: Request) -> Response:
+    """Instance, frame(s), series or study rendered as JPEG/PNG/GIF."""
+    thumbnail = request.url.path.endswith("/thumbnail")
+    params = _params(request, thumbnail)          # 400/406 before any DIMSE work
+    _, series, instance = _uids(request)
+    frames_text = request.path_params.get("frames")
+    numbers = parse_frame_list(frames_text) if frames_text else None
+    if instance is None:
+        entry = await _representative(request)
+        numbers = None
+    else:
+        entry, _ = await _instance_entry(request)
+    if numbers is None:
+        _, reader = _services(request)
+        index = await reader.frame_index(entry)
+        count = index.number_of_frames if index else 1
+        numbers = [rd.pick_thumbnail_frame(count) if thumbnail else 1]
+    images = [await _render(request, entry, n, params) for n in numbers]
+    if len(images) == 1:
+        return Response(images[0], media_type=params.media_type)
+    boundary = mp.new_boundary()
+    body = b"".join(mp.part_header(boundary, params.media_type, first=i == 0) + img
+                    for i, img in enumerate(images)) + mp.closing(boundary)
+    return Response(body, media_type=mp.content_type(params.media_type, boundary))
+
+
+# ---------------------------------------------------------------------- WADO-URI
+
+
+async def wado_uri(request: Request) -> Response:
+    """``?requestType=WADO&studyUID=&seriesUID=&objectUID=[&contentType=][&frameNumber=]`` (PS3.18 §9)."""
+    q = request.query_params
+    if q.get("requestType") != "WADO":
+        raise BadRequest("requestType=WADO is required")
+    missing = [k for k in ("studyUID", "seriesUID", "objectUID") if not q.get(k)]
+    if missing:
+        raise BadRequest(f"missing parameter(s): {', '.join(missing)}")
+    request.path_params.update(study=q["studyUID"], series=q["seriesUID"], instance=q["objectUID"])
+    target_nodes(request, request.app.state.settings)  # 404 for an unknown /nodes/{name}
+    content_types = [c.strip() for c in (q.get("contentType") or "image/jpeg").split(",") if c.strip()]
+    frame_text = q.get("frameNumber") or q.get("frame")   # OHIF sends the non-standard `frame`
+    entry, _ = await _instance_entry(request)
+    if "application/dicom" in content_types:
+        wanted = q.get("transferSyntax") or media.EXPLICIT_VR_LE
+        _, reader = _services(request)
+        stored = entry.transfer_syntax
+        if wanted in ("*", stored) or (wanted == media.EXPLICIT_VR_LE and stored in LOSSY
+                                        and not q.get("transferSyntax")):
+            data = b"".join([c async for c in reader.chunks(entry)])
+            ts = stored
+        elif fr.can_transcode(stored, wanted):
+            data, ts = await reader.transcoded(entry, wanted), wanted
+        else:
+            raise NotAcceptable(f"the instance is stored as {stored} and cannot be sent as {wanted}")
+        disposition = f'attachment; filename="{entry.sop_instance_uid}.dcm"'
+        return Response(data, media_type="application/dicom",
+                        headers={"Content-Disposition": disposition, "X-Transfer-Syntax": ts})
+    renderable = [c for c in content_types if c in rd.RENDERABLE or c in ("*/*", "image/*")]
+    if not renderable:
+        raise NotAcceptable(f"contentType {','.join(content_types)} is not supported")
+    media_type = "image/jpeg" if renderable[0] in ("*/*", "image/*") else renderable[0]
+    items: list[tuple[str, str]] = [("accept", media_type)]
+    if q.get("imageQuality"):
+        items.append(("quality", q["imageQuality"]))
+    if q.get("windowCenter") and q.get("windowWidth"):
+        items.append(("window", f"{q['windowCenter']},{q['windowWidth']},linear"))
+    if q.get("rows") or q.get("columns"):
+        rows = q.get("rows") or q.get("columns")
+        cols = q.get("columns") or q.get("rows")
+        items.append(("viewport", f"{cols},{rows}"))
+    try:
+        params = rd.parse_render_params(items)
+    except rd.RenderError as exc:
+        raise BadRequest(str(exc)) from None
+    frame = 1
+    if frame_text:
+        if not frame_text.isdigit() or int(frame_text) < 1:
+            raise BadRequest(f"frameNumber {frame_text!r} is not a frame number")
+        frame = int(frame_text)
+    return Response(await _render(request, entry, frame, params), media_type=params.media_type)
+
+
+def routes() -> list[Route]:
+    inst = "/studies/{study}/series/{series}/instances/{instance}"
+    out: list[Route] = []
+    for kind in ("rendered", "thumbnail"):
+        for path in ("/studies/{study}", "/studies/{study}/series/{series}", inst, inst + "/frames/{frames}"):
+            out.append(Route(f"{path}/{kind}", rendered, methods=["GET"]))
+    return out
+
+
+def wado_uri_routes() -> list[Route]:
+    return [Route("/wado", wado_uri, methods=["GET"]), Route("/nodes/{node}/wado", wado_uri, methods=["GET"])]
+
+
+__all__: list[Any] = ["routes", "wado_uri_routes"]
