@@ -151,7 +151,10 @@ class Retriever:
         model = PATIENT_ROOT_GET if node.query_model == "patient" else STUDY_ROOT_GET
         ae = self._ae(node)
         ae.add_requested_context(model)
-        contexts = storage_contexts(sop_classes, compressed_first=compressed_first)
+        # Also propose C-FIND: a PACS without C-GET then still accepts the association, and we can
+        # say exactly what is missing instead of reporting an abort.
+        ae.add_requested_context(model[:-1] + "1")
+        contexts = storage_contexts(sop_classes, reserved=2, compressed_first=compressed_first)
         for cls, syntaxes in contexts:
             ae.add_requested_context(cls, syntaxes)
         roles = [build_role(cls, scp_role=True) for cls in dict.fromkeys(c for c, _ in contexts)]
