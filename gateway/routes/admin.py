@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from gateway.errors import GatewayError
@@ -36,5 +36,32 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+async def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus text exposition of the gateway's counters and gauges."""
+    state = request.app.state
+    spool = state.spool
+    scp = state.storage_scp
+    values: list[tuple[str, str, str, float]] = [
+        ("dwg_aborted_streams_total", "counter", "WADO streams aborted after headers were sent",
+         state.metrics["aborted_streams"]),
+        ("dwg_retrievals_total", "counter", "C-GET/C-MOVE series retrievals started",
+         state.retrieval.retrievals_started),
+        ("dwg_spool_bytes", "gauge", "bytes held in the local spool", spool.total_bytes),
+        ("dwg_spool_evictions_total", "counter", "instances evicted from the spool", spool.evictions),
+        ("dwg_unexpected_stores_total", "counter", "C-STOREs that matched no pending C-MOVE",
+         scp.unexpected if scp is not None else 0),
+        ("dwg_cache_failures_total", "counter", "cache operations that failed (served without cache)",
+         getattr(state.cache, "failures", 0)),
+    ]
+    lines: list[str] = []
+    for name, kind, help_text, value in values:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    for node in state.settings.nodes:
+        opened = state.dimse.query_pool(node).opened
+        lines.append(f'dwg_query_associations_opened_total{{node="{node.name}"}} {opened}')
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
 def routes() -> list[Route]:
-    return [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"])]
+    return [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"])]

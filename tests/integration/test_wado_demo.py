@@ -177,3 +177,13 @@ def test_wado_uri(gw, datasets):
                                            "frame": "3", "contentType": "image/png"})
     assert mf.status_code == 200 and mf.headers["content-type"] == "image/png"
     assert httpx.get(root + "/wado", params={"requestType": "WADO"}).status_code == 400
+
+
+def test_metrics_endpoint(gw, pacs):
+    gw.get(series_url(CT, AXIAL) + "/metadata")
+    root = str(gw.base_url).rsplit("/dicom-web", 1)[0]
+    text = httpx.get(root + "/metrics").text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(values["dwg_retrievals_total"]) == 1
+    assert float(values["dwg_spool_bytes"]) > 0
+    assert float(values['dwg_query_associations_opened_total{node="demo"}']) >= 1
