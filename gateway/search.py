@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from cache.base import Cache, key
 from gateway.dimse.client import DimseClient, FindResult
 from gateway.errors import BadRequest, GatewayError, NotFound, PacsError
+from gateway.query_cache import BYPASS, CachedFinder
 from gateway.settings import PacsNode, Settings
 from translators import qido as q
 from translators.matching import dataset_matches
@@ -62,10 +63,20 @@ class SearchService:
         self.settings = settings
         self.dimse = dimse
         self.cache = cache
+        self.finder = CachedFinder(settings, dimse, cache)
 
     # ------------------------------------------------------------------ entry point
 
-    async def search(self, query: q.QidoQuery, nodes: Sequence[PacsNode], base_url: str) -> SearchOutcome:
+    async def search(self, query: q.QidoQuery, nodes: Sequence[PacsNode], base_url: str, *,
+                     use_cache: bool = True) -> SearchOutcome:
+        """Run the QIDO query on ``nodes``; ``use_cache=False`` (Cache-Control: no-cache) asks the PACS."""
+        token = BYPASS.set(not use_cache)
+        try:
+            return await self._search(query, nodes, base_url)
+        finally:
+            BYPASS.reset(token)
+
+    async def _search(self, query: q.QidoQuery, nodes: Sequence[PacsNode], base_url: str) -> SearchOutcome:
         budget = _Budget(self.settings.limits.max_emulation_queries)
         warnings = list(query.warnings)
         tasks = [self._search_node(node, query, budget) for node in nodes]
@@ -136,7 +147,7 @@ class SearchService:
         if len(plan.identifiers) > 1 and not budget.take(len(plan.identifiers) - 1):
             raise q_error(f"the query expands to {len(plan.identifiers)} C-FINDs, over the per-request "
                           f"budget")
-        results = await asyncio.gather(*(self.dimse.find(node, ident) for ident in plan.identifiers))
+        results = await asyncio.gather(*(self.finder.find(node, ident) for ident in plan.identifiers))
         combined = FindResult(node=node.name)
         seen: set[str] = set()
         uid_tag = q.uid_of(query.level)
@@ -177,7 +188,7 @@ class SearchService:
             for elem_tag in list(ident.keys()):
                 if elem_tag not in q.PATIENT_LEVEL and elem_tag != q.QR_LEVEL and elem_tag != 0x00080005:
                     del ident[elem_tag]
-            res = await self.dimse.find(node, ident, model="patient")
+            res = await self.finder.find(node, ident, model="patient")
             patients.datasets += res.datasets
             patients.truncated |= res.truncated
         ids = sorted({q._text(p, q.PATIENT_ID) for p in patients.datasets if q._text(p, q.PATIENT_ID)})
@@ -199,7 +210,7 @@ class SearchService:
         ident = Dataset()
         ident.QueryRetrieveLevel = "PATIENT"
         ident.PatientID = ""
-        res = await self.dimse.find(node, ident, model="patient")
+        res = await self.finder.find(node, ident, model="patient")
         for patient in res.datasets:
             pid = q._text(patient, q.PATIENT_ID)
             if not pid or not budget.take():
@@ -208,7 +219,7 @@ class SearchService:
             s.QueryRetrieveLevel = "STUDY"
             s.PatientID = pid
             s.StudyInstanceUID = study_uid
-            found = await self.dimse.find(node, s, model="patient")
+            found = await self.finder.find(node, s, model="patient")
             if found.datasets:
                 await self.cache.set(key("loc", "pid", node.name, study_uid), pid.encode(),
                                      self.settings.cache.ttl.location)
@@ -299,7 +310,7 @@ class SearchService:
                         return
                     if extra:
                         ident.PatientID = extra
-                    res = await self.dimse.find(node, ident, model=node.query_model)
+                    res = await self.finder.find(node, ident, model=node.query_model)
                 except GatewayError as exc:
                     log.warning("computing study details on %s failed: %s", node.name, type(exc).__name__)
                     return
@@ -337,7 +348,7 @@ class SearchService:
                         return
                     if extra:
                         ident.PatientID = extra
-                    res = await self.dimse.find(node, ident, model=node.query_model)
+                    res = await self.finder.find(node, ident, model=node.query_model)
                 except GatewayError as exc:
                     log.warning("counting instances on %s failed: %s", node.name, type(exc).__name__)
                     return

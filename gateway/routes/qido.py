@@ -39,7 +39,8 @@ async def _search(request: Request, level: q.Level, *, relational: bool = False)
             nodes = [n for n in nodes if n.name in known] or nodes
     try:
         outcome = await unless_client_leaves(
-            request, service.search(query, nodes, dicomweb_base(request, settings, pinned)))
+            request, service.search(query, nodes, dicomweb_base(request, settings, pinned),
+                                    use_cache="no-cache" not in request.headers.get("cache-control", "")))
     except ClientGone:
         return Response(status_code=499)
     if not outcome.datasets:
