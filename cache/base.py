@@ -1,16 +1,53 @@
 """The Cache protocol: what the gateway keeps outside a request, with TTLs everywhere.
 
 Two implementations with identical semantics: :mod:`cache.memory` (in-process, the embedded
-default) and a Redis one (the cache issue). Keys are namespaced by the implementation's prefix;
-callers pass the bare key. Every value is bounded by a TTL (seconds) or by the implementation's
-size bound, so nothing grows forever.
+default) and :mod:`cache.redis` (shared by every replica). Keys are namespaced by the
+implementation's prefix (``cache.prefix``, default ``dwg:``); callers pass the bare key. Every
+value except a counter is bounded by a TTL (seconds); the in-process cache also bounds the number
+of entries (least recently used first), so nothing grows forever.
 
-Key schema (callers build keys only through :func:`key`; no patient data ever appears in a key):
+Never fatal: a cache that cannot reach its store answers like an empty cache (``get`` -> None,
+``smembers`` -> empty set, writes are no-ops, ``incr`` -> -1, ``ping`` -> False); a value of the
+wrong kind under a key (another program's data, a corrupt entry) is a miss too. The return value
+of each method on that path is given in its docstring. Callers never need ``try`` around a call.
 
-    qido:{node}:{gen}:{sha256 of normalised identifier}  -> cached C-FIND result set (bytes)
-    gen:{node}                                            -> generation counter, bumped by STOW
-    loc:study:{StudyInstanceUID}                          -> set of node names holding the study
-    loc:series:{SeriesInstanceUID}                        -> set with the parent StudyInstanceUID
+Key schema (callers build keys only through :func:`key`; UIDs, node names and hex digests only,
+no patient data ever appears in a key name):
+
+    =====================================  =========  ============================================
+    key (after the prefix)                 type       value, bound
+    =====================================  =========  ============================================
+    qido:{node}:{gen}:{sha256}             string     cached C-FIND result set of one normalised
+                                                      identifier; TTL ``cache.ttl.<level>``;
+                                                      ``{gen}`` is ``gen:{node}`` (+ the study's)
+    gen:{node}                             counter    per-node generation, bumped by STOW
+    gen:{node}:{StudyInstanceUID}          counter    per-study generation, bumped by STOW
+    loc:study:{StudyInstanceUID}           set        node names holding the study;
+                                                      TTL ``cache.ttl.location``
+    loc:series:{SeriesInstanceUID}         set        the parent StudyInstanceUID; same TTL
+    loc:instance:{SOPInstanceUID}          set        the parent SeriesInstanceUID; same TTL
+    loc:pid:{node}:{StudyInstanceUID}      string     the study's PatientID at that node (needed
+                                                      by Patient Root nodes); same TTL
+    held:{SOPInstanceUID}                  set        replica ids whose spool holds the instance;
+                                                      TTL ``cache.ttl.location``
+    meta:series:{SeriesInstanceUID}        string     series manifest + DICOM JSON metadata;
+                                                      TTL ``cache.ttl.location``
+    lease:series:{SeriesInstanceUID}       string     single-flight lease: the holder's random
+                                                      token; ``set_nx`` with a short TTL, kept
+                                                      alive by ``extend_if``, freed by
+                                                      ``delete_if``; expires if the holder dies
+    arrivals:{retrieval id}                stream     one entry per instance that landed
+                                                      (``xadd``), replayed by late joiners
+                                                      (``xread_from``); TTL re-armed per entry,
+                                                      MAXLEN bounded
+    move:msgid                             counter    C-MOVE Message ID source
+                                                      (``next_counter(key, 65535)``)
+    =====================================  =========  ============================================
+
+Counters are the one exception to "TTL everywhere": expiring one would reset it and could make an
+old generation current again. Their number is bounded by nodes + studies written through STOW.
+Counters are read with :meth:`Cache.get_int` only (the in-process cache keeps them apart from
+plain values).
 """
 
 from __future__ import annotations
@@ -18,6 +55,7 @@ from __future__ import annotations
 from typing import Protocol
 
 StrSet = set[str]
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
 
 def key(*parts: str) -> str:
@@ -26,26 +64,79 @@ def key(*parts: str) -> str:
 
 
 class Cache(Protocol):
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when absent, expired, of another type, or the store is unreachable."""
+        ...
 
-    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        """Store a value for ``ttl`` seconds (``ttl <= 0``: nothing is stored)."""
+        ...
 
     async def delete(self, *keys: str) -> None: ...
 
     async def incr(self, key: str) -> int:
-        """Atomically increment an integer counter (created at 0); counters do not expire."""
+        """Atomically increment an integer counter (created at 0); counters do not expire.
+
+        Returns the new value, or -1 when the store is unreachable or the key holds a non-integer.
+        """
         ...
 
     async def get_int(self, key: str) -> int:
-        """An integer counter's value, 0 when absent."""
+        """An integer counter's value, 0 when absent (or unreadable)."""
         ...
 
     async def sadd(self, key: str, members: list[str], ttl: float) -> None:
         """Add members to a set and (re)arm the set's TTL."""
         ...
 
-    async def smembers(self, key: str) -> StrSet: ...
+    async def smembers(self, key: str) -> StrSet:
+        """The set's members; empty when absent, of another type, or the store is unreachable."""
+        ...
 
-    async def ping(self) -> bool: ...
+    async def set_nx(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store ``value`` only if ``key`` does not exist (a lease acquire: SET NX PX).
+
+        True when stored. Unreachable store: True (fail open: the caller proceeds alone, and
+        duplicate work across replicas is the accepted cost of running without Redis).
+        """
+        ...
+
+    async def extend_if(self, key: str, value: bytes, ttl: float) -> bool:
+        """Re-arm ``key``'s TTL if it still holds ``value`` (atomic compare-and-extend).
+
+        True when extended; False when the key expired or holds another value (the lease was lost).
+        Unreachable store: True (fail open, as for :meth:`set_nx`).
+        """
+        ...
+
+    async def delete_if(self, key: str, value: bytes) -> bool:
+        """Delete ``key`` if it holds ``value`` (atomic compare-and-delete). False otherwise/unreachable."""
+        ...
+
+    async def xadd(self, key: str, fields: dict[bytes, bytes], ttl: float, maxlen: int = 100000) -> None:
+        """Append an entry to a stream, keep its newest ``maxlen`` entries, re-arm its TTL."""
+        ...
+
+    async def xread_from(self, key: str, last_id: bytes, block_ms: int) -> list[StreamEntry]:
+        """Entries with an id after ``last_id`` (``b"0"``: all of them; ``b"$"``: only new ones).
+
+        When there are none and ``block_ms > 0``, wait up to ``block_ms`` for one; ``block_ms <= 0``
+        never waits. Returns ``[(id, fields), ...]`` in order; empty on timeout, for a key of
+        another type or a malformed id, and when the store is unreachable (after waiting up to
+        ``block_ms``, so a polling caller keeps its pace).
+        """
+        ...
+
+    async def next_counter(self, key: str, modulo: int) -> int:
+        """The next value of a shared counter wrapped into ``1..modulo`` (INCR, then mod).
+
+        Unreachable store: a process-local counter (randomly seeded) stands in, so the caller
+        still gets a value; uniqueness across processes is then not guaranteed.
+        """
+        ...
+
+    async def ping(self) -> bool:
+        """True when the store answers (a probe: it also ends a recorded outage)."""
+        ...
 
     async def close(self) -> None: ...

@@ -1,28 +1,57 @@
 """In-process Cache: the embedded default (single process, tests, the demo).
 
-Same semantics as the Redis implementation: TTL per key, counters without TTL, and a bound on
-the number of entries (least recently used evicted first) so memory stays bounded.
+Same semantics as the Redis implementation: TTL per key, counters without TTL, a value of the
+wrong kind is a miss, and a bound on the number of entries (least recently used evicted first) so
+memory stays bounded. Streams are a list per key; readers wait on futures woken by ``xadd``.
+Everything runs on the event loop's thread, so no locks are needed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
-StrSet = set[str]
+from cache.base import StreamEntry, StrSet
+
+StreamId = tuple[int, int]
+
+
+@dataclass
+class _Stream:
+    entries: list[tuple[StreamId, dict[bytes, bytes]]] = field(default_factory=list)
+    last: StreamId = (0, 0)
+
+
+Value = bytes | StrSet | _Stream
+
+
+def _parse_id(raw: bytes) -> StreamId | None:
+    ms, sep, seq = raw.partition(b"-")
+    try:
+        parsed = (int(ms), int(seq) if sep else 0)
+    except ValueError:
+        return None
+    return parsed if parsed[0] >= 0 and parsed[1] >= 0 else None
+
+
+def _format_id(sid: StreamId) -> bytes:
+    return b"%d-%d" % sid
 
 
 class MemoryCache:
     def __init__(self, max_entries: int = 10000, prefix: str = "dwg:") -> None:
         self._max = max_entries
         self._prefix = prefix
-        self._data: OrderedDict[str, tuple[float, bytes | StrSet]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, Value]] = OrderedDict()
         self._counters: dict[str, int] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
     def _k(self, key: str) -> str:
         return self._prefix + key
 
-    def _live(self, key: str) -> bytes | StrSet | None:
+    def _live(self, key: str) -> Value | None:
         item = self._data.get(key)
         if item is None:
             return None
@@ -33,7 +62,7 @@ class MemoryCache:
         self._data.move_to_end(key)
         return value
 
-    def _store(self, key: str, value: bytes | StrSet, ttl: float) -> None:
+    def _store(self, key: str, value: Value, ttl: float) -> None:
         self._data[key] = (time.monotonic() + ttl, value)
         self._data.move_to_end(key)
         while len(self._data) > self._max:
@@ -63,7 +92,9 @@ class MemoryCache:
     async def sadd(self, key: str, members: list[str], ttl: float) -> None:
         k = self._k(key)
         current = self._live(k)
-        merged = set(current) if isinstance(current, set) else set()
+        if current is not None and not isinstance(current, set):
+            return      # another kind of value: Redis answers WRONGTYPE and leaves it alone
+        merged = set(current) if current is not None else set()
         merged.update(members)
         self._store(k, merged, ttl)
 
@@ -71,8 +102,98 @@ class MemoryCache:
         value = self._live(self._k(key))
         return set(value) if isinstance(value, set) else set()
 
+    async def set_nx(self, key: str, value: bytes, ttl: float) -> bool:
+        k = self._k(key)
+        if ttl <= 0 or self._live(k) is not None:
+            return False
+        self._store(k, value, ttl)
+        return True
+
+    async def extend_if(self, key: str, value: bytes, ttl: float) -> bool:
+        k = self._k(key)
+        if ttl <= 0 or self._live(k) != value:
+            return False
+        self._store(k, value, ttl)
+        return True
+
+    async def delete_if(self, key: str, value: bytes) -> bool:
+        k = self._k(key)
+        if self._live(k) != value:
+            return False
+        del self._data[k]
+        return True
+
+    async def xadd(self, key: str, fields: dict[bytes, bytes], ttl: float, maxlen: int = 100000) -> None:
+        k = self._k(key)
+        stream = self._live(k)
+        if stream is None:
+            stream = _Stream()
+        elif not isinstance(stream, _Stream):
+            return
+        # Redis ids: milliseconds-sequence, strictly increasing even if the clock steps back.
+        now_ms = int(time.time() * 1000)
+        sid = (now_ms, 0) if now_ms > stream.last[0] else (stream.last[0], stream.last[1] + 1)
+        stream.last = sid
+        stream.entries.append((sid, dict(fields)))
+        if len(stream.entries) > maxlen:
+            del stream.entries[: len(stream.entries) - max(maxlen, 0)]
+        if ttl > 0:
+            self._store(k, stream, ttl)
+        else:
+            self._data.pop(k, None)
+        for waiter in self._waiters.pop(k, set()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _entries_after(self, k: str, after: StreamId) -> list[StreamEntry] | None:
+        stream = self._live(k)
+        if stream is None:
+            return []
+        if not isinstance(stream, _Stream):
+            return None
+        return [(_format_id(sid), dict(f)) for sid, f in stream.entries if sid > after]
+
+    async def xread_from(self, key: str, last_id: bytes, block_ms: int) -> list[StreamEntry]:
+        k = self._k(key)
+        if last_id == b"$":
+            current = self._live(k)
+            after: StreamId | None = current.last if isinstance(current, _Stream) else (0, 0)
+        else:
+            after = _parse_id(last_id)
+        if after is None:
+            return []
+        found = self._entries_after(k, after)
+        if found is None:
+            return []
+        deadline = time.monotonic() + block_ms / 1000
+        while not found and time.monotonic() < deadline:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(k, set()).add(waiter)
+            try:
+                await asyncio.wait_for(waiter, deadline - time.monotonic())
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(k)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiters[k]
+            found = self._entries_after(k, after) or []
+        return found
+
+    async def next_counter(self, key: str, modulo: int) -> int:
+        if modulo < 1:
+            raise ValueError(f"modulo must be >= 1, got {modulo}")
+        return (await self.incr(key) - 1) % modulo + 1
+
     async def ping(self) -> bool:
         return True
 
     async def close(self) -> None:
         self._data.clear()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._waiters.clear()
