@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -23,7 +24,7 @@ from gateway.errors import GatewayError
 from gateway.http import error_response
 from gateway.instances import InstanceReader
 from gateway.retrieval import RetrievalService
-from gateway.routes import admin, qido, rendered, wado
+from gateway.routes import admin, capabilities, qido, rendered, stow, wado
 from gateway.search import SearchService
 from gateway.settings import Settings
 
@@ -34,12 +35,13 @@ EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "Warnin
 
 def make_cache(settings: Settings) -> Cache:
     if settings.cache.url:
-        # Redis comes with the cache issue; until then an explicit URL must not silently fall back.
-        raise GatewayError("cache.url is set but the Redis cache is not available in this build")
+        from cache.redis import RedisCache  # imports redis only when a URL is configured
+
+        return RedisCache(settings.cache.url, prefix=settings.cache.prefix, timeout=settings.cache.timeout)
     return MemoryCache(max_entries=settings.cache.max_entries, prefix=settings.cache.prefix)
 
 
-def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
+def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         quiet_pynetdicom_identifier_logging()   # pynetdicom logs whole identifiers (PHI) at INFO
@@ -79,8 +81,8 @@ def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
         return JSONResponse({"error": "InternalError", "detail": "internal error", "node": None},
                             status_code=500)
 
-    dicomweb = qido.routes() + wado.routes()
-    dicomweb += rendered.routes()
+    dicomweb = qido.routes() + wado.routes() + stow.routes()
+    dicomweb += rendered.routes() + capabilities.routes()
     middleware = []
     if settings.http.cors_origins:
         middleware.append(Middleware(
@@ -88,9 +90,14 @@ def create_app(settings: Settings, *, cache: Cache | None = None) -> Starlette:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
+    routes = [*admin.routes(), *rendered.wado_uri_routes(), Mount("/dicom-web", routes=dicomweb),
+              Mount("/nodes/{node}/dicom-web", routes=dicomweb)]
+    if ohif_dir is not None:
+        from gateway.ohif import ohif_routes
+
+        routes += ohif_routes(ohif_dir)  # last: its Mount("/") catches every remaining path
     return Starlette(
-        routes=[*admin.routes(), *rendered.wado_uri_routes(), Mount("/dicom-web", routes=dicomweb),
-                Mount("/nodes/{node}/dicom-web", routes=dicomweb)],
+        routes=routes,
         middleware=middleware,
         exception_handlers={GatewayError: gateway_error, Exception: unexpected},
         lifespan=lifespan,

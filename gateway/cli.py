@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from gateway.settings import ConfigError, PacsNode, Settings, load_settings, settings_from_dict
 
@@ -25,7 +27,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated: bool) -> int:
+def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated: bool,
+                **app_kwargs: Any) -> int:
     import uvicorn
 
     from gateway.app import create_app
@@ -38,7 +41,7 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
     if settings.auth.mode == "none":
         log.warning("no auth configured: serving without authentication on %s", host)
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    uvicorn.run(create_app(settings), host=host, port=port, loop=loop, workers=1, lifespan="on",
+    uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1, lifespan="on",
                 log_level="info", proxy_headers=False)
     return 0
 
@@ -123,9 +126,29 @@ def ohif_snippet(root: str) -> str:
     return json.dumps(source, indent=2)
 
 
+_FETCH_OHIF = "\0fetch"  # --ohif given without DIR
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo_data import generate_demo_datasets
     from gateway.dimse.demo_pacs import DemoPacs
+
+    ohif_dir: Path | None = None
+    if args.ohif is not None:
+        from gateway.ohif import fetch_ohif
+
+        if args.ohif == _FETCH_OHIF:
+            try:
+                ohif_dir = fetch_ohif(log=lambda msg: print(msg, file=sys.stderr))
+            except Exception as exc:  # npm missing, registry unreachable, ...
+                print(f"cannot fetch the OHIF viewer ({exc}); pass --ohif DIR with a built OHIF dist/",
+                      file=sys.stderr)
+                return 2
+        else:
+            ohif_dir = Path(args.ohif).expanduser()
+        if not (ohif_dir / "index.html").is_file():
+            print(f"--ohif {ohif_dir}: not an OHIF dist directory (no index.html)", file=sys.stderr)
+            return 2
 
     pacs = DemoPacs(generate_demo_datasets(), ae_title="DEMOPACS", port=args.pacs_port)
     pacs.start()
@@ -137,8 +160,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"try: curl '{root}/studies'")
         print("OHIF data source (paste into app-config.js dataSources):")
         print(ohif_snippet(root))
+        if ohif_dir is not None:
+            print(f"OHIF viewer ({ohif_dir}): http://{args.host}:{args.port}/")
         sys.stdout.flush()
-        return _run_server(settings, args.host, args.port, allow_unauthenticated=False)
+        return _run_server(settings, args.host, args.port, allow_unauthenticated=False, ohif_dir=ohif_dir)
     finally:
         pacs.stop()
 
@@ -165,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--pacs-port", type=int, default=0, help="demo PACS DIMSE port (default: a free one)")
+    demo.add_argument("--ohif", nargs="?", const=_FETCH_OHIF, default=None, metavar="DIR",
+                      help="also serve the OHIF viewer at / on the same origin, from DIR (a built OHIF "
+                           "dist/); without DIR, @ohif/app 3.13.x is fetched once with npm pack and cached "
+                           "in ~/.cache/dicomweb-gateway/ohif ($OHIF_CACHE_DIR)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

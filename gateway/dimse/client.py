@@ -23,6 +23,7 @@ from pynetdicom.association import Association
 
 from gateway.dimse.outcomes import status_error
 from gateway.dimse.pool import AssociationPool
+from gateway.dimse.socket_tuning import busy
 from gateway.errors import AssociationAborted, DimseFailure
 from gateway.settings import PacsNode, Settings
 
@@ -95,7 +96,8 @@ class DimseClient:
             assoc, reused = pool.acquire()
             ok = False
             try:
-                status = assoc.send_c_echo()
+                with busy(assoc):
+                    status = assoc.send_c_echo()
                 err = status_error(status, node.name, "C-ECHO", started=started,
                                    dimse_timeout=node.timeouts.dimse)
                 if err is not None:
@@ -151,7 +153,8 @@ class DimseClient:
                     raise DimseFailure(f"node {node.name} does not support {root} Root C-FIND "
                                        f"(set query_model for this node)", node=node.name, status=0x0122)
                 try:
-                    attempt(assoc, result)
+                    with busy(assoc):
+                        attempt(assoc, result)
                 except _Cancelled:
                     pool.release(assoc, reusable=False)
                     if len(result.datasets) > cap:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -21,20 +20,10 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from gateway.dimse.outcomes import association_failure
+from gateway.dimse.socket_tuning import guard_reactor, on_connection_open
 from gateway.settings import PacsNode
 
 log = logging.getLogger(__name__)
-
-
-def _nodelay(event: evt.Event) -> None:
-    """Disable Nagle on the gateway's side: DIMSE messages go out in two writes and would otherwise
-    wait for the peer's delayed ACK (~40 ms each, pacs-peers.md)."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover - socket already gone
-            pass
 
 
 class AssociationPool:
@@ -94,7 +83,7 @@ class AssociationPool:
 
         def on_open(event: evt.Event) -> None:
             connected.set()
-            _nodelay(event)
+            on_connection_open(event)
 
         assoc = self._ae.associate(
             self.node.host, self.node.port, ae_title=self.node.ae_title, max_pdu=self.node.max_pdu,
@@ -104,6 +93,7 @@ class AssociationPool:
             raise association_failure(assoc, self.node.name, connected=connected.is_set(),
                                       started=started, connect_timeout=self.node.timeouts.connect)
         self.opened += 1
+        guard_reactor(assoc)
         return assoc
 
     def release(self, assoc: Association, *, reusable: bool) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 
-from gateway.dimse.pool import _nodelay
 from gateway.dimse.retrieve import OnInstance
+from gateway.dimse.socket_tuning import on_connection_open
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class StorageScp:
     def start(self) -> None:
         self._server = self._ae.start_server(
             (self.host, self.port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, _nodelay)])
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, on_connection_open)])
         self.port = self._server.server_address[1]
 
     def stop(self) -> None:

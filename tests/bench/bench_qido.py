@@ -184,10 +184,16 @@ def identifier_for(params: list[tuple[str, str]]) -> Dataset:
     return plan.identifiers[0]
 
 
-def gateway_get(client: httpx.Client, params: list[tuple[str, str]]) -> int:
-    """One QIDO request; returns the number of studies in the answer."""
-    response = client.get("/dicom-web/studies", params=params,
-                          headers={"Accept": "application/dicom+json"})
+def gateway_get(client: httpx.Client, params: list[tuple[str, str]], *, cached: bool = False) -> int:
+    """One QIDO request; returns the number of studies in the answer.
+
+    Unless ``cached``, it sends ``Cache-Control: no-cache``: the gateway then skips its QIDO result
+    cache and makes the C-FIND (writing the result to the cache, as on any miss).
+    """
+    headers = {"Accept": "application/dicom+json"}
+    if not cached:
+        headers["Cache-Control"] = "no-cache"
+    response = client.get("/dicom-web/studies", params=params, headers=headers)
     if response.status_code == 204:
         return 0
     if response.status_code != 200:
@@ -198,51 +204,70 @@ def gateway_get(client: httpx.Client, params: list[tuple[str, str]]) -> int:
 # ------------------------------------------------------------------------ measurements
 
 
-def measure(clients: dict[str, Callable[[], int]], iterations: int, warmup: int, budget: float,
-            block: int) -> dict[str, tuple[list[float], int]]:
+class Series:
+    """One client's latency samples (ms) in one row, and the answers that were wrong or failed."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.errors: list[str] = []
+
+
+def measure(clients: dict[str, Callable[[], int]], expected: int, iterations: int, warmup: int,
+            budget: float, block: int) -> dict[str, Series]:
     """Latencies in ms per client: ``iterations`` timed calls each, in interleaved blocks.
 
     Blocks of ``block`` back-to-back calls per client, each block led by one untimed call, so
     drift on a busy machine hits every client alike. Not call-by-call alternation: a pause longer
     than the delayed-ACK timeout (~40 ms) between two calls on one connection takes Linux out of its
     interactive (delayed-ACK) mode and hides the Nagle stalls that back-to-back clients see. Stops
-    early (n >= 5 each) once ``budget`` seconds (warm-up included) are spent. Returns (samples, result
-    count).
+    early (>= 5 calls each) once ``budget`` seconds (warm-up included) are spent. A call that fails
+    or does not find ``expected`` studies is an error, not a sample.
     """
     deadline = time.perf_counter() + budget
-    for call in clients.values():
+    series = {name: Series() for name in clients}
+
+    def attempt(name: str, timed: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            found = clients[name]()
+        except BenchError as exc:
+            series[name].errors.append(str(exc)[:200])
+            return
+        elapsed = (time.perf_counter() - t0) * 1000
+        if found != expected:
+            series[name].errors.append(f"{name} found {found} studies, expected {expected}")
+        elif timed:
+            series[name].samples.append(elapsed)
+
+    for name in clients:
         for _ in range(warmup):
-            call()
-    samples: dict[str, list[float]] = {name: [] for name in clients}
-    counts: dict[str, set[int]] = {name: set() for name in clients}
-    while min(len(s) for s in samples.values()) < iterations:
-        for name, call in clients.items():
-            call()  # after the other blocks' pause: the first call may not see the delayed-ACK regime
-            for _ in range(min(block, iterations - len(samples[name]))):
-                t0 = time.perf_counter()
-                counts[name].add(call())
-                samples[name].append((time.perf_counter() - t0) * 1000)
-        if time.perf_counter() > deadline and min(len(s) for s in samples.values()) >= min(iterations, 5):
+            attempt(name, timed=False)
+    done = 0
+    while done < iterations:
+        size = min(block, iterations - done)
+        for name in clients:
+            attempt(name, timed=False)  # after the other blocks' pause: not yet in the delayed-ACK regime
+            for _ in range(size):
+                attempt(name, timed=True)
+        done += size
+        if time.perf_counter() > deadline and done >= min(iterations, 5):
             break
-    out: dict[str, tuple[list[float], int]] = {}
-    for name, found in counts.items():
-        if len(found) != 1:
-            raise BenchError(f"{name}: result count changed between iterations: {sorted(found)}")
-        out[name] = (samples[name], found.pop())
-    return out
+    for name, s in series.items():
+        if not s.samples:
+            raise BenchError(f"{name}: no call succeeded; errors: {s.errors[:3]}")
+    return series
 
 
-def latency_row(raw: tuple[list[float], int], gw: tuple[list[float], int]) -> dict[str, Any]:
-    (raw_ms, raw_n), (gw_ms, gw_n) = raw, gw
-    if raw_n != gw_n:
-        raise BenchError(f"raw C-FIND found {raw_n} studies, the gateway returned {gw_n}")
-    raw_median, raw_p95 = summary(raw_ms)
-    gw_median, gw_p95 = summary(gw_ms)
+def latency_row(raw: Series, gw: Series) -> dict[str, Any]:
+    raw_median, raw_p95 = summary(raw.samples)
+    gw_median, gw_p95 = summary(gw.samples)
     return {
-        "results": gw_n, "n": min(len(raw_ms), len(gw_ms)),
+        "n": min(len(raw.samples), len(gw.samples)),
         "raw_median_ms": raw_median, "raw_p95_ms": raw_p95,
         "gw_median_ms": gw_median, "gw_p95_ms": gw_p95,
         "ratio_median": gw_median / raw_median, "ratio_p95": gw_p95 / raw_p95,
+        "raw_errors": len(raw.errors), "gw_errors": len(gw.errors),
+        "error_samples": list(dict.fromkeys(raw.errors + gw.errors))[:3],
     }
 
 
@@ -401,17 +426,23 @@ def run_condition(nodelay: bool, files: list[Path], workdir: Path, opts: argpars
                     clients: dict[str, Callable[[], int]] = {
                         "raw": lambda i=ident: raw.find(i),
                         "gateway": lambda p=params: gateway_get(client, p),
+                        "cached": lambda p=params: gateway_get(client, p, cached=True),
                     }
                     if quick is not None and params == FILTER:
                         clients["quickack"] = lambda i=ident, q=quick: q.find(i)
                     started = time.monotonic()
-                    got = measure(clients, opts.iterations, opts.warmup, budget.share(), opts.block)
+                    got = measure(clients, EXPECTED[name], opts.iterations, opts.warmup, budget.share(),
+                                  opts.block)
                     budget.spent(time.monotonic() - started)
-                    row = {"condition": label, "query": name, **latency_row(got["raw"], got["gateway"])}
-                    if row["results"] != EXPECTED[name]:
-                        raise BenchError(f"{name}: {row['results']} studies, expected {EXPECTED[name]}")
+                    row = {"condition": label, "query": name, "results": EXPECTED[name],
+                           **latency_row(got["raw"], got["gateway"])}
                     if "quickack" in got:
-                        row["raw_quickack_median_ms"], row["raw_quickack_p95_ms"] = summary(got["quickack"][0])
+                        quick_ms = got["quickack"]
+                        row["raw_quickack_median_ms"], row["raw_quickack_p95_ms"] = summary(quick_ms.samples)
+                        row["raw_errors"] += len(quick_ms.errors)
+                    hits = got["cached"]
+                    row["gw_cached_median_ms"], row["gw_cached_p95_ms"] = summary(hits.samples)
+                    row["gw_errors"] += len(hits.errors)
                     rows.append(row)
             finally:
                 raw.release()
@@ -419,7 +450,8 @@ def run_condition(nodelay: bool, files: list[Path], workdir: Path, opts: argpars
                     quick.release()
             gw_load = gateway_load(root, opts.clients, opts.duration)
         raw_tp = raw_load(peer, max_query, opts.duration)
-        throughput = {"condition": label, "raw": raw_tp, "gw": gw_load, "ratio": gw_load["rps"] / raw_tp["rps"]}
+        throughput = {"condition": label, "raw": raw_tp, "gw": gw_load,
+                      "ratio": gw_load["rps"] / raw_tp["rps"]}
         return rows, throughput
     finally:
         peer.stop()
@@ -460,7 +492,8 @@ def render(result: dict[str, Any]) -> str:
         f"{o['latency_budget']:.0f} s the latency rows share); median and p95 (nearest rank) in ms.",
         "- Raw: one reused pynetdicom association, TCP_NODELAY on the client socket, the identifier the "
         "gateway builds for the same query. Gateway: uvicorn (asyncio loop) in the benchmark process, "
-        "one keep-alive httpx.Client; the gateway sets TCP_NODELAY on its own sockets.",
+        "one keep-alive httpx.Client, `Cache-Control: no-cache` so that every request makes its C-FIND "
+        "(cache hits are measured apart); the gateway sets TCP_NODELAY on its own sockets.",
         f"- Throughput over {o['duration']:.0f} s: gateway with {o['clients']} HTTP clients (threads, "
         "own httpx.Client each, separate process) vs raw C-FINDs over as many associations as the "
         "gateway may open to the node: `nodes[].max_query_associations` (default "
@@ -471,14 +504,17 @@ def render(result: dict[str, Any]) -> str:
         "## Latency (ms)",
         "",
         "| Orthanc | query | studies | n | raw median | raw p95 | gateway median | gateway p95 "
-        "| ratio median | ratio p95 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ratio median | ratio p95 | errors raw / gateway |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["latency"]:
         lines.append(
             f"| {r['condition']} | `{r['query']}` | {r['results']} | {r['n']} | {r['raw_median_ms']:.1f} "
             f"| {r['raw_p95_ms']:.1f} | {r['gw_median_ms']:.1f} | {r['gw_p95_ms']:.1f} "
-            f"| {r['ratio_median']:.2f} | {r['ratio_p95']:.2f} |")
+            f"| {r['ratio_median']:.2f} | {r['ratio_p95']:.2f} | {r['raw_errors']} / {r['gw_errors']} |")
+    for r in result["latency"]:
+        if r["error_samples"]:
+            lines.append(f"\nErrors, {r['condition']}, `{r['query']}`: {'; '.join(r['error_samples'])}")
     lines += [
         "",
         "## Throughput (`/studies?PatientID=DGW0001`, requests/s)",
@@ -498,6 +534,17 @@ def render(result: dict[str, Any]) -> str:
             if t[side]["errors"]:
                 samples = "; ".join(dict.fromkeys(t[side]["error_samples"]))
                 lines.append(f"\nErrors under load, {t['condition']}, {name}: {samples}")
+    lines += [
+        "",
+        "## Gateway QIDO cache hits (default in-process cache; median / p95 ms)",
+        "",
+        "| Orthanc | query | gateway, C-FIND (no-cache) | gateway, cache hit |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for r in result["latency"]:
+        lines.append(
+            f"| {r['condition']} | `{r['query']}` | {r['gw_median_ms']:.1f} / {r['gw_p95_ms']:.1f} "
+            f"| {r['gw_cached_median_ms']:.1f} / {r['gw_cached_p95_ms']:.1f} |")
     quick = [r for r in result["latency"] if "raw_quickack_median_ms" in r]
     if quick:
         lines += [

@@ -130,7 +130,7 @@ def test_requesting_a_specific_compressed_syntax(gw, compressed):
                headers={"Accept": "multipart/related; type=image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"})
     (fh, fbody), = parse_multipart(r.content, r.headers["content-type"])
     assert fh["Content-Type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
-    from pydicom.pixels import decompress  # noqa: F401 - decode the JPEG-LS frame with the plugin
     import jpeg_ls
+    from pydicom.pixels import decompress  # noqa: F401 - decode the JPEG-LS frame with the plugin
     assert np.array_equal(jpeg_ls.decode(np.frombuffer(fbody, dtype=np.uint8)).reshape(src.pixel_array.shape),
                           src.pixel_array)

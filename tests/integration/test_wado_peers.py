@@ -182,7 +182,7 @@ def test_bad_frames_and_unknown_uids(gw):
 def test_406_is_decided_before_any_dimse(gw):
     r = gw.get(f"/studies/{CT['study_uid']}", headers={"Accept": "image/png"})
     assert r.status_code == 406
-    r = gw.get(f"/studies/1.2.3.4.5.6.7/metadata", headers={"Accept": "application/dicom"})
+    r = gw.get("/studies/1.2.3.4.5.6.7/metadata", headers={"Accept": "application/dicom"})
     assert r.status_code == 406
 
 
