@@ -98,6 +98,7 @@ class CacheTtl:
     series: float = 60.0
     instance: float = 300.0
     location: float = 86400.0
+    metadata: float = 3600.0      # series metadata JSON, shared by replicas; dropped by STOW into the series
 
 
 @dataclass(frozen=True)

@@ -433,6 +433,7 @@ async def _after_store(cache: Cache, settings: Settings, node: PacsNode,
             await cache.sadd(key("loc", "study", study), [node.name], ttl)
         for uid, study in series.items():
             await cache.sadd(key("loc", "series", uid), [study], ttl)
+            await cache.delete(key("meta", "series", study, uid))   # cached series metadata is stale
     except Exception:  # noqa: BLE001 - CacheError, Redis outage: degrade, never fail the request
         log.warning("STOW-RS: cache invalidation / location recording failed", exc_info=True)
 

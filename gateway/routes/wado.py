@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from cache.base import key
 from cache.spool import SpoolEntry
 from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound
 from gateway.http import dicomweb_base, target_nodes
@@ -186,6 +187,16 @@ async def _retrieve_bulk(request: Request, selection: media.Selection) -> Respon
 async def metadata(request: Request) -> Response:
     study, series, instance = _uids(request)
     _negotiate(request, "metadata")
+    settings = request.app.state.settings
+    cache = request.app.state.cache
+    meta_key = key("meta", "series", study, series) if series and not instance else None
+    if meta_key is not None and "no-cache" not in request.headers.get("cache-control", ""):
+        # Series metadata is one cache read once ingested, on every replica (no PACS, no spool).
+        cached = await cache.get(meta_key)
+        if cached is not None:
+            _, pinned = target_nodes(request, settings)
+            return Response(with_base(cached, dicomweb_base(request, settings, pinned)),
+                            media_type="application/dicom+json")
     node, manifests, base = await _manifests(request)
     service, reader = _services(request)
     keep = request.app.state.settings.retrieval.series_for_frames
@@ -210,8 +221,10 @@ async def metadata(request: Request) -> Response:
                 f.waiters -= 1          # viewers ask for the frames next: let the fetch finish
             else:
                 f.leave()
-    body = with_base(b"[" + b",".join(parts) + b"]", base)
-    return Response(body, media_type="application/dicom+json")
+    raw = b"[" + b",".join(parts) + b"]"
+    if meta_key is not None:
+        await cache.set(meta_key, raw, settings.cache.ttl.metadata)
+    return Response(with_base(raw, base), media_type="application/dicom+json")
 
 
 # ---------------------------------------------------------------------- frames
