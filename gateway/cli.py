@@ -101,29 +101,9 @@ def demo_settings(pacs_port: int, http_host: str, http_port: int) -> Settings:
 
 
 def ohif_snippet(root: str) -> str:
-    source = {
-        "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-        "sourceName": "dicomweb",
-        "configuration": {
-            "friendlyName": "dicomweb-gateway",
-            "name": "dicomweb-gateway",
-            "qidoRoot": root,
-            "wadoRoot": root,
-            "wadoUriRoot": root.rsplit("/dicom-web", 1)[0] + "/wado",
-            "qidoSupportsIncludeField": True,
-            "supportsReject": False,
-            "imageRendering": "wadors",
-            "thumbnailRendering": "wadors",
-            "enableStudyLazyLoad": True,
-            "supportsFuzzyMatching": False,
-            "supportsWildcard": True,
-            "staticWado": False,
-            "singlepart": "bulkdata,video",
-            "bulkDataURI": {"enabled": True},
-            "omitQuotationForMultipartRequest": True,
-        },
-    }
-    return json.dumps(source, indent=2)
+    from gateway.ohif import data_source
+
+    return json.dumps(data_source(root), indent=2)
 
 
 _FETCH_OHIF = "\0fetch"  # --ohif given without DIR
@@ -168,6 +148,116 @@ def cmd_demo(args: argparse.Namespace) -> int:
         pacs.stop()
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Find one series by Patient ID, study date and description; pull it; report the volume.
+
+    Exit codes: 0 pulled, 1 DICOMweb/network failure, 3 nothing matched, 4 several series matched.
+    """
+    import contextlib
+    import re
+    import threading
+    import time
+    from collections.abc import Iterator
+
+    import httpx
+
+    from gateway.client import DicomwebError, InconsistentSeriesError, find_series, load_volume, pull_series
+
+    logging.getLogger().setLevel(logging.WARNING)  # gateway/uvicorn/httpx INFO lines would break the bar
+
+    @contextlib.contextmanager
+    def embedded_demo() -> Iterator[str]:
+        """The demo PACS and a gateway in this process, on free loopback ports; yields the root."""
+        import uvicorn
+
+        from gateway.app import create_app
+        from gateway.demo_data import generate_demo_datasets
+        from gateway.dimse.demo_pacs import DemoPacs
+
+        with DemoPacs(generate_demo_datasets(), ae_title="DEMOPACS", port=0) as pacs:
+            config = uvicorn.Config(create_app(demo_settings(pacs.port, "127.0.0.1", 0)), host="127.0.0.1",
+                                    port=0, log_level="warning", lifespan="on", loop="asyncio")
+            server = uvicorn.Server(config)
+            thread = threading.Thread(target=server.run, name="pull-demo-gateway", daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not server.started:
+                if not thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError("the embedded demo gateway did not start")
+                time.sleep(0.02)
+            try:
+                port = server.servers[0].sockets[0].getsockname()[1]
+                yield f"http://127.0.0.1:{port}/dicom-web"
+            finally:
+                server.should_exit = True
+                thread.join(timeout=15)
+
+    def bar(done: int, total: int | None, started: float, final: bool = False) -> None:
+        width = 30
+        filled = width if final else (int(width * done / total) if total else 0)
+        shown = f"{done}/{total}" if total else f"{done}/?"
+        line = (f"\rpulling [{'#' * filled}{'.' * (width - filled)}] {shown} instances "
+                f"{time.monotonic() - started:5.1f} s")
+        step = bool(total) and done * 10 // (total or 1) != (done - 1) * 10 // (total or 1)
+        if sys.stderr.isatty() or final or done == 0 or step:
+            sys.stderr.write(line if sys.stderr.isatty() else line[1:] + "\n")
+            if final and sys.stderr.isatty():
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    criteria = (f"PatientID={args.patient_id!r}, StudyDate={args.study_date!r}, "
+                f"SeriesDescription={args.series_description!r}")
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            root = args.url.rstrip("/")
+        else:
+            print("no --url: pulling from the built-in demo PACS through an embedded gateway",
+                  file=sys.stderr)
+            root = stack.enter_context(embedded_demo())
+        print(f"DICOMweb root: {root}", file=sys.stderr)
+        try:
+            matches = find_series(root, patient_id=args.patient_id, study_date=args.study_date,
+                                  series_description=args.series_description)
+        except (DicomwebError, httpx.HTTPError) as exc:
+            print(f"search failed: {exc}", file=sys.stderr)
+            return 1
+        if not matches:
+            print(f"no series matches {criteria}. The description is matched case-insensitively as a whole; "
+                  f"use * for any text (e.g. --series-description '*thorax*').", file=sys.stderr)
+            return 3
+        if len(matches) > 1:
+            print(f"{len(matches)} series match {criteria}; narrow --series-description (or --study-date):",
+                  file=sys.stderr)
+            for m in matches:
+                print(f"  {m.describe()}", file=sys.stderr)
+            return 4
+        match = matches[0]
+        print(f"series: {match.describe()}", file=sys.stderr)
+        slug = re.sub(r"[^0-9A-Za-z.+-]+", "_", match.series_description).strip("_") or "series"
+        out = Path(args.out) if args.out else Path.cwd() / f"{match.study_date}_{match.series_number}_{slug}"
+        started = time.monotonic()
+        try:
+            datasets = pull_series(root, match.study_uid, match.series_uid, out_dir=out,
+                                   expected=match.num_instances,
+                                   progress=lambda done, total: bar(done, total, started))
+        except (DicomwebError, httpx.HTTPError) as exc:
+            sys.stderr.write("\n")
+            print(f"retrieve failed: {exc}", file=sys.stderr)
+            return 1
+        bar(len(datasets), match.num_instances or len(datasets), started, final=True)
+    print(f"output: {out.resolve()} ({len(datasets)} files)")
+    try:
+        volume = load_volume(datasets)
+    except InconsistentSeriesError as exc:
+        print(f"files written, but they do not form one volume: {exc}", file=sys.stderr)
+        return 0
+    z, y, x = volume.array.shape
+    sz, sy, sx = volume.spacing
+    print(f"volume: {z} x {y} x {x} (z, y, x) {volume.array.dtype}, spacing {sz:g} x {sy:g} x {sx:g} mm "
+          f"(z, y, x), origin ({', '.join(f'{v:g}' for v in volume.origin)}) mm LPS")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomweb-gateway",
                                      description="DICOMweb (QIDO-RS/WADO-RS/STOW-RS) in front of DIMSE PACS")
@@ -195,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "dist/); without DIR, @ohif/app 3.13.x is fetched once with npm pack and cached "
                            "in ~/.cache/dicomweb-gateway/ohif ($OHIF_CACHE_DIR)")
     demo.set_defaults(func=cmd_demo)
+
+    pull = sub.add_parser("pull", help="find one series by patient, date and description; pull it to disk",
+                          description="Find the one series of PATIENT's study on DATE whose description "
+                                      "matches TEXT (case-insensitive, * and ? wildcards) through a "
+                                      "DICOMweb root, write its instances (PS3.10) to DIR and report the "
+                                      "volume. Exit codes: 0 pulled, 1 request failed, 3 nothing matched, "
+                                      "4 several series matched (they are listed).")
+    pull.add_argument("--patient-id", required=True, metavar="ID")
+    pull.add_argument("--study-date", required=True, metavar="DATE",
+                      help="YYYYMMDD, YYYY-MM-DD or a DICOM range (20230101-20230331)")
+    pull.add_argument("--series-description", required=True, metavar="TEXT")
+    pull.add_argument("--out", metavar="DIR",
+                      help="directory for the files (default: ./<date>_<series number>_<description>)")
+    pull.add_argument("--url", metavar="ROOT",
+                      help="DICOMweb root, e.g. http://127.0.0.1:8080/dicom-web (default: the built-in "
+                           "demo PACS through an embedded gateway)")
+    pull.set_defaults(func=cmd_pull)
     return parser
 
 

@@ -4,9 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-test-deps.sh
+bash scripts/install-e2e-deps.sh      # Debian chromium, Python playwright, the prebuilt OHIF viewer
 echo "== ruff"
 python3 -m ruff check gateway translators cache tests
 echo "== mypy"
 python3 -m mypy translators cache gateway
 echo "== pytest"
-python3 -m pytest -p no:cacheprovider "$@"
+if [ "$#" -gt 0 ]; then
+    python3 -m pytest -p no:cacheprovider "$@"
+else
+    # unit + integration (testpaths), then OHIF in a real headless Chromium (tests/e2e)
+    python3 -m pytest -p no:cacheprovider
+    echo "== e2e (OHIF in headless Chromium)"
+    python3 -m pytest -p no:cacheprovider tests/e2e
+fi
