@@ -192,18 +192,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 server.should_exit = True
                 thread.join(timeout=15)
 
+    printed = {"done": -1}
+
     def bar(done: int, total: int | None, started: float, final: bool = False) -> None:
+        """A text progress bar on stderr: redrawn in place on a terminal, a line per 10 % otherwise."""
+        tty = sys.stderr.isatty()
         width = 30
         filled = width if final else (int(width * done / total) if total else 0)
         shown = f"{done}/{total}" if total else f"{done}/?"
-        line = (f"\rpulling [{'#' * filled}{'.' * (width - filled)}] {shown} instances "
+        line = (f"pulling [{'#' * filled}{'.' * (width - filled)}] {shown} instances "
                 f"{time.monotonic() - started:5.1f} s")
         step = bool(total) and done * 10 // (total or 1) != (done - 1) * 10 // (total or 1)
-        if sys.stderr.isatty() or final or done == 0 or step:
-            sys.stderr.write(line if sys.stderr.isatty() else line[1:] + "\n")
-            if final and sys.stderr.isatty():
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        if tty:
+            sys.stderr.write("\r" + line + ("\n" if final else ""))
+        elif done != printed["done"] and (final or done == 0 or step):
+            sys.stderr.write(line + "\n")
+            printed["done"] = done
+        sys.stderr.flush()
 
     criteria = (f"PatientID={args.patient_id!r}, StudyDate={args.study_date!r}, "
                 f"SeriesDescription={args.series_description!r}")
@@ -219,7 +224,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             matches = find_series(root, patient_id=args.patient_id, study_date=args.study_date,
                                   series_description=args.series_description)
         except (DicomwebError, httpx.HTTPError) as exc:
-            print(f"search failed: {exc}", file=sys.stderr)
+            print(f"search failed ({root}): {exc}", file=sys.stderr)
             return 1
         if not matches:
             print(f"no series matches {criteria}. The description is matched case-insensitively as a whole; "
