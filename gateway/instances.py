@@ -25,6 +25,8 @@ from translators import frames as fr
 from translators.dicom_json import dataset_to_json
 
 PLACEHOLDER = "@@DWG_BASE@@"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 CHUNK = 1 << 20
 INLINE_THRESHOLD = 4096
 LOSSY = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
@@ -70,7 +72,9 @@ class InstanceReader:
 
         body = dataset_to_json(ds, bulk_data_uri=bulk_uri, inline_threshold=INLINE_THRESHOLD)
         # cornerstone reads the transfer syntax from (0008,3002) when group 0002 is absent (notes §2.5).
-        body["00083002"] = {"vr": "UI", "Value": [entry.transfer_syntax]}
+        # Implicit VR LE is delivered as Explicit VR LE (PS3.18 §8.7.3): advertise what clients get.
+        available = EXPLICIT_VR_LE if entry.transfer_syntax == IMPLICIT_VR_LE else entry.transfer_syntax
+        body["00083002"] = {"vr": "UI", "Value": [available]}
         if index is not None:
             vr = "OB" if index.encapsulated or index.bits_allocated <= 8 else "OW"
             body["7FE00010"] = {"vr": vr, "BulkDataURI": base + "7FE00010"}

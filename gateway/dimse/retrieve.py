@@ -132,7 +132,10 @@ def storage_contexts(sop_classes: Iterable[str], reserved: int = 1,
     """
     classes = list(dict.fromkeys(sop_classes)) or COMMON_STORAGE
     budget = MAX_CONTEXTS - reserved
-    native: list[tuple[str, list[str]]] = [(c, list(NATIVE)) for c in classes][:budget]
+    # Explicit and Implicit VR LE in separate contexts, Explicit first: an SCP picks one syntax per
+    # context (pynetdicom acceptors prefer Implicit), and Implicit VR LE must not reach web clients
+    # (PS3.18 §8.7.3), so we would have to re-encode every instance.
+    native: list[tuple[str, list[str]]] = [(c, [ts]) for ts in NATIVE for c in classes][:budget]
     compressed: list[tuple[str, list[str]]] = []
     for ts in COMPRESSED:   # breadth first: every class gets RLE before any gets JPEG-LS
         for cls in classes:

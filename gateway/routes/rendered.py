@@ -175,8 +175,22 @@ def routes() -> list[Route]:
     return out
 
 
+async def wado_uri_on_root(request: Request) -> Response:
+    """WADO-URI on the DICOMweb root itself (the JS dicomweb-client builds such URLs)."""
+    if "requestType" not in request.query_params:
+        raise NotFound("the DICOMweb root has no resource; see OPTIONS for the capabilities")
+    return await wado_uri(request)
+
+
 def wado_uri_routes() -> list[Route]:
-    return [Route("/wado", wado_uri, methods=["GET"]), Route("/nodes/{node}/wado", wado_uri, methods=["GET"])]
+    return [Route("/wado", wado_uri, methods=["GET"]), Route("/nodes/{node}/wado", wado_uri, methods=["GET"]),
+            Route("/dicom-web", wado_uri_on_root, methods=["GET"]),
+            Route("/nodes/{node}/dicom-web", wado_uri_on_root, methods=["GET"])]
+
+
+def root_routes() -> list[Route]:
+    """Inside the /dicom-web mounts: ``GET /dicom-web/?requestType=WADO&...``."""
+    return [Route("/", wado_uri_on_root, methods=["GET"])]
 
 
 __all__: list[Any] = ["routes", "wado_uri_routes"]

@@ -126,6 +126,8 @@ async def retrieve(request: Request) -> Response:
     async def one_part(entry: SpoolEntry) -> tuple[str, AsyncIterator[bytes] | bytes]:
         ts = entry.transfer_syntax
         target = selection.transfer_syntax or media.EXPLICIT_VR_LE
+        if ts == media.IMPLICIT_VR_LE and target == media.ANY_TS:
+            target = media.EXPLICIT_VR_LE   # Implicit VR LE shall not be used by web services (§8.7.3)
         if target == media.ANY_TS or target == ts or (not selection.explicit_ts and ts in LOSSY):
             return ts, reader.chunks(entry)
         if not fr.can_transcode(ts, target):
@@ -277,6 +279,8 @@ def _frame_media(stored_ts: str, selection: media.Selection) -> tuple[str, str]:
     """(part media type, transfer syntax) for frames (dicomweb-notes §3.3-3.4)."""
     target = selection.transfer_syntax or media.EXPLICIT_VR_LE
     if target == media.ANY_TS:
+        if stored_ts == media.IMPLICIT_VR_LE:
+            return "application/octet-stream", media.EXPLICIT_VR_LE   # same frame bytes (little endian)
         if stored_ts in fr.CORNERSTONE_UNDECODABLE:
             return "application/octet-stream", media.EXPLICIT_VR_LE
         return fr.media_type_for_transfer_syntax(stored_ts), stored_ts
@@ -293,7 +297,8 @@ async def frames(request: Request) -> Response:
     except fr.FrameError as exc:
         raise BadRequest(str(exc)) from None
     part_type, ts = _frame_media(entry.transfer_syntax, selection)
-    if ts != entry.transfer_syntax:
+    native_le = {media.EXPLICIT_VR_LE, media.IMPLICIT_VR_LE}
+    if ts != entry.transfer_syntax and not {ts, entry.transfer_syntax} <= native_le:
         try:
             raw = [await reader.transcode_frame(entry, f, ts) for f in raw]
         except fr.TranscodeError as exc:

@@ -187,3 +187,20 @@ def test_metrics_endpoint(gw, pacs):
     assert float(values["dwg_retrievals_total"]) == 1
     assert float(values["dwg_spool_bytes"]) > 0
     assert float(values['dwg_query_associations_opened_total{node="demo"}']) >= 1
+
+
+def test_wado_uri_on_the_dicomweb_root_and_no_implicit_vr_on_the_web(gw, datasets):
+    root = str(gw.base_url).rstrip("/")
+    sop = AXIAL["sop_instance_uids"][1]
+    params = {"requestType": "WADO", "studyUID": CT["study_uid"], "seriesUID": AXIAL["series_uid"],
+              "objectUID": sop, "contentType": "application/dicom", "transferSyntax": "*"}
+    for url in (root, root + "/"):
+        r = httpx.get(url, params=params, follow_redirects=False)
+        assert r.status_code == 200, (url, r.status_code)
+    # Whatever syntax the C-GET agreed, web clients never get Implicit VR LE (PS3.18 §8.7.3).
+    r = gw.get(series_url(CT, AXIAL), headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    for headers, body in parse_multipart(r.content, r.headers["content-type"]):
+        assert "transfer-syntax=1.2.840.10008.1.2;" not in headers["Content-Type"] + ";"
+        assert str(dcmread(io.BytesIO(body)).file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2"
+    meta = gw.get(series_url(CT, AXIAL) + "/metadata").json()
+    assert {m["00083002"]["Value"][0] for m in meta} == {"1.2.840.10008.1.2.1"}
