@@ -8,8 +8,10 @@ starts (``TCP_NODELAY=1``, DICOMweb plugin) holding a generated single-series CT
    repetition; ``transfer-syntax=*``, i.e. the stored bytes) against a raw pynetdicom C-GET of the same
    study (our own SCU: max PDU 0, TCP_NODELAY, the C-STORE handler writes
    ``event.encoded_dataset()`` to files), the same raw SCU with pynetdicom's receive path patched
-   (one ``recv_into`` per PDU instead of 4 KiB reads; what the gateway could gain from it), and DCMTK's
-   ``getscu`` (``TCP_NODELAY=1``, 128 KiB PDUs, ``+B``); ratios gateway / raw;
+   (one ``recv_into`` per PDU instead of 4 KiB reads; what the gateway could gain from it), a minimal
+   pure-Python C-GET receiver without pynetdicom (``ul_get``: what Python can do on this path; its
+   files are checked byte for byte against the raw SCU's), and DCMTK's ``getscu`` (``TCP_NODELAY=1``,
+   128 KiB PDUs, ``+B``); ratios gateway / each, in wall time and in the receiver's CPU time;
 2. **warm study retrieve** (everything spooled) against Orthanc's own DICOMweb plugin serving the
    same study with the same Accept header; ratio;
 3. **time to first byte** of a cold *series* retrieve (fresh gateway), next to the raw C-GET's time to
@@ -48,6 +50,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -63,13 +66,14 @@ import httpx
 import numpy as np
 import pynetdicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gateway.dimse.retrieve import part10_header  # noqa: E402
 from tests.integration.peers import HOST, OrthancPeer, PeerError, dcmtk_tool, free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "wado.md"
@@ -168,8 +172,8 @@ def generate_ct_study(directory: Path, number: int, slices: int, size: int) -> I
         sop = f"{UID_ROOT}.3.{number}.1.{i + 1}"
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE)
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -364,7 +368,7 @@ class GatewayProcess:
 class Transfer:
     seconds: float
     ttfb: float          # response headers received
-    first_part: float    # first part's body started (second boundary seen, or end)
+    first_part: float    # first part complete (second delimiter seen, or the end)
     nbytes: int
     parts: int
     cpu: float = float("nan")
@@ -466,12 +470,13 @@ def raw_get(peer: OrthancPeer, study: StudyFiles, out: Path, *, fast_recv: bool 
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 10, 60, 60
     ae.add_requested_context(STUDY_ROOT_GET)
     ae.add_requested_context(CT_IMAGE, NATIVE)
-    got = {"count": 0, "bytes": 0, "first": float("nan")}
+    got: dict[str, Any] = {"count": 0, "bytes": 0, "first": float("nan")}
     t0 = time.perf_counter()
 
     def on_store(event: evt.Event) -> int:
         data = event.encoded_dataset(include_meta=True)
-        (out / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(data)
+        request: Any = event.request
+        (out / f"{request.AffectedSOPInstanceUID}.dcm").write_bytes(data)
         got["count"] += 1
         got["bytes"] += len(data)
         if got["count"] == 1:
@@ -479,7 +484,7 @@ def raw_get(peer: OrthancPeer, study: StudyFiles, out: Path, *, fast_recv: bool 
         return 0x0000
 
     def on_open(event: evt.Event) -> None:
-        transport = event.assoc.dul.socket
+        transport: Any = event.assoc.dul.socket
         transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if fast_recv:
             _fast_recv(transport)
@@ -527,6 +532,166 @@ def getscu(peer: OrthancPeer, study: StudyFiles, out: Path, exe: str, timeout: f
     return RawResult(seconds, cpu, float("nan"), len(files), sum(f.stat().st_size for f in files))
 
 
+# A minimal single-threaded C-GET receiver in pure Python, benchmark only: it parses PDUs and PDVs
+# itself, writes dataset fragments straight to the file (never reassembling an instance in memory) and
+# answers each C-STORE with a hand-encoded response. It measures what Python can do on this path
+# without pynetdicom's per-message machinery (threads, queues, 1 ms polling, pydicom-encoded commands).
+# Only what this benchmark needs: Study Root C-GET of one SOP class, Implicit VR LE commands.
+
+_APP_CONTEXT = b"1.2.840.10008.3.1.1.1"
+
+
+def _ul_item(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+
+def _ui(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" * (len(value) % 2)
+
+
+def _command(elements: list[tuple[int, bytes]]) -> bytes:
+    body = b"".join(struct.pack("<HHI", 0, el, len(v)) + v for el, v in elements)
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def _p_data(context_id: int, control: int, data: bytes) -> bytes:
+    pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def _parse_command(data: bytes) -> dict[int, bytes]:
+    out, i = {}, 0
+    while i + 8 <= len(data):
+        _, element, length = struct.unpack_from("<HHI", data, i)
+        out[element] = data[i + 8:i + 8 + length]
+        i += 8 + length
+    return out
+
+
+class _PduReader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(1 << 20)
+
+    def exact(self, n: int) -> memoryview:
+        if n > len(self.buf):
+            self.buf = bytearray(n)
+        view = memoryview(self.buf)[:n]
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if not k:
+                raise BenchError("UL prototype: peer closed the connection")
+            got += k
+        return view
+
+    def pdu(self) -> tuple[int, memoryview]:
+        kind, _, length = struct.unpack(">BBI", self.exact(6))
+        return kind, self.exact(length)   # valid until the next read
+
+
+def ul_get(peer: OrthancPeer, study: StudyFiles, out: Path) -> RawResult:
+    """C-GET of the study with the pure-Python receiver; files identical to the raw SCU's."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    sock = socket.create_connection((HOST, peer.dicom_port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reader = _PduReader(sock)
+    count = nbytes = 0
+    first = float("nan")
+    try:
+        contexts = [(1, STUDY_ROOT_GET, [NATIVE[1]]), (3, CT_IMAGE, NATIVE)]
+        body = struct.pack(">HH", 1, 0) + peer.ae_title.encode().ljust(16) + b"BENCHULGET".ljust(16) + b"\0" * 32
+        body += _ul_item(0x10, _APP_CONTEXT)
+        for cid, abstract, syntaxes in contexts:
+            sub = _ul_item(0x30, abstract.encode()) + b"".join(_ul_item(0x40, ts.encode()) for ts in syntaxes)
+            body += _ul_item(0x20, bytes([cid, 0, 0, 0]) + sub)
+        role = CT_IMAGE.encode()
+        user = (_ul_item(0x51, struct.pack(">I", 0)) + _ul_item(0x52, UID_ROOT.encode() + b".9")
+                + _ul_item(0x54, struct.pack(">H", len(role)) + role + bytes([0, 1])))
+        body += _ul_item(0x50, user)
+        sock.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
+        kind, view = reader.pdu()
+        if kind != 0x02:
+            raise BenchError(f"UL prototype: association not accepted (PDU type {kind:#04x})")
+        ac, i, accepted = bytes(view), 68, {}
+        while i + 4 <= len(ac):
+            item, _, length = struct.unpack_from(">BBH", ac, i)
+            if item == 0x21 and ac[i + 6] == 0 and ac[i + 8] == 0x40:
+                ts_len = struct.unpack_from(">H", ac, i + 10)[0]
+                accepted[ac[i + 4]] = ac[i + 12:i + 12 + ts_len].decode().rstrip("\0")
+            i += 4 + length
+        if 1 not in accepted or 3 not in accepted:
+            raise BenchError(f"UL prototype: contexts accepted {accepted}")
+        identifier = (struct.pack("<HHI", 0x0008, 0x0052, 6) + b"STUDY "
+                      + struct.pack("<HHI", 0x0020, 0x000D, len(_ui(study.study_uid))) + _ui(study.study_uid))
+        get_rq = _command([(0x0002, _ui(STUDY_ROOT_GET)), (0x0100, struct.pack("<H", 0x0010)),
+                           (0x0110, struct.pack("<H", 1)), (0x0700, struct.pack("<H", 0)),
+                           (0x0800, struct.pack("<H", 0))])
+        sock.sendall(_p_data(1, 0x03, get_rq) + _p_data(1, 0x02, identifier))
+        command = bytearray()
+        current: dict[int, bytes] = {}
+        fd = -1                       # the open instance file; -1: discard dataset fragments
+        tmp = out / ".incoming.part"
+        while True:
+            kind, view = reader.pdu()
+            if kind != 0x04:
+                raise BenchError(f"UL prototype: unexpected PDU type {kind:#04x}")
+            i = 0
+            while i < len(view):
+                length, cid, control = struct.unpack_from(">IBB", view, i)
+                data = view[i + 6:i + 4 + length]
+                i += 4 + length
+                if control & 1:       # command fragment
+                    command += data
+                    if not control & 2:
+                        continue
+                    current = _parse_command(bytes(command))
+                    command.clear()
+                    field_ = struct.unpack("<H", current[0x0100])[0]
+                    if field_ == 0x0001:      # C-STORE-RQ: the file starts with our Part-10 header
+                        header = part10_header(current[0x0002].rstrip(b"\0 ").decode(),
+                                               current[0x1000].rstrip(b"\0 ").decode(), accepted[cid])
+                        if header is None:
+                            raise BenchError("UL prototype: unexpected UID")
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        os.write(fd, header)
+                        current[-1] = bytes([cid])
+                    elif field_ == 0x8010:    # C-GET-RSP
+                        status = struct.unpack("<H", current[0x0900])[0]
+                        if status in (0xFF00, 0xFF01):
+                            continue
+                        sock.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)   # A-RELEASE-RQ
+                        reader.pdu()
+                        if status != 0x0000 or count != study.slices:
+                            raise BenchError(f"UL prototype: final status {status:#06x}, {count} instances")
+                        return RawResult(time.perf_counter() - t0, time.process_time() - c0, first, count,
+                                         nbytes)
+                    continue
+                if fd < 0:
+                    continue
+                rest = data
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+                nbytes += len(data)
+                if control & 2:           # last fragment: close, rename, answer
+                    os.close(fd)
+                    fd = -1
+                    sop = current[0x1000].rstrip(b"\0 ").decode()
+                    os.replace(tmp, out / f"{sop}.dcm")
+                    count += 1
+                    if count == 1:
+                        first = time.perf_counter() - t0
+                    rsp = _command([(0x0002, current[0x0002]), (0x0100, struct.pack("<H", 0x8001)),
+                                    (0x0120, current[0x0110]), (0x0800, struct.pack("<H", 0x0101)),
+                                    (0x0900, struct.pack("<H", 0)), (0x1000, current[0x1000])])
+                    sock.sendall(_p_data(current[-1][0], 0x03, rsp))
+    finally:
+        sock.close()
+
+
 def raw_manifest_find(peer: OrthancPeer, study: StudyFiles) -> float:
     """The IMAGE-level C-FIND a cold series retrieve starts with (the gateway's manifest), raw."""
     ae = AE(ae_title="BENCHRAW")
@@ -536,7 +701,8 @@ def raw_manifest_find(peer: OrthancPeer, study: StudyFiles) -> float:
     if not assoc.is_established:
         raise BenchError("raw C-FIND association not established")
     try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport: Any = assoc.dul.socket
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ident = Dataset()
         ident.QueryRetrieveLevel = "IMAGE"
         ident.StudyInstanceUID = study.study_uid
@@ -625,17 +791,25 @@ def cold_and_warm(peer: OrthancPeer, study: StudyFiles, workdir: Path, opts: arg
     def patched_block(rep: int) -> None:
         s.add("raw_fast", raw_get(peer, study, workdir / "raw-out", fast_recv=True))
 
+    def ul_block(rep: int) -> None:
+        s.add("ul", ul_get(peer, study, workdir / "ul-out"))
+
     def getscu_block(rep: int) -> None:
         assert getscu_exe is not None
         s.add("getscu", getscu(peer, study, workdir / "getscu-out", getscu_exe, timeout=120))
 
-    blocks: list[Callable[[int], None]] = [gateway_block, raw_block, patched_block]
+    blocks: list[Callable[[int], None]] = [gateway_block, raw_block, patched_block, ul_block]
     if getscu_exe:
         blocks.append(getscu_block)
     # Untimed warm-up of Orthanc's DICOMweb plugin and page cache (its first answer reads the files).
     stream_get(orthanc, f"/studies/{study.study_uid}", ACCEPT_DICOM)
     raw_block(-1)
+    ul_block(-1)
+    for sop in study.sop_uids[:: max(1, study.slices // 8)]:
+        if (workdir / "ul-out" / f"{sop}.dcm").read_bytes() != (workdir / "raw-out" / f"{sop}.dcm").read_bytes():
+            raise BenchError(f"UL prototype wrote {sop} differently from the raw pynetdicom SCU")
     s.rows.pop("raw", None)
+    s.rows.pop("ul", None)
     try:
         per_rep = None
         for rep in range(opts.reps):
@@ -650,6 +824,7 @@ def cold_and_warm(peer: OrthancPeer, study: StudyFiles, workdir: Path, opts: arg
         orthanc.close()
         shutil.rmtree(workdir / "raw-out", ignore_errors=True)
         shutil.rmtree(workdir / "getscu-out", ignore_errors=True)
+        shutil.rmtree(workdir / "ul-out", ignore_errors=True)
     return s
 
 
@@ -839,7 +1014,7 @@ def _mb(n: float) -> str:
 def summarize(s: dict[str, list[Any]], study: StudyFiles) -> dict[str, Any]:
     """Medians per row (wall, CPU, MB/s) and the ratios the README quotes."""
     out: dict[str, Any] = {}
-    for name in ("gw_cold", "raw", "raw_fast", "getscu", "gw_warm", "orthanc_warm"):
+    for name in ("gw_cold", "raw", "raw_fast", "ul", "getscu", "gw_warm", "orthanc_warm"):
         values = s.get(name, [])
         if not values:
             continue
@@ -850,7 +1025,7 @@ def summarize(s: dict[str, list[Any]], study: StudyFiles) -> dict[str, Any]:
                      "first": med([getattr(v, "first", float("nan")) for v in values])}
     ratios: dict[str, float] = {}
     if "gw_cold" in out:
-        for base in ("raw", "raw_fast", "getscu"):
+        for base in ("raw", "raw_fast", "ul", "getscu"):
             if base in out:
                 ratios[f"cold_gw/{base}"] = out["gw_cold"]["seconds"] / out[base]["seconds"]
                 ratios[f"cold_gw/{base}_cpu"] = out["gw_cold"]["cpu"] / out[base]["cpu"]
@@ -891,6 +1066,7 @@ def render(result: dict[str, Any]) -> str:
         "gw_cold": "gateway, cold (fresh process, empty spool)",
         "raw": "raw pynetdicom C-GET (files, TCP_NODELAY, max PDU 0)",
         "raw_fast": "raw pynetdicom C-GET, 1 recv per PDU (patched, benchmark only)",
+        "ul": "pure-Python C-GET receiver, no pynetdicom (prototype, benchmark only)",
         "getscu": "DCMTK getscu (TCP_NODELAY=1, 128 KiB PDU, +B)",
         "gw_warm": "gateway, warm (spooled)",
         "orthanc_warm": "Orthanc DICOMweb plugin (same Accept)",
@@ -899,7 +1075,7 @@ def render(result: dict[str, Any]) -> str:
         row = sm.get(name)
         if row is None:
             continue
-        if name in ("raw", "raw_fast", "getscu"):
+        if name in ("raw", "raw_fast", "ul", "getscu"):
             ratio = f"{r[f'cold_gw/{name}']:.2f} (CPU {r[f'cold_gw/{name}_cpu']:.2f})"
         elif name == "orthanc_warm":
             ratio = f"{r['warm_gw/orthanc']:.2f}"

@@ -233,3 +233,12 @@ def test_emulation_budget_is_enforced_with_a_warning(datasets):
             assert r.status_code == 200 and len(r.json()) == len(DEMO_STUDIES)
             assert any("budget" in w for w in r.headers.get_list("warning"))
             assert nc.counters["find"] <= 1 + 2 + 2 * 4
+
+
+def test_idle_associations_are_closed(pacs):
+    settings = settings_from_dict({"nodes": [node("a", pacs)]})
+    with running_gateway(settings) as url:
+        assert get(url, "/dicom-web/studies", PatientID="DGW0001").status_code == 200
+        time.sleep(6)   # past the pool's idle time (pynetdicom threads poll while an association idles)
+        assert get(url, "/dicom-web/studies", PatientID="DGW0002").status_code == 200
+        assert pacs.counters["associations"] == 2, "the idle association was closed and a new one opened"
