@@ -17,4 +17,6 @@ else
     python3 -m pytest -p no:cacheprovider
     echo "== e2e (OHIF in headless Chromium)"
     python3 -m pytest -p no:cacheprovider tests/e2e
+    echo "== benchmark smoke (report-only figures: python3 tests/bench/bench_*.py)"
+    python3 -m pytest -p no:cacheprovider tests/bench/test_bench_smoke.py
 fi

@@ -36,17 +36,13 @@ def test_quick_run_measures_every_row(tmp_path: Path) -> None:
     result = bench.main(["--quick", "--iterations", "5", "--duration", "1", "--no-nagle-run",
                          "--output", str(report)])
 
-    # The gateway loses a C-FIND response about once in 2000 requests (the pynetdicom reactor race
-    # that the benchmark's RawFinder works around; see tests/bench/README.md). The smoke tolerates
-    # that rare miss so it does not flake; anything systematic still fails. Tighten the gateway's
-    # error bounds to zero once its association pool guards against the race.
     assert [row["query"] for row in result["latency"]] == list(bench.QUERIES)
     for row in result["latency"]:
         assert row["condition"] == "TCP_NODELAY=1"
         assert row["results"] == bench.EXPECTED[row["query"]] > 0, row
         assert row["raw_errors"] == 0, row["error_samples"]
-        assert row["gw_errors"] <= 1, row["error_samples"]
-        assert row["n"] >= 4, row
+        assert row["gw_errors"] == 0, row["error_samples"]
+        assert row["n"] == 5, row
         for key in ("raw_median_ms", "raw_p95_ms", "gw_median_ms", "gw_p95_ms", "ratio_median", "ratio_p95",
                     "gw_cached_median_ms", "gw_cached_p95_ms"):
             assert row[key] > 0, (row["query"], key, row[key])
@@ -60,8 +56,9 @@ def test_quick_run_measures_every_row(tmp_path: Path) -> None:
         assert figures["clients"] == clients
         assert figures["requests"] > 0 and figures["rps"] > 0 and figures["p50_ms"] > 0, figures
     assert throughput["raw"]["errors"] == 0, throughput["raw"]["error_samples"]
-    gw = throughput["gw"]
-    assert gw["errors"] <= 1 + gw["requests"] // 100, gw["error_samples"]
+    # Wrong answers under load came from the pynetdicom reactor race (tests/bench/README.md), now
+    # guarded in gateway/dimse/socket_tuning.py: any error here is a regression.
+    assert throughput["gw"]["errors"] == 0, throughput["gw"]["error_samples"]
     assert throughput["ratio"] > 0
     assert result["max_query_associations"] == 4   # the gateway default the report mentions
 
