@@ -345,8 +345,21 @@ async def bulkdata(request: Request) -> Response:
     return _bulk_response(request, value, None, base + instance_path(entry) + f"/bulkdata/{path_text}")
 
 
+async def pixeldata(request: Request) -> Response:
+    """``…/instances/{i}/pixeldata`` (PS3.18 Table H-1): every frame, one part each, as for /frames."""
+    entry, _ = await _instance_entry(request)
+    _, reader = _services(request)
+    index = await reader.frame_index(entry)
+    if index is None:
+        raise NotFound("the instance has no pixel data")
+    request.path_params["frames"] = ",".join(map(str, range(1, index.number_of_frames + 1)))
+    return await frames(request)
+
+
 def _bulk_response(request: Request, data: bytes, ts: str | None, location: str) -> Response:
     selection = _negotiate(request, "bulkdata", single_item=True)
+    if ts == media.IMPLICIT_VR_LE:
+        ts = media.EXPLICIT_VR_LE   # same bytes; Implicit VR LE is not a web transfer syntax
     rng = request.headers.get("range")
     if rng and not selection.multipart:
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
@@ -384,4 +397,5 @@ def routes() -> list[Route]:
         Route(inst + "/metadata", metadata, methods=["GET"]),
         Route(inst + "/frames/{frames}", frames, methods=["GET"]),
         Route(inst + "/bulkdata/{path}", bulkdata, methods=["GET"]),
+        Route(inst + "/pixeldata", pixeldata, methods=["GET"]),
     ]

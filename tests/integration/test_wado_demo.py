@@ -204,3 +204,14 @@ def test_wado_uri_on_the_dicomweb_root_and_no_implicit_vr_on_the_web(gw, dataset
         assert str(dcmread(io.BytesIO(body)).file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2"
     meta = gw.get(series_url(CT, AXIAL) + "/metadata").json()
     assert {m["00083002"]["Value"][0] for m in meta} == {"1.2.840.10008.1.2.1"}
+
+
+def test_pixeldata_resource(gw, datasets):
+    url = f"/studies/{MF['study_uid']}/series/{MF_SERIES['series_uid']}/instances/{MF_SOP}/pixeldata"
+    r = gw.get(url)
+    assert r.status_code == 200
+    parts = parse_multipart(r.content, r.headers["content-type"])
+    src = datasets[MF_SOP]
+    frame_len = src.Rows * src.Columns * src.BitsAllocated // 8
+    assert len(parts) == int(src.NumberOfFrames)
+    assert b"".join(body for _, body in parts) == src.PixelData[:frame_len * int(src.NumberOfFrames)]
