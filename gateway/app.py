@@ -17,6 +17,7 @@ from starlette.routing import Mount
 from cache.base import Cache
 from cache.memory import MemoryCache
 from cache.spool import Spool
+from gateway.auth import ApiKeyMiddleware
 from gateway.dimse.client import DimseClient
 from gateway.dimse.process import quiet_pynetdicom_identifier_logging
 from gateway.dimse.storage_scp import StorageScp
@@ -90,6 +91,9 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
+    if settings.auth.mode == "api_key":
+        # Inside CORS, so 401s carry CORS headers and preflights never need a key.
+        middleware.append(Middleware(ApiKeyMiddleware, keys=settings.auth.api_keys))
     routes = [*admin.routes(), *rendered.wado_uri_routes(), Mount("/dicom-web", routes=dicomweb),
               Mount("/nodes/{node}/dicom-web", routes=dicomweb)]
     if ohif_dir is not None:

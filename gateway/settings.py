@@ -436,6 +436,11 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         ),
         limits=LimitsSection(**{k: lim.get(k, getattr(dl, k), _int(1)) for k in _fields(LimitsSection)}),
     )
+    if settings.auth.mode == "oidc":
+        raise ConfigError("auth.mode: oidc is not implemented yet; use api_key (or none behind an "
+                          "authenticating proxy)")
+    if settings.auth.mode == "api_key" and not settings.auth.api_keys:
+        raise ConfigError("auth.api_keys: at least one key is required with auth.mode: api_key")
     if settings.gateway.stow_node and settings.node(settings.gateway.stow_node) is None:
         raise ConfigError(f"gateway.stow_node: no node named {settings.gateway.stow_node!r}")
     if settings.cache.url and not re.match(r"^(redis|rediss|unix)://", settings.cache.url):

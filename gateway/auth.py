@@ -1,0 +1,46 @@
+"""Request authentication: static API keys (``auth.mode: api_key``).
+
+Every request except the probes (``/healthz``, ``/readyz``), ``/metrics`` and CORS preflights must
+carry one of the configured keys, as ``Authorization: Bearer <key>`` (what OHIF and the DICOMweb
+clients send) or ``X-Api-Key: <key>``; keys are compared in constant time. Anything else is 401
+with a JSON body and a ``WWW-Authenticate`` challenge. OIDC/JWT is not implemented yet, and the
+configuration refuses ``auth.mode: oidc`` rather than serving openly (see settings).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _allowed(self, scope: Scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        offered = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if offered is None and auth[:7].lower() == b"bearer ":
+            offered = auth[7:].strip()
+        if not offered:
+            return False
+        # Compare against every key so the time taken does not tell which one nearly matched.
+        return any([hmac.compare_digest(offered, key) for key in self.keys])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS" \
+                or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        body = orjson.dumps({"error": "Unauthorized", "detail": "a valid API key is required "
+                             "(Authorization: Bearer <key> or X-Api-Key)", "node": None})
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b'Bearer realm="dicomweb-gateway"')]})
+        await send({"type": "http.response.body", "body": body})
