@@ -18,6 +18,7 @@ from cache.base import Cache
 from cache.memory import MemoryCache
 from cache.spool import Spool
 from gateway.auth import ApiKeyMiddleware
+from gateway.cluster import start_cluster, stop_cluster
 from gateway.dimse.client import DimseClient
 from gateway.dimse.process import quiet_pynetdicom_identifier_logging
 from gateway.dimse.storage_scp import StorageScp
@@ -60,14 +61,23 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
                              reject_unexpected=settings.retrieval.reject_unexpected_stores)
             scp.start()
         app.state.storage_scp = scp
+        # Replicas sharing Redis: series lease, arrivals stream, internal endpoint (gateway/cluster.py).
+        try:
+            cluster, internal = await start_cluster(settings, app.state.cache, app.state.spool, scp)
+        except BaseException:
+            if scp is not None:
+                scp.stop()
+            raise
+        app.state.cluster = cluster
         app.state.retrieval = RetrievalService(settings, app.state.dimse, app.state.cache,
-                                               app.state.spool, scp)
+                                               app.state.spool, scp, cluster=cluster)
         try:
             yield
         finally:
             await app.state.retrieval.close()
             if scp is not None:
                 scp.stop()
+            await stop_cluster(cluster, internal)
             app.state.instances.close()
             app.state.spool.close()
             await app.state.dimse.close()

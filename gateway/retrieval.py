@@ -6,7 +6,9 @@
   empty 200); it is what "complete" is checked against.
 * **Single-flight**: one :class:`SeriesFetch` per (node, series) at a time; every HTTP stream that
   wants the series joins it and reads arrivals from the spool at its own pace, so a slow client never
-  throttles the PACS or the other clients, and memory stays bounded.
+  throttles the PACS or the other clients, and memory stays bounded. With replicas sharing Redis,
+  the fetch goes through :class:`gateway.cluster.Cluster`: one replica retrieves (series lease), the
+  others copy its arrivals into their spool and ``arrive`` them here as if they had retrieved them.
 * **Priority**: the instance a request asked for is fetched first (one IMAGE-level retrieval), then
   the rest of the series.
 * **Cancel**: when the last waiter leaves before the fetch is done, the fetch is cancelled (C-CANCEL,
@@ -25,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
@@ -35,6 +38,9 @@ from gateway.dimse.retrieve import RetrieveOutcome, Retriever
 from gateway.dimse.storage_scp import PendingMove, StorageScp
 from gateway.errors import GatewayError, NotFound, PacsError
 from gateway.settings import PacsNode, Settings
+
+if TYPE_CHECKING:
+    from gateway.cluster import Cluster, Copies
 
 log = logging.getLogger(__name__)
 MANIFEST_TTL = 60.0
@@ -80,6 +86,10 @@ class SeriesFetch:
         self.waiters = 0
         self._wake: asyncio.Future[None] = loop.create_future()
         self.task: asyncio.Future[None] | None = None
+        # Cluster mode only: the retrieval id while this replica holds the series lease, and the
+        # copier of instances other replicas announce.
+        self.retrieval_id: str | None = None
+        self.remote: Copies | None = None
 
     # loop thread only
     def arrive(self, sop_uid: str) -> None:
@@ -136,8 +146,9 @@ class SeriesFetch:
 
 class RetrievalService:
     def __init__(self, settings: Settings, dimse: DimseClient, cache: Cache, spool: Spool,
-                 storage_scp: StorageScp | None) -> None:
+                 storage_scp: StorageScp | None, cluster: Cluster | None = None) -> None:
         self.settings = settings
+        self.cluster = cluster
         self.dimse = dimse
         self.cache = cache
         self.spool = spool
@@ -260,24 +271,11 @@ class RetrievalService:
                          priority: str | None, fetch_key: tuple[str, str]) -> None:
         manifest = fetch.manifest
         try:
-            async with self._slot(node):
-                self.retrievals_started += 1
-                if priority in missing and len(missing) > 1:
-                    await self._retrieve(node, fetch, [priority])
-                    missing = [u for u in missing if not fetch.has(u)]
-                if missing and not fetch.cancel.is_set():
-                    whole = manifest.complete and len(missing) == len(manifest.uids)
-                    await self._retrieve(node, fetch, None if whole else missing)
-                still = [u for u in manifest.uids if not fetch.has(u)]
-                # Retry what is missing once preferring compressed syntaxes (DCMTK PACS fail
-                # sub-operations they cannot convert to the one syntax agreed per SOP class), then once
-                # more preferring native ones.
-                for compressed_first in (True, False):
-                    if not still or fetch.cancel.is_set():
-                        break
-                    log.warning("retrying %d missing instances of a series on %s", len(still), node.name)
-                    await self._retrieve(node, fetch, still, compressed_first=compressed_first)
-                    still = [u for u in manifest.uids if not fetch.has(u)]
+            if self.cluster is not None:
+                await self.cluster.run(fetch, lambda wanted: self._from_pacs(node, fetch, wanted, priority))
+            else:
+                await self._from_pacs(node, fetch, missing, priority)
+            still = [u for u in manifest.uids if not fetch.has(u)]
             if fetch.cancel.is_set() and still:
                 fetch.finish(RetrievalFailed("retrieval cancelled: every client left", node=node.name))
             elif still:
@@ -297,6 +295,29 @@ class RetrievalService:
             # The manifest may be stale next time (instances added/removed on the PACS).
             if fetch.error is not None:
                 self._manifests.pop((node.name, manifest.series), None)
+
+    async def _from_pacs(self, node: PacsNode, fetch: SeriesFetch, missing: list[str],
+                         priority: str | None) -> None:
+        """Retrieve ``missing`` from the PACS: the asked-for instance first, then the rest, then retries."""
+        manifest = fetch.manifest
+        async with self._slot(node):
+            self.retrievals_started += 1
+            if priority in missing and len(missing) > 1:
+                await self._retrieve(node, fetch, [priority])
+                missing = [u for u in missing if not fetch.has(u)]
+            if missing and not fetch.cancel.is_set():
+                whole = manifest.complete and len(missing) == len(manifest.uids)
+                await self._retrieve(node, fetch, None if whole else missing)
+            still = [u for u in manifest.uids if not fetch.has(u)]
+            # Retry what is missing once preferring compressed syntaxes (DCMTK PACS fail
+            # sub-operations they cannot convert to the one syntax agreed per SOP class), then once
+            # more preferring native ones.
+            for compressed_first in (True, False):
+                if not still or fetch.cancel.is_set():
+                    break
+                log.warning("retrying %d missing instances of a series on %s", len(still), node.name)
+                await self._retrieve(node, fetch, still, compressed_first=compressed_first)
+                still = [u for u in manifest.uids if not fetch.has(u)]
 
     async def _retrieve(self, node: PacsNode, fetch: SeriesFetch, sops: list[str] | None,
                         compressed_first: bool = False) -> None:
@@ -333,23 +354,42 @@ class RetrievalService:
                             node=node.name)
         loop = asyncio.get_running_loop()
         manifest = fetch.manifest
-        msg_id = self.scp.next_msg_id()
+        msg_id = await self._move_msg_id(self.scp)
         expected = set(chunk) if chunk is not None else set(manifest.uids)
         self.scp.register(PendingMove(msg_id, manifest.study, manifest.series, expected,
                                       on_instance))  # type: ignore[arg-type]
+        record: bytes | None = None
         if compressed_first:
             self.scp.prefer_compressed(True)
         try:
+            # With replicas, the PACS may deliver to another replica's storage SCP (one AE title behind
+            # one Service): publish the move so that replica can route it, and copy in what it announces.
+            if self.cluster is not None:
+                record = await self.cluster.register_move(msg_id, fetch, expected)
             def work() -> RetrieveOutcome:
                 return self.retriever.move(node, level=level, study=manifest.study,  # type: ignore[arg-type]
                                            series=manifest.series, sops=chunk,
                                            destination=self.settings.gateway.ae_title, msg_id=msg_id,
                                            cancel=fetch.cancel, patient_id=pid)
-            await loop.run_in_executor(self._executor, work)
+            if self.cluster is not None:
+                async with self.cluster.remote_arrivals(fetch):
+                    await loop.run_in_executor(self._executor, work)
+            else:
+                await loop.run_in_executor(self._executor, work)
         finally:
+            if record is not None and self.cluster is not None:
+                await self.cluster.unregister_move(msg_id, record)
             self.scp.unregister(msg_id)
             if compressed_first:
                 self.scp.prefer_compressed(False)
+
+    async def _move_msg_id(self, scp: StorageScp) -> int:
+        """A Message ID from the shared counter (unique across replicas), skipping ones pending here."""
+        for _ in range(65535):
+            msg_id = await self.cache.next_counter(key("move", "msgid"), 65535)
+            if not scp.is_pending(msg_id):
+                return msg_id
+        raise PacsError("65535 C-MOVEs pending")
 
     async def _patient_id(self, node: PacsNode, study: str) -> str | None:
         if node.query_model != "patient":
@@ -364,6 +404,12 @@ class RetrievalService:
     async def close(self) -> None:
         for fetch in list(self._fetches.values()):
             fetch.cancel.set()
+        if self.cluster is not None:
+            # Let cancelled fetches write their end entry and free their lease (the cache closes
+            # next), so other replicas take over at once instead of after the lease expires.
+            tasks = [f.task for f in self._fetches.values() if f.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -6,14 +6,23 @@ by study/series. The C-STORE is answered only after ``on_instance`` returned, i.
 rename into the spool, so the final C-MOVE response proves the data is on disk (architecture.md §4).
 Instances matching no pending move are refused (``retrieval.reject_unexpected_stores``), so nobody
 can inject data into the spool.
+
+With replicas (:mod:`gateway.cluster`), all of them share one AE title, so the PACS may deliver a
+sub-operation for a C-MOVE another replica issued. A C-STORE matching no local move is then looked up
+by its Move Originator Message ID among the cluster's pending moves (UIDs cross-checked); when found,
+it is spooled here and announced to the originator, and only then answered. The handler runs on a
+pynetdicom thread: the lookup and the announcement run on the event loop
+(``asyncio.run_coroutine_threadsafe``), the spool write stays on this thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 
@@ -22,6 +31,7 @@ from gateway.dimse.socket_tuning import on_connection_open
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 REFUSED_NOT_AUTHORISED = 0x0124
 REFUSED_OUT_OF_RESOURCES = 0xA700
 
@@ -34,6 +44,18 @@ class PendingMove:
     expected: set[str] | None
     on_instance: OnInstance
     received: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class RemoteMove:
+    """A C-MOVE another replica issued whose sub-operation arrived here."""
+
+    write: OnInstance                                              # SCP thread: into the local spool
+    announce: Callable[[str, str, str], Coroutine[Any, Any, None]]  # loop: (sop, class, ts) to the originator
+
+
+# (Message ID, SOP UID) -> the move, or None; runs on the event loop.
+LookupMove = Callable[[int, str], Coroutine[Any, Any, RemoteMove | None]]
 
 
 class StorageScp:
@@ -63,7 +85,11 @@ class StorageScp:
         self._pending: dict[int, PendingMove] = {}
         self._lock = threading.Lock()
         self.unexpected = 0
+        self.remote_stores = 0
         self._msg_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lookup: LookupMove | None = None
+        self._bridge_timeout = 5.0
 
     def start(self) -> None:
         self._server = self._ae.start_server(
@@ -92,6 +118,15 @@ class StorageScp:
                 if self._msg_id not in self._pending:
                     return self._msg_id
         raise RuntimeError("65535 C-MOVEs pending")
+
+    def is_pending(self, msg_id: int) -> bool:
+        with self._lock:
+            return msg_id in self._pending
+
+    def attach_cluster(self, loop: asyncio.AbstractEventLoop, lookup: LookupMove) -> None:
+        """Route C-STOREs for other replicas' moves through ``lookup`` (run on ``loop``)."""
+        self._loop = loop
+        self._lookup = lookup
 
     def register(self, move: PendingMove) -> None:
         with self._lock:
@@ -130,6 +165,9 @@ class StorageScp:
         sop_uid = str(req.AffectedSOPInstanceUID)
         move = self._route(event, sop_uid)
         if move is None:
+            remote = self._remote(event, sop_uid)
+            if remote is not None:
+                return self._store_remote(remote, event, sop_uid)
             self.unexpected += 1
             log.warning("C-STORE from %s matched no pending C-MOVE", event.assoc.requestor.ae_title)
             if self.reject_unexpected:
@@ -143,4 +181,40 @@ class StorageScp:
             return REFUSED_OUT_OF_RESOURCES
         with self._lock:
             move.received.add(sop_uid)
+        return 0x0000
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(self._bridge_timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _remote(self, event: evt.Event, sop_uid: str) -> RemoteMove | None:
+        req: Any = event.request
+        msg_id = getattr(req, "MoveOriginatorMessageID", None)
+        # The originator AE title is not checked: every replica has the same one, and pynetdicom's
+        # C-MOVE SCP sends its own title there. The UID cross-check is what guards the spool.
+        if self._lookup is None or msg_id is None:
+            return None
+        try:
+            return self._on_loop(self._lookup(int(msg_id), sop_uid))
+        except Exception:  # noqa: BLE001 - no answer in time: treated as matching nothing
+            log.warning("looking up a C-MOVE of another replica failed", exc_info=True)
+            return None
+
+    def _store_remote(self, remote: RemoteMove, event: evt.Event, sop_uid: str) -> int:
+        req: Any = event.request
+        cls, ts = str(req.AffectedSOPClassUID), str(event.context.transfer_syntax)
+        try:
+            remote.write(event.encoded_dataset(include_meta=True), sop_uid, cls, ts)
+            # Answer only once the originator can learn about it (architecture.md §4 ordering).
+            self._on_loop(remote.announce(sop_uid, cls, ts))
+        except Exception:  # noqa: BLE001 - the PACS learns it failed; the originator retries it
+            log.exception("storing a C-MOVE sub-operation for another replica failed")
+            return REFUSED_OUT_OF_RESOURCES
+        with self._lock:
+            self.remote_stores += 1
         return 0x0000

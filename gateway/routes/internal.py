@@ -36,8 +36,10 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"error": "Unauthorized" if status == 401 else "NotFound", "detail": detail,
-                         "node": None}, status_code=status)
+    if status == 401:
+        return JSONResponse({"error": "Unauthorized", "detail": detail, "node": None}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+    return JSONResponse({"error": "NotFound", "detail": detail, "node": None}, status_code=status)
 
 
 def internal_app(spool: Spool, secret: str) -> Starlette:
