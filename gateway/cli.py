@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import importlib.util
 import ipaddress
@@ -40,9 +41,11 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
         return 2
     if settings.auth.mode == "none":
         log.warning("no auth configured: serving without authentication on %s", host)
+    # The effective address is part of the settings: the cluster advertises it to other replicas.
+    settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, host=host, port=port))
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1, lifespan="on",
-                log_level="info", proxy_headers=False)
+    uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1,
+                lifespan="on", log_level="info", proxy_headers=False)
     return 0
 
 
