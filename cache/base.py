@@ -42,6 +42,12 @@ no patient data ever appears in a key name):
                                                       MAXLEN bounded
     move:msgid                             counter    C-MOVE Message ID source
                                                       (``next_counter(key, 65535)``)
+    move:pending:{msgid}                   string     JSON: study, series, expected UIDs,
+                                                      originator replica, stream key; short TTL
+    retrieval:series:{SeriesInstanceUID}   string     the latest retrieval's stream key, so late
+                                                      replicas copy instead of re-fetching; TTL
+    meta:series:{Study}:{Series}           string     series metadata JSON (placeholder base);
+                                                      TTL ``cache.ttl.metadata``, dropped by STOW
     =====================================  =========  ============================================
 
 Counters are the one exception to "TTL everywhere": expiring one would reset it and could make an
