@@ -159,6 +159,7 @@ class RetrievalService:
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self.retrievals_started = 0
+        self.incomplete = 0
 
     # ------------------------------------------------------------------ locate
 
@@ -279,6 +280,7 @@ class RetrievalService:
             if fetch.cancel.is_set() and still:
                 fetch.finish(RetrievalFailed("retrieval cancelled: every client left", node=node.name))
             elif still:
+                self.incomplete += 1   # reported to the clients and counted (/metrics), never silent
                 fetch.finish(RetrievalFailed(f"node {node.name} did not deliver {len(still)} of "
                                              f"{len(manifest.uids)} instances of series {manifest.series}",
                                              node=node.name))

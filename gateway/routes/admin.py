@@ -50,6 +50,10 @@ async def metrics(request: Request) -> PlainTextResponse:
         ("dwg_spool_evictions_total", "counter", "instances evicted from the spool", spool.evictions),
         ("dwg_unexpected_stores_total", "counter", "C-STOREs that matched no pending C-MOVE",
          scp.unexpected if scp is not None else 0),
+        ("dwg_remote_stores_total", "counter", "C-STOREs received for another replica's C-MOVE",
+         getattr(scp, "remote_stores", 0) if scp is not None else 0),
+        ("dwg_incomplete_retrievals_total", "counter",
+         "retrievals that ended with instances the PACS did not deliver", state.retrieval.incomplete),
         ("dwg_cache_failures_total", "counter", "cache operations that failed (served without cache)",
          getattr(state.cache, "failures", 0)),
     ]
