@@ -304,16 +304,9 @@ class SearchService:
                 ident.SeriesInstanceUID = ""
                 ident.Modality = ""
                 ident.NumberOfSeriesRelatedInstances = None
-                try:
-                    extra = await self._patient_key(node, ident.StudyInstanceUID, budget)
-                    if extra is False:
-                        return
-                    if extra:
-                        ident.PatientID = extra
-                    res = await self.finder.find(node, ident, model=node.query_model)
-                except GatewayError as exc:
-                    log.warning("computing study details on %s failed: %s", node.name, type(exc).__name__)
-                    return
+                res = await self._emulation_find(node, ident, budget)
+            if res is None:
+                return
             mods = sorted({m for s in res.datasets for m in q._text(s, q.MODALITY).split("\\") if m})
             if want_mods and q.missing(study, q.MODALITIES_IN_STUDY) and mods:
                 study.add(DataElement(q.MODALITIES_IN_STUDY, "CS", mods))
@@ -342,19 +335,25 @@ class SearchService:
                 ident.StudyInstanceUID = q._text(parent or series, q.STUDY_UID)
                 ident.SeriesInstanceUID = q._text(series, q.SERIES_UID)
                 ident.SOPInstanceUID = ""
-                try:
-                    extra = await self._patient_key(node, ident.StudyInstanceUID, budget)
-                    if extra is False:
-                        return
-                    if extra:
-                        ident.PatientID = extra
-                    res = await self.finder.find(node, ident, model=node.query_model)
-                except GatewayError as exc:
-                    log.warning("counting instances on %s failed: %s", node.name, type(exc).__name__)
-                    return
+                res = await self._emulation_find(node, ident, budget)
+            if res is None:
+                return
             series.add(DataElement(q.N_SERIES_INSTANCES, "IS", len(res.datasets)))
 
         await asyncio.gather(*(one(s) for s in todo))
+
+    async def _emulation_find(self, node: PacsNode, ident: Dataset, budget: _Budget) -> FindResult | None:
+        """A lower-level C-FIND for an emulated attribute; None when it cannot be done (never fatal)."""
+        try:
+            extra = await self._patient_key(node, str(ident.StudyInstanceUID), budget)
+            if extra is False:
+                return None
+            if extra:
+                ident.PatientID = extra
+            return await self.finder.find(node, ident, model=node.query_model)
+        except GatewayError as exc:
+            log.warning("an emulation C-FIND on %s failed: %s", node.name, type(exc).__name__)
+            return None
 
     async def _patient_key(self, node: PacsNode, study_uid: str, budget: _Budget) -> str | bool | None:
         """For Patient Root nodes, the PatientID a lower-level C-FIND needs (False: unknown)."""

@@ -16,11 +16,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 
 from gateway.dimse.outcomes import association_failure
-from gateway.dimse.socket_tuning import guard_reactor, on_connection_open
+from gateway.dimse.socket_tuning import close_association, guard_reactor, new_ae, on_connection_open
 from gateway.settings import PacsNode
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,7 @@ class AssociationPool:
         self.purpose = purpose
         self.max_size = max_size
         self.idle_seconds = idle_seconds
-        ae = AE(ae_title=calling_ae)
-        t = node.timeouts
-        ae.connection_timeout = t.connect
-        ae.acse_timeout = t.acse
-        ae.dimse_timeout = t.dimse
-        ae.network_timeout = t.network
-        ae.maximum_pdu_size = node.max_pdu
+        ae = new_ae(calling_ae, node)
         for ctx in contexts:
             if isinstance(ctx, tuple):
                 ae.add_requested_context(*ctx)
@@ -119,13 +113,7 @@ class AssociationPool:
 
     @staticmethod
     def _close(assoc: Association) -> None:
-        try:
-            if assoc.is_established:
-                assoc.release()
-            else:
-                assoc.abort()
-        except Exception:  # noqa: BLE001 - closing a broken association must never raise
-            log.debug("closing association failed", exc_info=True)
+        close_association(assoc)
 
     def close(self) -> None:
         with self._lock:

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, build_role, evt
 
 from gateway.dimse.outcomes import status_error
-from gateway.dimse.socket_tuning import busy, guard_reactor, on_connection_open
+from gateway.dimse.socket_tuning import busy, close_association, guard_reactor, new_ae, on_connection_open
 from gateway.errors import DimseFailure, GatewayError
 from gateway.settings import PacsNode
 
@@ -166,14 +166,8 @@ class Retriever:
         self.calling_ae = calling_ae
 
     def _ae(self, node: PacsNode) -> AE:
-        ae = AE(ae_title=self.calling_ae)
-        t = node.timeouts
-        ae.connection_timeout = t.connect
-        ae.acse_timeout = t.acse
-        ae.dimse_timeout = t.dimse
-        ae.network_timeout = t.network
-        ae.maximum_pdu_size = 0   # unlimited: the PACS sends PDUs as large as it likes (throughput)
-        return ae
+        # max PDU 0 = unlimited: the PACS sends PDUs as large as it likes (throughput)
+        return new_ae(self.calling_ae, node, max_pdu=0)
 
     def _associate(self, ae: AE, node: PacsNode, handlers: list[Any],
                    ext_neg: list[Any] | None = None) -> Any:
@@ -290,10 +284,4 @@ class Retriever:
 
     @staticmethod
     def _close(assoc: Any, *, clean: bool) -> None:
-        try:
-            if clean and assoc.is_established:
-                assoc.release()
-            else:
-                assoc.abort()
-        except Exception:  # noqa: BLE001
-            log.debug("closing retrieval association failed", exc_info=True)
+        close_association(assoc, clean=clean)

@@ -16,14 +16,41 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pynetdicom import evt
+from pynetdicom import AE, evt
+
+from gateway.settings import PacsNode
 
 QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)   # Linux only
+log = logging.getLogger(__name__)
+
+
+def new_ae(calling_ae: str, node: PacsNode, *, max_pdu: int | None = None) -> AE:
+    """An AE for requesting associations to ``node``, with the node's timeouts and PDU size."""
+    ae = AE(ae_title=calling_ae)
+    t = node.timeouts
+    ae.connection_timeout = t.connect
+    ae.acse_timeout = t.acse
+    ae.dimse_timeout = t.dimse
+    ae.network_timeout = t.network
+    ae.maximum_pdu_size = node.max_pdu if max_pdu is None else max_pdu
+    return ae
+
+
+def close_association(assoc: Any, *, clean: bool = True) -> None:
+    """Release (or abort) an association; closing a broken one never raises."""
+    try:
+        if clean and assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()
+    except Exception:  # noqa: BLE001 - closing a broken association must never raise
+        log.debug("closing an association failed", exc_info=True)
 _BUSY = "_dwg_busy"
 
 

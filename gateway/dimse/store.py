@@ -40,7 +40,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
 from gateway.dimse.outcomes import association_failure
-from gateway.dimse.socket_tuning import busy, guard_reactor, on_connection_open
+from gateway.dimse.socket_tuning import busy, close_association, guard_reactor, new_ae, on_connection_open
 from gateway.errors import GatewayError
 from gateway.settings import PacsNode
 from translators.frames import transcode_part10
@@ -161,13 +161,7 @@ class StoreClient:
     # The methods below run in the store thread.
 
     def _ae(self, node: PacsNode, contexts: list[Context]) -> AE:
-        ae = AE(ae_title=self.calling_ae)
-        t = node.timeouts
-        ae.connection_timeout = t.connect
-        ae.acse_timeout = t.acse
-        ae.dimse_timeout = t.dimse
-        ae.network_timeout = t.network
-        ae.maximum_pdu_size = node.max_pdu
+        ae = new_ae(self.calling_ae, node)
         for cls, syntaxes in contexts:
             ae.add_requested_context(cls, syntaxes)
         return ae
@@ -267,10 +261,4 @@ class StoreClient:
 
 
 def _close(assoc: Association) -> None:
-    try:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-    except Exception:  # noqa: BLE001 - closing a broken association must never raise
-        log.debug("closing the store association failed", exc_info=True)
+    close_association(assoc)
