@@ -17,16 +17,19 @@ Thread-safety: ``commit`` runs on pynetdicom threads; everything takes one lock.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +61,9 @@ class Spool:
         self._by_series: dict[str, set[str]] = {}
         self.total_bytes = 0
         self.evictions = 0
+        # Called (on the writer's thread) with every committed entry: the gateway builds the frame
+        # index there, at ingest, so a frame request is one bounded read.
+        self.on_commit: Callable[[SpoolEntry], None] | None = None
         for stale in self.root.glob("*.dcm"):
             # The in-memory index died with the last process; files without it are unusable.
             stale.unlink(missing_ok=True)
@@ -99,6 +105,11 @@ class Spool:
             self._by_series.setdefault(series_uid, set()).add(sop_instance_uid)
             self.total_bytes += size
             self._evict_locked()
+        if self.on_commit is not None:
+            try:
+                self.on_commit(entry)
+            except Exception:  # noqa: BLE001 - derived data is an optimisation; reads recompute it
+                log.warning("post-commit processing of a spooled instance failed", exc_info=True)
         return entry
 
     # ---------------------------------------------------------------- reading

@@ -54,6 +54,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         app.state.search = SearchService(settings, app.state.dimse, app.state.cache)
         app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
         app.state.instances = InstanceReader()
+        app.state.spool.on_commit = app.state.instances.index_at_ingest
         scp = None
         if any(n.retrieve == "move" for n in settings.nodes):
             g = settings.gateway

@@ -82,6 +82,13 @@ class InstanceReader:
 
     # ---------------------------------------------------------------- frames
 
+    def index_at_ingest(self, entry: SpoolEntry) -> None:
+        """Spool commit hook (writer thread): build the frame index while the file is in the page cache."""
+        try:
+            self._index_blocking(entry)
+        except fr.NotIndexable:
+            pass   # not cached: a request for its frames reports why (see routes/wado.py)
+
     async def frame_index(self, entry: SpoolEntry) -> fr.FrameIndex | None:
         return await self._run(self._index_blocking, entry)  # type: ignore[no-any-return]
 

@@ -296,6 +296,8 @@ async def frames(request: Request) -> Response:
         raw = await reader.frames(entry, numbers)
     except fr.FrameError as exc:
         raise BadRequest(str(exc)) from None
+    except fr.NotIndexable as exc:
+        raise GatewayError(f"instance {entry.sop_instance_uid} cannot be split into frames: {exc}") from None
     part_type, ts = _frame_media(entry.transfer_syntax, selection)
     native_le = {media.EXPLICIT_VR_LE, media.IMPLICIT_VR_LE}
     if ts != entry.transfer_syntax and not {ts, entry.transfer_syntax} <= native_le:

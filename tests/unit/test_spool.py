@@ -65,3 +65,30 @@ def test_temp_spool_is_removed_on_close():
     spool.write(b"1", **meta("1"))
     spool.close()
     assert not root.exists()
+
+
+def test_commit_hook_runs_for_every_entry_and_never_fails_the_write(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    seen = []
+    spool.on_commit = lambda entry: seen.append(entry.sop_instance_uid)
+    spool.write(b"a", **meta("1"))
+    spool.on_commit = lambda entry: 1 / 0
+    entry = spool.write(b"b", **meta("2"))
+    assert seen == ["1"] and spool.get("2") is entry
+
+
+def test_frame_index_is_built_at_ingest(tmp_path):
+    from io import BytesIO
+
+    from gateway.demo_data import generate_demo_datasets
+    from gateway.instances import InstanceReader
+
+    ds = next(d for d in generate_demo_datasets() if getattr(d, "NumberOfFrames", 1) and int(d.get("NumberOfFrames", 1)) > 1)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    reader = InstanceReader()
+    spool.on_commit = reader.index_at_ingest
+    entry = spool.write(buf.getvalue(), **meta(str(ds.SOPInstanceUID)))
+    reader.close()
+    assert entry.derived["index"].number_of_frames == int(ds.NumberOfFrames)
