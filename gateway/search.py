@@ -154,7 +154,7 @@ class SearchService:
         for res in results:
             combined.truncated |= res.truncated
             for ds in res.datasets:
-                uid = q._text(ds, uid_tag)
+                uid = q.text_value(ds, uid_tag)
                 if uid in seen:
                     continue
                 seen.add(uid)
@@ -191,7 +191,7 @@ class SearchService:
             res = await self.finder.find(node, ident, model="patient")
             patients.datasets += res.datasets
             patients.truncated |= res.truncated
-        ids = sorted({q._text(p, q.PATIENT_ID) for p in patients.datasets if q._text(p, q.PATIENT_ID)})
+        ids = sorted({pid for p in patients.datasets if (pid := q.text_value(p, q.PATIENT_ID))})
         combined = FindResult(node=node.name, truncated=patients.truncated)
         for patient_id in ids:
             if not budget.take():
@@ -212,7 +212,7 @@ class SearchService:
         ident.PatientID = ""
         res = await self.finder.find(node, ident, model="patient")
         for patient in res.datasets:
-            pid = q._text(patient, q.PATIENT_ID)
+            pid = q.text_value(patient, q.PATIENT_ID)
             if not pid or not budget.take():
                 continue
             s = Dataset()
@@ -240,7 +240,7 @@ class SearchService:
             found = await self._search_node(node, sq, budget)
             studies, result.truncated = found.datasets, found.truncated
         for study in studies:
-            study_uid = q._text(study, q.STUDY_UID)
+            study_uid = q.text_value(study, q.STUDY_UID)
             if not budget.take():
                 break
             at_series = query.level == "series"
@@ -256,7 +256,7 @@ class SearchService:
             for series in series_list.datasets:
                 if not budget.take():
                     break
-                series_uid = q._text(series, q.SERIES_UID)
+                series_uid = q.text_value(series, q.SERIES_UID)
                 own = tuple(m for m in query.matches if q.level_of(m.path[0]) == "instance")
                 inst_q = replace(query, relational=False, study_uid=study_uid, series_uid=series_uid,
                                  matches=own + (q.MatchKey((q.STUDY_UID,), (study_uid,)),
@@ -273,7 +273,7 @@ class SearchService:
         uid_tag = q.uid_of(query.level)
         groups: dict[str, list[Dataset]] = {}
         for ds in datasets:
-            names = holders.get(q._text(ds, uid_tag), [])
+            names = holders.get(q.text_value(ds, uid_tag), [])
             if names:
                 groups.setdefault(names[0], []).append(ds)
         for name, items in groups.items():
@@ -300,14 +300,14 @@ class SearchService:
             async with sem:
                 ident = Dataset()
                 ident.QueryRetrieveLevel = "SERIES"
-                ident.StudyInstanceUID = q._text(study, q.STUDY_UID)
+                ident.StudyInstanceUID = q.text_value(study, q.STUDY_UID)
                 ident.SeriesInstanceUID = ""
                 ident.Modality = ""
                 ident.NumberOfSeriesRelatedInstances = None
                 res = await self._emulation_find(node, ident, budget)
             if res is None:
                 return
-            mods = sorted({m for s in res.datasets for m in q._text(s, q.MODALITY).split("\\") if m})
+            mods = sorted({m for s in res.datasets for m in q.text_value(s, q.MODALITY).split("\\") if m})
             if want_mods and q.missing(study, q.MODALITIES_IN_STUDY) and mods:
                 study.add(DataElement(q.MODALITIES_IN_STUDY, "CS", mods))
             if want_counts:
@@ -315,7 +315,7 @@ class SearchService:
                     study.add(DataElement(q.N_STUDY_SERIES, "IS", len(res.datasets)))
                 if q.missing(study, q.N_STUDY_INSTANCES):
                     await self._fill_series_counts(node, res.datasets, budget, parent=study)
-                    counts = [int(q._text(s, q.N_SERIES_INSTANCES) or -1) for s in res.datasets]
+                    counts = [int(q.text_value(s, q.N_SERIES_INSTANCES) or -1) for s in res.datasets]
                     if all(c >= 0 for c in counts):
                         study.add(DataElement(q.N_STUDY_INSTANCES, "IS", sum(counts)))
 
@@ -332,8 +332,8 @@ class SearchService:
             async with sem:
                 ident = Dataset()
                 ident.QueryRetrieveLevel = "IMAGE"
-                ident.StudyInstanceUID = q._text(parent or series, q.STUDY_UID)
-                ident.SeriesInstanceUID = q._text(series, q.SERIES_UID)
+                ident.StudyInstanceUID = q.text_value(parent or series, q.STUDY_UID)
+                ident.SeriesInstanceUID = q.text_value(series, q.SERIES_UID)
                 ident.SOPInstanceUID = ""
                 res = await self._emulation_find(node, ident, budget)
             if res is None:
@@ -369,16 +369,16 @@ class SearchService:
         ttl = self.settings.cache.ttl.location
         try:
             for ds in merged.datasets:
-                study = q._text(ds, q.STUDY_UID)
+                study = q.text_value(ds, q.STUDY_UID)
                 if not study:
                     continue
-                names = merged.nodes.get(q._text(ds, q.uid_of(level)), [])
+                names = merged.nodes.get(q.text_value(ds, q.uid_of(level)), [])
                 if names:
                     await self.cache.sadd(key("loc", "study", study), names, ttl)
-                series = q._text(ds, q.SERIES_UID)
+                series = q.text_value(ds, q.SERIES_UID)
                 if level != "study" and series:
                     await self.cache.sadd(key("loc", "series", series), [study], ttl)
-                pid = q._text(ds, q.PATIENT_ID)
+                pid = q.text_value(ds, q.PATIENT_ID)
                 if pid:
                     for name in names:
                         await self.cache.set(key("loc", "pid", name, study), pid.encode(), ttl)

@@ -407,7 +407,8 @@ def uid_of(level: Level) -> int:
     return {"study": STUDY_UID, "series": SERIES_UID, "instance": SOP_UID}[level]
 
 
-def _text(ds: Dataset, tag: int) -> str:
+def text_value(ds: Dataset, tag: int) -> str:
+    """The element's value as text (multi-values joined by backslash); "" when absent or empty."""
     elem = ds.get(tag)
     if elem is None or elem.value is None:
         return ""
@@ -419,7 +420,7 @@ def _text(ds: Dataset, tag: int) -> str:
 
 def _number(ds: Dataset, tag: int) -> float:
     try:
-        return float(_text(ds, tag).split("\\")[0])
+        return float(text_value(ds, tag).split("\\")[0])
     except ValueError:
         return float("inf")
 
@@ -429,16 +430,16 @@ def sort_key(level: Level) -> Callable[[Dataset], tuple[object, ...]]:
     series/instance number, UIDs as tie-breakers."""
     def study(ds: Dataset) -> tuple[object, ...]:
         # Descending date/time: invert the digits so a plain ascending sort gives newest first.
-        date = _text(ds, 0x00080020).ljust(8, "0")[:8]
-        time = re.sub(r"[^0-9]", "", _text(ds, 0x00080030)).ljust(6, "0")[:6]
+        date = text_value(ds, 0x00080020).ljust(8, "0")[:8]
+        time = re.sub(r"[^0-9]", "", text_value(ds, 0x00080030)).ljust(6, "0")[:6]
         inv = "".join(chr(ord("9") - ord(c) + ord("0")) if c.isdigit() else c for c in date + time)
-        return (inv, _text(ds, STUDY_UID))
+        return (inv, text_value(ds, STUDY_UID))
 
     def series(ds: Dataset) -> tuple[object, ...]:
-        return (*study(ds), _number(ds, 0x00200011), _text(ds, SERIES_UID))
+        return (*study(ds), _number(ds, 0x00200011), text_value(ds, SERIES_UID))
 
     def instance(ds: Dataset) -> tuple[object, ...]:
-        return (*series(ds), _number(ds, 0x00200013), _text(ds, SOP_UID))
+        return (*series(ds), _number(ds, 0x00200013), text_value(ds, SOP_UID))
 
     return {"study": study, "series": series, "instance": instance}[level]
 
@@ -479,7 +480,7 @@ def merge(level: Level, per_node: Sequence[tuple[str, str, Sequence[Dataset]]]) 
     aets: dict[str, list[str]] = {}
     for name, aet, results in per_node:
         for ds in results:
-            uid = _text(ds, uid_tag)
+            uid = text_value(ds, uid_tag)
             if not uid:
                 continue
             if uid not in out:
@@ -507,19 +508,19 @@ def page(datasets: Sequence[Dataset], level: Level, limit: int | None, offset: i
 
 
 def retrieve_url(base: str, level: Level, ds: Dataset) -> str | None:
-    study = _text(ds, STUDY_UID)
+    study = text_value(ds, STUDY_UID)
     if not study:
         return None
     url = f"{base}/studies/{study}"
     if level == "study":
         return url
-    series = _text(ds, SERIES_UID)
+    series = text_value(ds, SERIES_UID)
     if not series:
         return None
     url += f"/series/{series}"
     if level == "series":
         return url
-    sop = _text(ds, SOP_UID)
+    sop = text_value(ds, SOP_UID)
     return f"{url}/instances/{sop}" if sop else None
 
 
