@@ -157,7 +157,6 @@ class RetrievalService:
         self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="retrieve")
         self._fetches: dict[tuple[str, str], SeriesFetch] = {}
         self._manifests: dict[tuple[str, str], Manifest] = {}
-        self._slots: dict[str, asyncio.Semaphore] = {}
         self.retrievals_started = 0
         self.incomplete = 0
 
@@ -245,9 +244,7 @@ class RetrievalService:
     # ------------------------------------------------------------------ fetching
 
     def _slot(self, node: PacsNode) -> asyncio.Semaphore:
-        if node.name not in self._slots:
-            self._slots[node.name] = asyncio.Semaphore(node.max_associations)
-        return self._slots[node.name]
+        return self.dimse.transfer_slot(node)   # shared with STOW: one budget per node
 
     def fetch(self, node: PacsNode, manifest: Manifest, priority: str | None = None) -> SeriesFetch:
         """The in-flight fetch of this series, or a new one (single-flight per node and series)."""

@@ -191,7 +191,7 @@ class SearchService:
             res = await self.finder.find(node, ident, model="patient")
             patients.datasets += res.datasets
             patients.truncated |= res.truncated
-        ids = sorted({pid for p in patients.datasets if (pid := q.text_value(p, q.PATIENT_ID))})
+        ids = sorted({v for p in patients.datasets if (v := q.text_value(p, q.PATIENT_ID))})
         combined = FindResult(node=node.name, truncated=patients.truncated)
         for patient_id in ids:
             if not budget.take():

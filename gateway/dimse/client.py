@@ -60,6 +60,14 @@ class DimseClient:
             )
         self._msg_id = 0
         self._msg_lock = threading.Lock()
+        self._transfer_slots: dict[str, asyncio.Semaphore] = {}
+
+    def transfer_slot(self, node: PacsNode) -> asyncio.Semaphore:
+        """The node's budget for retrievals and stores together (``max_associations``), apart from
+        the query budget so long transfers never starve QIDO (architecture.md §4)."""
+        if node.name not in self._transfer_slots:
+            self._transfer_slots[node.name] = asyncio.Semaphore(node.max_associations)
+        return self._transfer_slots[node.name]
 
     def query_pool(self, node: PacsNode) -> AssociationPool:
         return self._query_pools[node.name]

@@ -10,8 +10,8 @@
   (``_config.STORE_SEND_CHUNKED_DATASET``): the file is read PDU by PDU, never decoded or held whole.
 * **Per-node budget**: an asyncio semaphore per node bounds concurrent store associations to
   ``max_associations``; the blocking pynetdicom work runs in a thread of its own per request, which
-  hands its result to the event loop with ``call_soon_threadsafe``. (The retrieval service keeps its
-  own semaphore of the same size: stores and retrievals do not yet share one budget.)
+  hands its result to the event loop with ``call_soon_threadsafe``. In the gateway the semaphore is
+  the DIMSE client's ``transfer_slot``, shared with retrievals: one budget per node for both.
 * **Back-to-back C-STOREs** on one association need a guard against a pynetdicom 3.0.4 reactor race
   (:func:`gateway.dimse.socket_tuning.guard_reactor`), or a response is occasionally stolen and the
   instance times out.
@@ -109,12 +109,16 @@ def storage_contexts(items: Sequence[StoreItem]) -> list[list[Context]]:
 class StoreClient:
     """C-STORE runner for one gateway: per node a semaphore bounds the store associations."""
 
-    def __init__(self, calling_ae: str) -> None:
+    def __init__(self, calling_ae: str,
+                 slot_for: Callable[[PacsNode], asyncio.Semaphore] | None = None) -> None:
         self.calling_ae = calling_ae
+        self._slot_for = slot_for   # the DIMSE client's per-node transfer budget, shared with retrievals
         self._slots: dict[str, asyncio.Semaphore] = {}
         self.associations = 0   # opened over the client's life (tests: one per request and batch)
 
     def slot(self, node: PacsNode) -> asyncio.Semaphore:
+        if self._slot_for is not None:
+            return self._slot_for(node)
         if node.name not in self._slots:
             self._slots[node.name] = asyncio.Semaphore(node.max_associations)
         return self._slots[node.name]

@@ -156,7 +156,7 @@ def _store_client(request: Request) -> StoreClient:
     state = request.app.state
     client: StoreClient | None = getattr(state, "stow_client", None)
     if client is None:   # one per app, made on first use (its semaphores bind to the serving loop)
-        client = StoreClient(state.settings.gateway.ae_title)
+        client = StoreClient(state.settings.gateway.ae_title, slot_for=state.dimse.transfer_slot)
         state.stow_client = client
     return client
 
