@@ -19,6 +19,7 @@ from cache.base import Cache, key
 from gateway.dimse.client import DimseClient, FindResult, QueryModel
 from gateway.settings import PacsNode, Settings
 from translators.dicom_json import dataset_to_json
+from translators.dicom_json_decode import dataset_from_json
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _encode(result: FindResult) -> bytes:
 def _decode(node: str, data: bytes) -> FindResult | None:
     try:
         body = orjson.loads(data)
-        datasets = [Dataset.from_json(item) for item in body["d"]]
+        datasets = [dataset_from_json(item) for item in body["d"]]
         return FindResult(node=node, datasets=datasets, truncated=bool(body["t"]))
     except Exception:  # noqa: BLE001 - corrupt or foreign values are misses, never errors
         log.warning("ignoring an undecodable cached query result")
