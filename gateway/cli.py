@@ -158,7 +158,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """
     import contextlib
     import re
-    import threading
     import time
     from collections.abc import Iterator
 
@@ -171,29 +170,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     @contextlib.contextmanager
     def embedded_demo() -> Iterator[str]:
         """The demo PACS and a gateway in this process, on free loopback ports; yields the root."""
-        import uvicorn
-
-        from gateway.app import create_app
         from gateway.demo_data import generate_demo_datasets
         from gateway.dimse.demo_pacs import DemoPacs
+        from gateway.embedded import serve_in_thread
 
-        with DemoPacs(generate_demo_datasets(), ae_title="DEMOPACS", port=0) as pacs:
-            config = uvicorn.Config(create_app(demo_settings(pacs.port, "127.0.0.1", 0)), host="127.0.0.1",
-                                    port=0, log_level="warning", lifespan="on", loop="asyncio")
-            server = uvicorn.Server(config)
-            thread = threading.Thread(target=server.run, name="pull-demo-gateway", daemon=True)
-            thread.start()
-            deadline = time.monotonic() + 30
-            while not server.started:
-                if not thread.is_alive() or time.monotonic() > deadline:
-                    raise RuntimeError("the embedded demo gateway did not start")
-                time.sleep(0.02)
-            try:
-                port = server.servers[0].sockets[0].getsockname()[1]
-                yield f"http://127.0.0.1:{port}/dicom-web"
-            finally:
-                server.should_exit = True
-                thread.join(timeout=15)
+        with DemoPacs(generate_demo_datasets(), ae_title="DEMOPACS", port=0) as pacs, \
+                serve_in_thread(demo_settings(pacs.port, "127.0.0.1", 0)) as port:
+            yield f"http://127.0.0.1:{port}/dicom-web"
 
     printed = {"done": -1}
 

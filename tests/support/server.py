@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import uvicorn
-
-from gateway.app import create_app
+from gateway.embedded import serve_in_thread
 from gateway.settings import Settings
 
 
@@ -23,19 +19,5 @@ def free_port() -> int:
 @contextmanager
 def running_gateway(settings: Settings, **app_kwargs: object) -> Iterator[str]:
     """Start the gateway on a free loopback port; yields its root URL (http://127.0.0.1:PORT)."""
-    port = free_port()
-    config = uvicorn.Config(create_app(settings, **app_kwargs), host="127.0.0.1", port=port,
-                            log_level="warning", lifespan="on", loop="asyncio")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("gateway did not start")
-        time.sleep(0.02)
-    try:
+    with serve_in_thread(settings, port=free_port(), startup_timeout=15, **app_kwargs) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
