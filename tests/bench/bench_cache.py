@@ -41,7 +41,6 @@ import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -62,7 +61,7 @@ if str(ROOT) not in sys.path:
 from gateway.demo_data import DEMO_STUDIES, UID_ROOT, DemoScale, write_demo_files  # noqa: E402
 from tests.bench import bench_qido as bq  # noqa: E402
 from tests.bench import bench_wado as bw  # noqa: E402
-from tests.integration.peers import HOST, OrthancPeer, free_port  # noqa: E402
+from tests.integration.peers import OrthancPeer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.md"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
@@ -126,40 +125,10 @@ class CachedGateway(bw.GatewayProcess):
 
     def __init__(self, peer: OrthancPeer, workdir: Path, tag: str, redis_url: str, prefix: str) -> None:
         self.prefix = prefix
-        self.workdir = workdir / f"gw-{tag}"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.spool = self.workdir / "spool"
-        self.port = free_port()
-        self.root = f"http://{HOST}:{self.port}"
-        self.log_path = self.workdir / "gateway.log"
-        config = self.workdir / "gateway.yaml"
-        config.write_text(
-            "gateway:\n"
-            f"  ae_title: {bw.GW_AE}\n  dimse_host: {HOST}\n  dimse_port: {free_port()}\n"
-            "nodes:\n"
-            f"  - name: orthanc\n    ae_title: {peer.ae_title}\n    host: {HOST}\n    port: {peer.dicom_port}\n"
-            "    retrieve: get\n"
-            "    timeouts: {connect: 5, acse: 10, dimse: 30, network: 60}\n"
+        super().__init__(peer, workdir, tag, extra_config=(
             "cache:\n"
             f"  url: {json.dumps(redis_url)}\n  prefix: {json.dumps(prefix)}\n"
-            "  ttl: {study: 3600, series: 3600, instance: 3600, metadata: 3600}\n"
-            "spool:\n"
-            f"  path: {self.spool}\n  max_bytes: 20GiB\n"
-        )
-        setpriv = shutil.which("setpriv")
-        prefix_argv = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*prefix_argv, sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port",
-             str(self.port)], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+            "  ttl: {study: 3600, series: 3600, instance: 3600, metadata: 3600}\n"))
 
     def warm_up_elsewhere(self) -> None:
         """One QIDO on another patient: imports done, C-FIND association open, nothing of study 1 known."""

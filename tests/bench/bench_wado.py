@@ -268,7 +268,8 @@ def _proc_cpu(pid: int) -> float:
 class GatewayProcess:
     """``python -m gateway.cli serve`` on a free loopback port with its own config and spool."""
 
-    def __init__(self, peer: OrthancPeer, workdir: Path, tag: str) -> None:
+    def __init__(self, peer: OrthancPeer, workdir: Path, tag: str, extra_config: str = "") -> None:
+        """``extra_config``: more top-level YAML sections (e.g. ``cache:``) appended to the config."""
         self.workdir = workdir / f"gw-{tag}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.workdir / "spool"
@@ -285,6 +286,7 @@ class GatewayProcess:
             "    timeouts: {connect: 5, acse: 10, dimse: 30, network: 60}\n"
             "spool:\n"
             f"  path: {self.spool}\n  max_bytes: 20GiB\n"
+            + extra_config
         )
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
