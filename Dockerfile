@@ -17,12 +17,16 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# The same lock as the demo and the SBOM (sbom/runtime.cdx.json describes exactly this): exact
+# versions with sha256 hashes, binary wheels only, then the project itself without resolving
+# anything (its build backend is in the lock too).
+COPY requirements/runtime.txt ./requirements/runtime.txt
+RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY translators ./translators
 COPY cache ./cache
-# Runtime dependencies only (no test extras); on amd64 all of them install from binary wheels.
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \

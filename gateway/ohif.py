@@ -20,6 +20,8 @@ the cached ``dist`` (downloading it first if needed).
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import mimetypes
 import os
@@ -53,6 +55,11 @@ __all__ = [
 
 OHIF_PACKAGE = "@ohif/app"
 OHIF_SERIES = "3.13"
+# The release the e2e test and `demo --ohif` use: pinned like the Python lock, with the registry's
+# sha512 integrity checked on the tarball, so a new patch release changes nothing until tested.
+OHIF_VERSION = "3.13.2"
+OHIF_INTEGRITY = ("sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq"
+                  "+jd5xXZB9E8EA==")
 DATA_SOURCE_NAME = "dicomweb"
 
 # Older mimetypes tables lack these; OHIF streams its codecs' WebAssembly (instantiateStreaming
@@ -192,14 +199,6 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version.split("-")[0]))
 
 
-def _cached_versions(cache_dir: Path, series: str) -> list[str]:
-    if not cache_dir.is_dir():
-        return []
-    found = [d.name for d in cache_dir.iterdir()
-             if re.fullmatch(re.escape(series) + r"\.\d+", d.name) and (d / "dist" / "index.html").is_file()]
-    return sorted(found, key=_version_key)
-
-
 def _npm() -> str:
     npm = shutil.which("npm")
     if npm is None:
@@ -223,21 +222,16 @@ def fetch_ohif(cache_dir: Path | str | None = None, *, version: str | None = Non
                refresh: bool = False, log: Any = None) -> Path:
     """Return the path of a prebuilt OHIF ``dist`` directory, fetching it with ``npm pack`` if needed.
 
-    ``version`` pins a release (default: the newest cached ``3.13.x``, or, when none is cached or
-    ``refresh`` is true, the newest ``3.13.x`` published). The tarball is extracted into
+    ``version`` pins a release (default: :data:`OHIF_VERSION`, the tested one; with ``refresh``, the
+    newest ``3.13.x`` published). The pinned release's tarball is checked against
+    :data:`OHIF_INTEGRITY`. The tarball is extracted into
     ``<cache_dir>/<version>/dist`` (default cache: :func:`default_cache_dir`) and reused afterwards,
     so only the first call needs the npm registry.
     """
     say = log or (lambda msg: None)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if version is None and not refresh:
-        cached = _cached_versions(cache, OHIF_SERIES)
-        if cached:
-            dist = cache / cached[-1] / "dist"
-            say(f"using cached OHIF {cached[-1]}: {dist}")
-            return dist
     if version is None:
-        version = newest_release(OHIF_SERIES)
+        version = newest_release(OHIF_SERIES) if refresh else OHIF_VERSION
     dist = cache / version / "dist"
     if (dist / "index.html").is_file():
         say(f"using cached OHIF {version}: {dist}")
@@ -251,6 +245,11 @@ def fetch_ohif(cache_dir: Path | str | None = None, *, version: str | None = Non
         tarballs = list(Path(tmp).glob("*.tgz"))
         if len(tarballs) != 1:
             raise RuntimeError(f"npm pack produced {len(tarballs)} tarballs in {tmp}")
+        if version == OHIF_VERSION:
+            digest = base64.b64encode(hashlib.sha512(tarballs[0].read_bytes()).digest()).decode()
+            if f"sha512-{digest}" != OHIF_INTEGRITY:
+                raise RuntimeError(f"{tarballs[0].name} does not match the pinned integrity of "
+                                   f"{OHIF_PACKAGE}@{version}")
         say(f"extracting package/dist from {tarballs[0].name} ({tarballs[0].stat().st_size >> 20} MB)")
         staging = Path(tmp) / "out"
         with tarfile.open(tarballs[0], "r:gz") as tar:
@@ -276,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fetch = sub.add_parser("fetch", help="npm pack @ohif/app@3.13.x into the cache; print the dist path")
     fetch.add_argument("--cache-dir", type=Path, default=None,
                        help=f"default: {default_cache_dir()} ($OHIF_CACHE_DIR)")
-    fetch.add_argument("--version", help=f"exact @ohif/app version (default: newest {OHIF_SERIES}.x)")
+    fetch.add_argument("--version", help=f"exact @ohif/app version (default: the tested {OHIF_VERSION})")
     fetch.add_argument("--refresh", action="store_true",
                        help="ask npm for the newest release even when one is cached")
     args = parser.parse_args(argv)

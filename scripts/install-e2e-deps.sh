@@ -2,17 +2,17 @@
 # Install what the browser end-to-end test (tests/e2e) needs, skipping whatever is already there
 # (safe to re-run):
 #   - Debian's chromium (/usr/bin/chromium); no browser download: Playwright drives this one
-#   - the Python playwright client from PyPI (never `playwright install`)
-#   - the prebuilt OHIF viewer: `npm pack @ohif/app@3.13.x`, extracted into the cache
+#   - the prebuilt OHIF viewer: `npm pack @ohif/app@<gateway.ohif.OHIF_VERSION>` (pinned, integrity
+#     checked), extracted into the cache
 #     (OHIF_CACHE_DIR, default ~/.cache/dicomweb-gateway/ohif)
 # Runs as root (CI) or through sudo when available. Debian/Ubuntu only. PYTHON=/path/to/python
-# selects the interpreter pip installs into (default: python3).
+# is the project's venv interpreter (default: .venv/bin/python).
 set -euo pipefail
 
 log() { printf '[install-e2e-deps] %s\n' "$*"; }
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-python3}"
+python="${PYTHON:-$repo_root/.venv/bin/python}"
 start=$SECONDS
 
 sudo_cmd=()
@@ -40,13 +40,8 @@ else
     log "installed: $(/usr/bin/chromium --version 2>/dev/null || echo '?')"
 fi
 
-# 2. Python playwright (the client only; it drives /usr/bin/chromium through executable_path)
-if "$python" -c 'import playwright' >/dev/null 2>&1; then
-    log "python playwright already installed: $("$python" -m pip show playwright 2>/dev/null | sed -n 's/^Version: //p')"
-else
-    log "$python -m pip install playwright (no 'playwright install': the browser is Debian's)"
-    "$python" -m pip install playwright
-fi
+# 2. Python playwright: in the lock (requirements/test.txt), installed by scripts/venv.sh; it
+#    drives /usr/bin/chromium through executable_path (never `playwright install`).
 
 # 3. OHIF prebuilt dist (npm pack, cached)
 if ! command -v npm >/dev/null 2>&1; then
@@ -54,7 +49,7 @@ if ! command -v npm >/dev/null 2>&1; then
     exit 1
 fi
 cd "$repo_root"
-log "fetching the OHIF viewer dist (npm pack @ohif/app@3.13, cached)"
+log "fetching the pinned OHIF viewer dist (npm pack, cached)"
 dist="$("$python" -m gateway.ohif fetch)"
 log "OHIF dist: $dist"
 

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Install what the test suite needs, skipping whatever is already there (safe to re-run):
-#   - Debian packages for the real DIMSE peers and Redis: orthanc, orthanc-dicomweb, dcmtk, redis-server
-#   - the project itself in editable mode with its [test] extras
-# Runs as root (CI) or through sudo when available. Debian/Ubuntu only. PYTHON=/path/to/python
-# selects the interpreter pip installs into (default: python3).
+# Install the Debian packages the test suite needs, skipping whatever is already there (safe to
+# re-run): the real DIMSE peers and Redis (orthanc, orthanc-dicomweb, dcmtk, redis-server), Node.js
+# and npm for the JS client test, and python3-venv where `venv` cannot bootstrap pip. Python
+# packages are not installed here: scripts/venv.sh puts the locked ones in .venv.
+# Runs as root (CI) or through sudo when available. Debian/Ubuntu only.
 set -euo pipefail
 
 log() { printf '[install-test-deps] %s\n' "$*"; }
-
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 sudo_cmd=()
 if [[ "$(id -u)" -ne 0 ]]; then
@@ -29,6 +27,13 @@ has_package orthanc-dicomweb || missing+=(orthanc-dicomweb)
 # Native DCMTK only: pynetdicom installs Python scripts that may also be called storescu/echoscu.
 command -v dcmqrscp >/dev/null 2>&1 || missing+=(dcmtk)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+python="${PYTHON:-python3}"
+if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    ver="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    missing+=(python3-venv "python${ver}-venv")
+fi
 
 if ((${#missing[@]})); then
     if ! command -v apt-get >/dev/null 2>&1; then
@@ -42,17 +47,11 @@ if ((${#missing[@]})); then
     log "apt-get install -y --no-install-recommends ${missing[*]}"
     "${apt[@]}" install -y --no-install-recommends "${missing[@]}"
 else
-    log "orthanc, orthanc-dicomweb, dcmtk and redis-server already installed"
+    log "orthanc, orthanc-dicomweb, dcmtk, redis-server, node, npm and python3-venv already installed"
 fi
 
 # The packaged services are not needed (the tests start their own processes); in containers
 # they are not running anyway. Nothing is started or stopped here.
-
-python="${PYTHON:-python3}"
-log "${python} -m pip install -e '.[test]' (in ${repo_root})"
-cd "$repo_root"
-"$python" -m pip install -e '.[test]'
-
 orthanc_bin="$(command -v Orthanc || echo /usr/sbin/Orthanc)"
 log "done: $("$orthanc_bin" --version 2>/dev/null | head -n1 || true)," \
     "$(dcmqrscp --version 2>/dev/null | head -n1 || true)," \
