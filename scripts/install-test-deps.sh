@@ -30,10 +30,12 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 python="${PYTHON:-python3}"
-if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+venv_probe="$(mktemp -d)"
+if ! "$python" -m venv "$venv_probe/v" >/dev/null 2>&1; then   # Debian: ensurepip split out
     ver="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
     missing+=(python3-venv "python${ver}-venv")
 fi
+rm -rf "$venv_probe"
 
 if ((${#missing[@]})); then
     if ! command -v apt-get >/dev/null 2>&1; then

@@ -43,13 +43,18 @@ if [[ -e "$venv" && ! -x "$venv/bin/python" ]] || { [[ -x "$venv/bin/python" ]] 
 fi
 
 if [[ ! -x "$venv/bin/python" ]]; then
-    if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
-        # Debian/Ubuntu split ensurepip out of the interpreter: python3-venv (and the versioned one).
+    log "creating $venv with $("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+    err="$(mktemp)"
+    if ! "$python" -m venv "$venv" 2>"$err"; then
+        # Debian/Ubuntu split ensurepip out of the interpreter (python3-venv and the versioned
+        # package); `import ensurepip` may still succeed there, so the venv attempt is the test.
+        cat "$err" >&2
+        rm -rf "$venv"
         ver="$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
         apt_install python3-venv "python${ver}-venv"
+        "$python" -m venv "$venv"
     fi
-    log "creating $venv with $("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
-    "$python" -m venv "$venv"
+    rm -f "$err"
 fi
 
 [[ "$which_lock" == bare ]] && exit 0
