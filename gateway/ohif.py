@@ -256,7 +256,14 @@ def fetch_ohif(cache_dir: Path | str | None = None, *, version: str | None = Non
             members = [m for m in tar.getmembers() if m.name.startswith("package/dist/")]
             if not members:
                 raise RuntimeError(f"{tarballs[0].name} has no package/dist directory")
-            tar.extractall(staging, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):   # Python >= 3.11.4 (Debian 12 has 3.11.2)
+                tar.extractall(staging, members=members, filter="data")
+            else:
+                unsafe = [m.name for m in members if not (m.isfile() or m.isdir()) or m.name.startswith("/")
+                          or ".." in Path(m.name).parts]
+                if unsafe:
+                    raise RuntimeError(f"{tarballs[0].name} holds unsafe members: {unsafe[:3]}")
+                tar.extractall(staging, members=members)  # noqa: S202 - members checked above
         target = cache / version
         target.mkdir(exist_ok=True)
         if dist.exists():  # a half-extracted copy from an interrupted run (no index.html)
