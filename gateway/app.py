@@ -19,7 +19,7 @@ from cache.memory import MemoryCache
 from cache.spool import Spool
 from gateway.auth import ApiKeyMiddleware
 from gateway.cluster import start_cluster, stop_cluster
-from gateway.dimse.client import DimseClient
+from gateway.dimse.pacs import PynetdicomPacs
 from gateway.dimse.process import quiet_pynetdicom_identifier_logging
 from gateway.dimse.storage_scp import StorageScp
 from gateway.errors import GatewayError
@@ -50,8 +50,8 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         app.state.settings = settings
         app.state.metrics = {"aborted_streams": 0}
         app.state.cache = cache or make_cache(settings)
-        app.state.dimse = DimseClient(settings)
-        app.state.search = SearchService(settings, app.state.dimse, app.state.cache)
+        app.state.pacs = PynetdicomPacs(settings)
+        app.state.search = SearchService(settings, app.state.pacs, app.state.cache)
         app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
         app.state.instances = InstanceReader()
         app.state.spool.on_commit = app.state.instances.index_at_ingest
@@ -70,7 +70,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
                 scp.stop()
             raise
         app.state.cluster = cluster
-        app.state.retrieval = RetrievalService(settings, app.state.dimse, app.state.cache,
+        app.state.retrieval = RetrievalService(settings, app.state.pacs, app.state.cache,
                                                app.state.spool, scp, cluster=cluster)
         try:
             yield
@@ -81,7 +81,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             await stop_cluster(cluster, internal)
             app.state.instances.close()
             app.state.spool.close()
-            await app.state.dimse.close()
+            await app.state.pacs.close()
             await app.state.cache.close()
 
     async def gateway_error(request: Request, exc: Exception) -> Response:

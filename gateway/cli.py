@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from gateway.dimse.client import DimseClient
+    from gateway.dimse.pacs import PynetdicomPacs
     from gateway.errors import GatewayError
 
     settings = load_settings(args.config)
@@ -76,7 +76,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        client = DimseClient(settings)
+        client = PynetdicomPacs(settings)
         failures = 0
         try:
             for node in nodes:

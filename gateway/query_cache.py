@@ -16,7 +16,7 @@ import orjson
 from pydicom.dataset import Dataset
 
 from cache.base import Cache, key
-from gateway.dimse.client import DimseClient, FindResult, QueryModel
+from gateway.pacs import FindResult, Pacs, QueryModel
 from gateway.settings import PacsNode, Settings
 from translators.dicom_json import dataset_to_json
 from translators.dicom_json_decode import dataset_from_json
@@ -46,9 +46,9 @@ def identifier_digest(ds: Dataset, model: str, max_results: int | None) -> str:
 
 
 class CachedFinder:
-    def __init__(self, settings: Settings, dimse: DimseClient, cache: Cache) -> None:
+    def __init__(self, settings: Settings, pacs: Pacs, cache: Cache) -> None:
         self.settings = settings
-        self.dimse = dimse
+        self.pacs = pacs
         self.cache = cache
         self.hits = 0
         self.misses = 0
@@ -78,7 +78,7 @@ class CachedFinder:
                     self.hits += 1
                     return result
         self.misses += 1
-        result = await self.dimse.find(node, ident, model=model, max_results=max_results)
+        result = await self.pacs.find(node, ident, model=model, max_results=max_results)
         await self.cache.set(cache_key, _encode(result), self._ttl(ident))
         return result
 

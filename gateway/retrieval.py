@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,10 +32,9 @@ from pydicom.dataset import Dataset
 
 from cache.base import Cache, key
 from cache.spool import Spool, SpoolEntry
-from gateway.dimse.client import DimseClient
-from gateway.dimse.retrieve import RetrieveOutcome, Retriever
 from gateway.dimse.storage_scp import PendingMove, StorageScp
 from gateway.errors import GatewayError, NotFound, PacsError
+from gateway.pacs import OnInstance, Pacs, RetrieveRequest
 from gateway.settings import PacsNode, Settings
 
 if TYPE_CHECKING:
@@ -145,16 +143,14 @@ class SeriesFetch:
 
 
 class RetrievalService:
-    def __init__(self, settings: Settings, dimse: DimseClient, cache: Cache, spool: Spool,
+    def __init__(self, settings: Settings, pacs: Pacs, cache: Cache, spool: Spool,
                  storage_scp: StorageScp | None, cluster: Cluster | None = None) -> None:
         self.settings = settings
         self.cluster = cluster
-        self.dimse = dimse
+        self.pacs = pacs
         self.cache = cache
         self.spool = spool
         self.scp = storage_scp
-        self.retriever = Retriever(settings.gateway.ae_title)
-        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="retrieve")
         self._fetches: dict[tuple[str, str], SeriesFetch] = {}
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self.retrievals_started = 0
@@ -178,7 +174,7 @@ class RetrievalService:
             ident.QueryRetrieveLevel = "STUDY"
             ident.StudyInstanceUID = study
             try:
-                res = await self.dimse.find(node, ident)
+                res = await self.pacs.find(node, ident)
             except GatewayError:
                 continue
             if res.datasets:
@@ -197,7 +193,7 @@ class RetrievalService:
         ident.SeriesNumber = None
         ident.Modality = ""
         await self._patient_key(node, study, ident)
-        res = await self.dimse.find(node, ident, model=node.query_model)
+        res = await self.pacs.find(node, ident, model=node.query_model)
         if not res.datasets:
             raise NotFound(f"study {study} was not found on node {node.name}")
         series = sorted(res.datasets, key=lambda d: (_num(d.get("SeriesNumber")), str(d.SeriesInstanceUID)))
@@ -215,7 +211,7 @@ class RetrievalService:
         ident.SOPClassUID = ""
         ident.InstanceNumber = None
         await self._patient_key(node, study, ident)
-        res = await self.dimse.find(node, ident, model=node.query_model, max_results=1_000_000)
+        res = await self.pacs.find(node, ident, model=node.query_model, max_results=1_000_000)
         if not res.datasets:
             raise NotFound(f"series {series} of study {study} was not found on node {node.name}")
         refs = sorted((InstanceRef(str(d.SOPInstanceUID), str(d.get("SOPClassUID", "") or ""),
@@ -235,16 +231,13 @@ class RetrievalService:
             probe.StudyInstanceUID = study
             probe.PatientID = ""
             # Patient Root STUDY level needs the PatientID; a universal one is accepted by most PACS.
-            res = await self.dimse.find(node, probe, model="patient")
+            res = await self.pacs.find(node, probe, model="patient")
             if res.datasets:
                 pid = str(res.datasets[0].get("PatientID", "")).encode()
         if pid:
             ident.PatientID = pid.decode()
 
     # ------------------------------------------------------------------ fetching
-
-    def _slot(self, node: PacsNode) -> asyncio.Semaphore:
-        return self.dimse.transfer_slot(node)   # shared with STOW: one budget per node
 
     def fetch(self, node: PacsNode, manifest: Manifest, priority: str | None = None) -> SeriesFetch:
         """The in-flight fetch of this series, or a new one (single-flight per node and series)."""
@@ -299,24 +292,23 @@ class RetrievalService:
                          priority: str | None) -> None:
         """Retrieve ``missing`` from the PACS: the asked-for instance first, then the rest, then retries."""
         manifest = fetch.manifest
-        async with self._slot(node):
-            self.retrievals_started += 1
-            if priority in missing and len(missing) > 1:
-                await self._retrieve(node, fetch, [priority])
-                missing = [u for u in missing if not fetch.has(u)]
-            if missing and not fetch.cancel.is_set():
-                whole = manifest.complete and len(missing) == len(manifest.uids)
-                await self._retrieve(node, fetch, None if whole else missing)
+        self.retrievals_started += 1
+        if priority in missing and len(missing) > 1:
+            await self._retrieve(node, fetch, [priority])
+            missing = [u for u in missing if not fetch.has(u)]
+        if missing and not fetch.cancel.is_set():
+            whole = manifest.complete and len(missing) == len(manifest.uids)
+            await self._retrieve(node, fetch, None if whole else missing)
+        still = [u for u in manifest.uids if not fetch.has(u)]
+        # Retry what is missing once preferring compressed syntaxes (DCMTK PACS fail
+        # sub-operations they cannot convert to the one syntax agreed per SOP class), then once
+        # more preferring native ones.
+        for compressed_first in (True, False):
+            if not still or fetch.cancel.is_set():
+                break
+            log.warning("retrying %d missing instances of a series on %s", len(still), node.name)
+            await self._retrieve(node, fetch, still, compressed_first=compressed_first)
             still = [u for u in manifest.uids if not fetch.has(u)]
-            # Retry what is missing once preferring compressed syntaxes (DCMTK PACS fail
-            # sub-operations they cannot convert to the one syntax agreed per SOP class), then once
-            # more preferring native ones.
-            for compressed_first in (True, False):
-                if not still or fetch.cancel.is_set():
-                    break
-                log.warning("retrying %d missing instances of a series on %s", len(still), node.name)
-                await self._retrieve(node, fetch, still, compressed_first=compressed_first)
-                still = [u for u in manifest.uids if not fetch.has(u)]
 
     async def _retrieve(self, node: PacsNode, fetch: SeriesFetch, sops: list[str] | None,
                         compressed_first: bool = False) -> None:
@@ -335,29 +327,25 @@ class RetrievalService:
         for chunk in chunks:
             if fetch.cancel.is_set():
                 return
-            level = "SERIES" if chunk is None else "IMAGE"
+            request = RetrieveRequest("SERIES" if chunk is None else "IMAGE", manifest.study, manifest.series,
+                                      tuple(chunk) if chunk is not None else None, pid, tuple(classes),
+                                      compressed_first)
             if node.retrieve == "get":
-                def work(chunk: list[str] | None = chunk, level: str = level) -> RetrieveOutcome:
-                    return self.retriever.get(node, level=level, study=manifest.study,  # type: ignore[arg-type]
-                                              series=manifest.series, sops=chunk, sop_classes=classes,
-                                              on_instance=on_instance, cancel=fetch.cancel, patient_id=pid,
-                                              compressed_first=compressed_first)
-                await loop.run_in_executor(self._executor, work)
+                await self.pacs.get(node, request, on_instance, fetch.cancel)
             else:
-                await self._move(node, fetch, chunk, level, on_instance, pid, compressed_first)
+                await self._move(node, fetch, request, on_instance)
 
-    async def _move(self, node: PacsNode, fetch: SeriesFetch, chunk: list[str] | None, level: str,
-                    on_instance: object, pid: str | None, compressed_first: bool = False) -> None:
+    async def _move(self, node: PacsNode, fetch: SeriesFetch, request: RetrieveRequest,
+                    on_instance: OnInstance) -> None:
         if self.scp is None:
             raise PacsError(f"node {node.name} is configured for C-MOVE but the storage SCP is not running",
                             node=node.name)
-        loop = asyncio.get_running_loop()
         manifest = fetch.manifest
         msg_id = await self._move_msg_id(self.scp)
-        expected = set(chunk) if chunk is not None else set(manifest.uids)
-        self.scp.register(PendingMove(msg_id, manifest.study, manifest.series, expected,
-                                      on_instance))  # type: ignore[arg-type]
+        expected = set(request.sops) if request.sops is not None else set(manifest.uids)
+        self.scp.register(PendingMove(msg_id, manifest.study, manifest.series, expected, on_instance))
         record: bytes | None = None
+        compressed_first = request.compressed_first
         if compressed_first:
             self.scp.prefer_compressed(True)
         try:
@@ -365,16 +353,13 @@ class RetrievalService:
             # one Service): publish the move so that replica can route it, and copy in what it announces.
             if self.cluster is not None:
                 record = await self.cluster.register_move(msg_id, fetch, expected)
-            def work() -> RetrieveOutcome:
-                return self.retriever.move(node, level=level, study=manifest.study,  # type: ignore[arg-type]
-                                           series=manifest.series, sops=chunk,
-                                           destination=self.settings.gateway.ae_title, msg_id=msg_id,
-                                           cancel=fetch.cancel, patient_id=pid)
+            move = self.pacs.move(node, request, destination=self.settings.gateway.ae_title, msg_id=msg_id,
+                                  cancel=fetch.cancel)
             if self.cluster is not None:
                 async with self.cluster.remote_arrivals(fetch):
-                    await loop.run_in_executor(self._executor, work)
+                    await move
             else:
-                await loop.run_in_executor(self._executor, work)
+                await move
         finally:
             if record is not None and self.cluster is not None:
                 await self.cluster.unregister_move(msg_id, record)
@@ -409,7 +394,6 @@ class RetrievalService:
             tasks = [f.task for f in self._fetches.values() if f.task is not None]
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _num(value: object) -> float:

@@ -28,8 +28,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from cache.base import Cache, key
-from gateway.dimse.client import DimseClient, FindResult
 from gateway.errors import BadRequest, GatewayError, NotFound, PacsError
+from gateway.pacs import FindResult, Pacs
 from gateway.query_cache import BYPASS, CachedFinder
 from gateway.settings import PacsNode, Settings
 from translators import qido as q
@@ -59,11 +59,11 @@ class _Budget:
 
 
 class SearchService:
-    def __init__(self, settings: Settings, dimse: DimseClient, cache: Cache) -> None:
+    def __init__(self, settings: Settings, pacs: Pacs, cache: Cache) -> None:
         self.settings = settings
-        self.dimse = dimse
+        self.pacs = pacs
         self.cache = cache
-        self.finder = CachedFinder(settings, dimse, cache)
+        self.finder = CachedFinder(settings, pacs, cache)
 
     # ------------------------------------------------------------------ entry point
 

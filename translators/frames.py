@@ -46,6 +46,17 @@ from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import decompress, pack_bits
 from pydicom.uid import UID
 
+from translators.syntaxes import (
+    DEFLATED_LE,
+    ENCAPSULATED_UNCOMPRESSED,
+    JPEG_2000_LOSSLESS,
+    JPEG_LS_LOSSLESS,
+    RLE_LOSSLESS,
+)
+from translators.syntaxes import EXPLICIT_VR_BE as EXPLICIT_BE
+from translators.syntaxes import EXPLICIT_VR_LE as EXPLICIT_LE
+from translators.syntaxes import IMPLICIT_VR_LE as IMPLICIT_LE
+
 __all__ = [
     "CORNERSTONE_UNDECODABLE", "FrameError", "FrameIndex", "NotIndexable", "TranscodeError", "can_transcode",
     "index_part10", "media_type_for_transfer_syntax", "read_frame", "transcode_frame", "transcode_part10",
@@ -65,15 +76,7 @@ class TranscodeError(ValueError):
     """The requested transcoding is not possible (no codec, or the codec refused the image)."""
 
 
-_TS = "1.2.840.10008.1.2"
-IMPLICIT_LE = _TS
-EXPLICIT_LE = f"{_TS}.1"
-ENCAPSULATED_UNCOMPRESSED = f"{_TS}.1.98"
-DEFLATED_LE = f"{_TS}.1.99"
-EXPLICIT_BE = f"{_TS}.2"
-RLE_LOSSLESS = f"{_TS}.5"
-JPEG_LS_LOSSLESS = f"{_TS}.4.80"
-JPEG_2000_LOSSLESS = f"{_TS}.4.90"
+_TS = IMPLICIT_LE
 
 
 def _ts(*suffixes: str) -> tuple[str, ...]:

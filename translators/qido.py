@@ -27,6 +27,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from translators.uids import is_uid
+
 Level = Literal["study", "series", "instance"]
 DIMSE_LEVEL: dict[str, str] = {"study": "STUDY", "series": "SERIES", "instance": "IMAGE"}
 
@@ -72,7 +74,6 @@ INSTANCE_ALL = (0x00080008, 0x00080016, SOP_UID, 0x00080022, 0x00080023, 0x00080
 
 RESERVED_PARAMS = frozenset({"limit", "offset", "includefield", "fuzzymatching", "emptyvaluematching",
                              "multiplevaluematching", "accept", "charset", "_"})
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DA_RE = re.compile(r"^\d{8}$")
 _TM_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DT_RE = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
@@ -143,7 +144,7 @@ def _check_value(name: str, vr: str, value: str) -> None:
     if vr == "UI":
         if has_wild:
             raise QueryError(f"{name}: wildcards are not allowed in UIDs")
-        if not _UID_RE.match(value) or len(value) > 64:
+        if not is_uid(value):
             raise QueryError(f"{name}: {value!r} is not a valid UID")
         return
     if vr in ("DA", "TM", "DT"):
@@ -205,7 +206,7 @@ def parse_query(level: Level, params: Iterable[tuple[str, str]], *, study_uid: s
     offset = 0
     warnings: list[str] = []
     for uid, label in ((study_uid, "study"), (series_uid, "series")):
-        if uid is not None and not _UID_RE.match(uid):
+        if uid is not None and not is_uid(uid):
             raise QueryError(f"{label} UID in the path: {uid!r} is not a valid UID")
 
     for raw_name, value in params:

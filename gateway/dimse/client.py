@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
@@ -25,25 +24,17 @@ from gateway.dimse.outcomes import status_error
 from gateway.dimse.pool import AssociationPool
 from gateway.dimse.socket_tuning import busy
 from gateway.errors import AssociationAborted, DimseFailure
+from gateway.pacs import FindResult, QueryModel
 from gateway.settings import PacsNode, Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-QueryModel = Literal["study", "patient"]
 Verification = "1.2.840.10008.1.1"
 StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
 PatientRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.1.1"
 _FIND_MODELS = {"study": StudyRootQueryRetrieveInformationModelFind,
                 "patient": PatientRootQueryRetrieveInformationModelFind}
-
-
-@dataclass
-class FindResult:
-    node: str
-    datasets: list[Dataset] = field(default_factory=list)
-    truncated: bool = False       # the node's result cap was hit and the C-FIND cancelled
-    warnings: list[str] = field(default_factory=list)
 
 
 class DimseClient:

@@ -17,8 +17,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from io import BytesIO
 from typing import Any, Literal
 
@@ -28,6 +27,7 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from gateway.dimse.outcomes import status_error
 from gateway.dimse.socket_tuning import busy, close_association, guard_reactor, new_ae, on_connection_open
 from gateway.errors import DimseFailure, GatewayError
+from gateway.pacs import OnInstance, RetrieveOutcome
 from gateway.settings import PacsNode
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ COMMON_STORAGE = [
 ]
 MAX_CONTEXTS = 128
 
-OnInstance = Callable[[bytes, str, str, str], None]   # (part10 bytes, sop uid, sop class, transfer syntax)
 
 _PLAIN_UID = re.compile(r"[0-9.]{1,64}")
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -110,16 +109,6 @@ def encoded_part10(event: evt.Event, sop_class: str, sop_instance: str, transfer
         if header is not None:
             return b"".join((header, stream.getvalue()))
     return bytes(event.encoded_dataset(include_meta=True))
-
-
-@dataclass
-class RetrieveOutcome:
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-    failed_uids: list[str] = field(default_factory=list)
-    received: int = 0
-    cancelled: bool = False
 
 
 def storage_contexts(sop_classes: Iterable[str], reserved: int = 1,

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 
-from gateway.dimse.retrieve import OnInstance
 from gateway.dimse.socket_tuning import on_connection_open
+from gateway.pacs import OnInstance
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +41,7 @@ from pynetdicom.association import Association
 from gateway.dimse.outcomes import association_failure
 from gateway.dimse.socket_tuning import busy, close_association, guard_reactor, new_ae, on_connection_open
 from gateway.errors import GatewayError
+from gateway.pacs import StoreItem, StoreResult
 from gateway.settings import PacsNode
 from translators.frames import transcode_part10
 from translators.stow import PROCESSING_FAILURE, SOP_CLASS_NOT_SUPPORTED, TRANSFER_SYNTAX_NOT_SUPPORTED
@@ -58,23 +58,6 @@ MAX_CONTEXTS = 128
 # send_c_store(path) then streams the file's data set instead of decoding it. Only this module sends
 # C-STOREs by path; datasets passed as objects are unaffected.
 _config.STORE_SEND_CHUNKED_DATASET = True
-
-
-@dataclass(frozen=True)
-class StoreItem:
-    """A Part-10 file on disk whose file meta matches its data set (the caller checks that)."""
-
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    status: int                      # the PACS's C-STORE status, or a gateway code (translators.stow)
-    confirmed: bool                  # the PACS answered this C-STORE
-    sent_syntax: str | None = None   # the transfer syntax it went in (differs when transcoded)
 
 
 Context = tuple[str, list[str]]

@@ -25,7 +25,7 @@ async def readyz(request: Request) -> JSONResponse:
     if request.query_params.get("echo") in ("1", "true"):
         async def one(node: object) -> dict[str, object]:
             try:
-                rtt = await state.dimse.echo(node)
+                rtt = await state.pacs.echo(node)
                 return {"ok": True, "rtt_ms": round(rtt * 1000, 1)}
             except GatewayError as exc:
                 return {"ok": False, "error": type(exc).__name__, "detail": exc.detail}
@@ -61,7 +61,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     for name, kind, help_text, value in values:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
     for node in state.settings.nodes:
-        opened = state.dimse.query_pool(node).opened
+        opened = state.pacs.query_associations_opened(node)
         lines.append(f'dwg_query_associations_opened_total{{node="{node.name}"}} {opened}')
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 

@@ -41,9 +41,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cache.base import Cache, key
-from gateway.dimse.store import StoreClient, StoreItem
 from gateway.errors import BadRequest, GatewayError, UnsupportedMediaType
 from gateway.http import DICOM_JSON, dicomweb_base, negotiate_search, target_nodes
+from gateway.pacs import StoreItem
 from gateway.settings import PacsNode, Settings
 from translators import multipart as mp
 from translators import stow as st
@@ -152,15 +152,6 @@ def _node(request: Request, settings: Settings) -> tuple[PacsNode, PacsNode | No
     return node, pinned
 
 
-def _store_client(request: Request) -> StoreClient:
-    state = request.app.state
-    client: StoreClient | None = getattr(state, "stow_client", None)
-    if client is None:   # one per app, made on first use (its semaphores bind to the serving loop)
-        client = StoreClient(state.settings.gateway.ae_title, slot_for=state.dimse.transfer_slot)
-        state.stow_client = client
-    return client
-
-
 async def store(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     negotiate_search(request)   # the response is DICOM JSON; an Accept without it is a 406
@@ -183,7 +174,7 @@ async def store(request: Request) -> Response:
             raise BadRequest(f"the body holds no part delimited by the boundary {boundary!r}")
         prepared = await run_in_threadpool(_prepare, receiver, root, study, workdir)
         items = [item for _, item, _ in prepared.entries if item is not None]
-        results = iter(await _store_client(request).store(node, items, workdir))
+        results = iter(await request.app.state.pacs.store(node, items, workdir))
         outcomes: list[st.InstanceOutcome] = []
         for header, item, status in prepared.entries:
             code = next(results).status if item is not None else status

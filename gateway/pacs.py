@@ -1,0 +1,116 @@
+"""The one interface to a PACS node: ``echo``, ``find``, ``get``, ``move``, ``store``.
+
+Everything above ``gateway/dimse/`` talks to PACS through :class:`Pacs` and these value types only;
+pynetdicom stays behind it (``gateway.dimse.pacs.PynetdicomPacs`` implements it), so another DIMSE
+implementation can be swapped in per node without touching the services.
+
+Contract of every method:
+
+* **Budgets**: ``echo``/``find`` hold one of the node's query associations
+  (``max_query_associations``) for their duration; ``get``/``move``/``store`` hold one of its
+  transfer associations (``max_associations``, shared by retrievals and stores), so long transfers
+  never starve searches (docs/architecture.md, "DIMSE edge").
+* **Errors**: failures raise the :mod:`gateway.errors` tree, each naming the node: unreachable 502,
+  rejected/aborted 502, a failure status 502 with the status, a timeout 504.
+* **Cancellation**: cancelling the awaiting coroutine (the HTTP client left) sets ``cancel`` (a
+  C-CANCEL is sent for a running C-FIND/C-GET/C-MOVE, a store stops between instances) and the
+  method waits for the worker to stop before it gives the association budget back and re-raises.
+  ``get``/``move`` also watch a ``cancel`` event the caller may set itself.
+* **Sub-operations**: C-GET's C-STOREs reach ``on_instance`` on the association's thread; it must
+  be quick (write, rename, signal) or the PACS times out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydicom.dataset import Dataset
+
+from gateway.settings import PacsNode
+
+QueryModel = Literal["study", "patient"]
+RetrieveLevel = Literal["STUDY", "SERIES", "IMAGE"]
+
+OnInstance = Callable[[bytes, str, str, str], None]
+"""A received instance: (Part-10 bytes, SOP Instance UID, SOP Class UID, transfer syntax)."""
+
+
+@dataclass
+class FindResult:
+    node: str
+    datasets: list[Dataset] = field(default_factory=list)
+    truncated: bool = False       # the node's result cap was hit and the C-FIND cancelled
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RetrieveRequest:
+    """What a C-GET or C-MOVE asks for (PS3.4 C.4.2/C.4.3)."""
+
+    level: RetrieveLevel
+    study: str
+    series: str | None = None
+    sops: tuple[str, ...] | None = None
+    patient_id: str | None = None          # Patient Root nodes need it at every level
+    sop_classes: tuple[str, ...] = ()      # C-GET: the storage contexts to propose (empty: common ones)
+    compressed_first: bool = False         # C-GET: propose compressed syntaxes before native ones
+
+
+@dataclass
+class RetrieveOutcome:
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    received: int = 0
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class StoreItem:
+    """A Part-10 file on disk whose file meta matches its data set (the caller checks that)."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: int                      # the PACS's C-STORE status, or a gateway code (translators.stow)
+    confirmed: bool                  # the PACS answered this C-STORE
+    sent_syntax: str | None = None   # the transfer syntax it went in (differs when transcoded)
+
+
+class Pacs(Protocol):
+    async def echo(self, node: PacsNode) -> float:
+        """C-ECHO; the round trip in seconds."""
+        ...
+
+    async def find(self, node: PacsNode, identifier: Dataset, *, model: QueryModel | None = None,
+                   max_results: int | None = None) -> FindResult:
+        """One C-FIND, every pending response collected; past ``max_results`` (default: the node's
+        cap) it is cancelled and the result marked truncated."""
+        ...
+
+    async def get(self, node: PacsNode, request: RetrieveRequest, on_instance: OnInstance,
+                  cancel: threading.Event) -> RetrieveOutcome:
+        """C-GET; the sub-operations arrive on the same association, through ``on_instance``."""
+        ...
+
+    async def move(self, node: PacsNode, request: RetrieveRequest, *, destination: str, msg_id: int,
+                   cancel: threading.Event) -> RetrieveOutcome:
+        """C-MOVE to ``destination`` (the gateway's storage SCP, which routes the arrivals)."""
+        ...
+
+    async def store(self, node: PacsNode, items: Sequence[StoreItem], workdir: Path) -> list[StoreResult]:
+        """C-STORE every item, one result per item in order; nothing unconfirmed is a success.
+        Transcoded copies (for a PACS that refused an item's syntax) go to ``workdir``."""
+        ...
+
+    async def close(self) -> None: ...
