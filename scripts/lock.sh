@@ -19,7 +19,7 @@ trap 'rm -rf "$work"' EXIT
 python3 -m venv "$work/uv"
 "$work/uv/bin/pip" install --quiet --disable-pip-version-check "uv==${UV_VERSION}"
 compile=("$work/uv/bin/uv" pip compile --universal --python-version 3.11 --generate-hashes
-         --no-header --index-url https://pypi.org/simple --quiet "$@")
+         --no-header --index-url https://pypi.org/simple --native-tls --quiet "$@")
 
 # The build backend (pyproject's [build-system] requires) is locked too: installs of the project
 # use --no-build-isolation, so nothing unpinned is fetched to build it.

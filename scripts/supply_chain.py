@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -105,8 +107,22 @@ def audit_from_project_documents(skipped: list[tuple[str, str]], result: AuditRe
 
 
 def _fetch_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as response:
+    bundle = _https_env().get("REQUESTS_CA_BUNDLE")
+    context = ssl.create_default_context(cafile=bundle) if bundle else None
+    with urllib.request.urlopen(url, timeout=30, context=context) as response:
         return json.load(response)
+
+
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def _https_env() -> dict[str, str]:
+    """pip-audit's requests trusts certifi's bundle only; prefer the system's trust store (Debian's
+    bundle includes whatever CA the site added, e.g. for a TLS-inspecting proxy)."""
+    env = dict(os.environ)
+    if "REQUESTS_CA_BUNDLE" not in env and SYSTEM_CA_BUNDLE.exists():
+        env["REQUESTS_CA_BUNDLE"] = str(SYSTEM_CA_BUNDLE)
+    return env
 
 
 def run_pip_audit(lock: Path) -> dict[str, Any]:
@@ -115,7 +131,7 @@ def run_pip_audit(lock: Path) -> dict[str, Any]:
         proc = subprocess.run(
             [sys.executable, "-m", "pip_audit", "--disable-pip", "--no-deps", "--progress-spinner", "off",
              "--format", "json", "-o", str(out), "-r", str(lock)],
-            capture_output=True, text=True)
+            capture_output=True, text=True, env=_https_env())
         if not out.exists():
             raise SystemExit(f"pip-audit failed on {lock.name} (exit {proc.returncode}):\n{proc.stderr}")
         report: dict[str, Any] = json.loads(out.read_text())
