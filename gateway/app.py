@@ -20,7 +20,6 @@ from cache.spool import Spool
 from gateway.auth import ApiKeyMiddleware
 from gateway.cluster import start_cluster, stop_cluster
 from gateway.dimse.pacs import PynetdicomPacs
-from gateway.dimse.process import quiet_pynetdicom_identifier_logging
 from gateway.dimse.storage_scp import StorageScp
 from gateway.errors import GatewayError
 from gateway.http import error_response
@@ -29,6 +28,7 @@ from gateway.retrieval import RetrievalService
 from gateway.routes import admin, capabilities, qido, rendered, stow, wado
 from gateway.search import SearchService
 from gateway.settings import Settings
+from gateway.startup import configure_process
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def make_cache(settings: Settings) -> Cache:
 def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        quiet_pynetdicom_identifier_logging()   # pynetdicom logs whole identifiers (PHI) at INFO
+        configure_process()   # pydicom validation, pynetdicom config (gateway/startup.py)
         app.state.settings = settings
         app.state.metrics = {"aborted_streams": 0}
         app.state.cache = cache or make_cache(settings)

@@ -60,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from gateway.dimse.pacs import PynetdicomPacs
+    from gateway.startup import configure_process
     from gateway.errors import GatewayError
 
     settings = load_settings(args.config)
@@ -76,6 +77,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
+        configure_process()
         client = PynetdicomPacs(settings)
         failures = 0
         try:

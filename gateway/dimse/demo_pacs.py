@@ -57,7 +57,7 @@ from pynetdicom.dimse_messages import C_CANCEL_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway.dimse.process import quiet_pynetdicom_identifier_logging
+from gateway.dimse.process import configure_pynetdicom
 from translators.matching import DEFAULT_IGNORED_KEYS, build_response, dataset_matches, element_matches
 
 LOGGER = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class DemoPacs:
         """Start serving in background threads; with ``port=0`` the chosen port is in ``.port``."""
         if self._server is not None:
             raise RuntimeError("DemoPacs already started")
-        quiet_pynetdicom_identifier_logging()
+        configure_pynetdicom()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = self.max_pdu
         ae.maximum_associations = self.max_associations  # pynetdicom's default is 10

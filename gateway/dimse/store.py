@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from gateway.dimse.outcomes import association_failure
@@ -54,10 +54,8 @@ IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 _NATIVE = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 MAX_CONTEXTS = 128
 
-# Process-global (pynetdicom's _config), set once when the gateway's modules load, never per request:
-# send_c_store(path) then streams the file's data set instead of decoding it. Only this module sends
-# C-STOREs by path; datasets passed as objects are unaffected.
-_config.STORE_SEND_CHUNKED_DATASET = True
+# send_c_store(path) streams the file only with pynetdicom's STORE_SEND_CHUNKED_DATASET, which the
+# app's start-up sets (gateway.dimse.process.configure_pynetdicom).
 
 
 Context = tuple[str, list[str]]

@@ -1,0 +1,24 @@
+"""Process-wide settings the running gateway needs, applied by the app's start-up (never on import).
+
+Importing ``gateway`` (or ``gateway.client``) changes nothing about the process; :func:`configure_process`
+is called by :func:`gateway.app.create_app`'s lifespan and by the CLI commands that talk DIMSE.
+"""
+
+from __future__ import annotations
+
+from pydicom import config as pydicom_config
+
+from gateway.dimse.process import configure_pynetdicom
+
+
+def configure_process() -> None:
+    """Idempotent.
+
+    * pydicom reads and writes without validating values: PACS answer with whatever their
+      decades-old databases hold (DA "2019.01.31", DS with spaces...), and the gateway passes such
+      values on (normalising what viewers need) instead of warning, or failing, per element.
+    * pynetdicom's process-global configuration (:func:`configure_pynetdicom`).
+    """
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    configure_pynetdicom()
