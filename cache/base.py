@@ -11,44 +11,8 @@ Never fatal: a cache that cannot reach its store answers like an empty cache (``
 wrong kind under a key (another program's data, a corrupt entry) is a miss too. The return value
 of each method on that path is given in its docstring. Callers never need ``try`` around a call.
 
-Key schema (callers build keys only through :func:`key`; UIDs, node names and hex digests only,
-no patient data ever appears in a key name):
-
-    =====================================  =========  ============================================
-    key (after the prefix)                 type       value, bound
-    =====================================  =========  ============================================
-    qido:{node}:{gen}:{sha256}             string     cached C-FIND result set of one normalised
-                                                      identifier; TTL ``cache.ttl.<level>``;
-                                                      ``{gen}`` is ``gen:{node}`` (+ the study's)
-    gen:{node}                             counter    per-node generation, bumped by STOW
-    gen:{node}:{StudyInstanceUID}          counter    per-study generation, bumped by STOW
-    loc:study:{StudyInstanceUID}           set        node names holding the study;
-                                                      TTL ``cache.ttl.location``
-    loc:series:{SeriesInstanceUID}         set        the parent StudyInstanceUID; same TTL
-    loc:instance:{SOPInstanceUID}          set        the parent SeriesInstanceUID; same TTL
-    loc:pid:{node}:{StudyInstanceUID}      string     the study's PatientID at that node (needed
-                                                      by Patient Root nodes); same TTL
-    held:{SOPInstanceUID}                  set        replica ids whose spool holds the instance;
-                                                      TTL ``cache.ttl.location``
-    meta:series:{SeriesInstanceUID}        string     series manifest + DICOM JSON metadata;
-                                                      TTL ``cache.ttl.location``
-    lease:series:{SeriesInstanceUID}       string     single-flight lease: the holder's random
-                                                      token; ``set_nx`` with a short TTL, kept
-                                                      alive by ``extend_if``, freed by
-                                                      ``delete_if``; expires if the holder dies
-    arrivals:{retrieval id}                stream     one entry per instance that landed
-                                                      (``xadd``), replayed by late joiners
-                                                      (``xread_from``); TTL re-armed per entry,
-                                                      MAXLEN bounded
-    move:msgid                             counter    C-MOVE Message ID source
-                                                      (``next_counter(key, 65535)``)
-    move:pending:{msgid}                   string     JSON: study, series, expected UIDs,
-                                                      originator replica, stream key; short TTL
-    retrieval:series:{SeriesInstanceUID}   string     the latest retrieval's stream key, so late
-                                                      replicas copy instead of re-fetching; TTL
-    meta:series:{Study}:{Series}           string     series metadata JSON (placeholder base);
-                                                      TTL ``cache.ttl.metadata``, dropped by STOW
-    =====================================  =========  ============================================
+Keys: every key is built by :mod:`cache.keys` (the schema and the freshness rule are documented
+there); no patient data ever appears in a key name.
 
 Counters are the one exception to "TTL everywhere": expiring one would reset it and could make an
 old generation current again. Their number is bounded by nodes + studies written through STOW.
@@ -64,12 +28,15 @@ StrSet = set[str]
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
 
-def key(*parts: str) -> str:
-    """Join key parts with ':' (UIDs and node names never contain ':')."""
-    return ":".join(parts)
-
-
 class Cache(Protocol):
+    shared: bool
+    """True when other processes see the same data (Redis): replicas can coordinate through it."""
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store is unreachable (the calls answer their miss values meanwhile)."""
+        ...
+
     async def get(self, key: str) -> bytes | None:
         """The value, or None when absent, expired, of another type, or the store is unreachable."""
         ...

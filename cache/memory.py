@@ -41,6 +41,9 @@ def _format_id(sid: StreamId) -> bytes:
 
 
 class MemoryCache:
+    shared = False          # one process only
+    degraded = False        # never unreachable
+
     def __init__(self, max_entries: int = 10000, prefix: str = "dwg:") -> None:
         self._max = max_entries
         self._prefix = prefix

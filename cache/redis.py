@@ -5,7 +5,7 @@ compatibility; response shapes do not change between redis-py releases). Every k
 prefix; every key but a counter is written with a TTL in the same round trip (``SET PX``,
 ``MULTI`` for ``SADD``/``XADD`` + ``PEXPIRE``); compare-and-extend and compare-and-delete are Lua.
 
-Degradation (architecture.md §4: Redis failures never fail a request):
+Degradation (docs/architecture.md, "Cache": Redis failures never fail a request):
 
 - Each call is bounded by ``timeout`` seconds (``cache.timeout``), also set as the socket connect
   and read timeout; redis-py's own retries are off, so one call costs at most ``timeout``.
@@ -80,6 +80,8 @@ class _Foreign(Exception):
 
 
 class RedisCache:
+    shared = True
+
     def __init__(self, url: str, *, prefix: str = "dwg:", timeout: float = 0.25,
                  retry_interval: float = 1.0, max_connections: int | None = None) -> None:
         self._prefix = prefix

@@ -2,12 +2,17 @@
 
 Every retrieved instance lands here as a Part-10 file in the transfer syntax it arrived in, written
 to a temp file on the same filesystem and renamed into place (so a reader never sees half a file,
-and the storage SCP can acknowledge a C-STORE only once the rename is done). Files are keyed by SOP
-Instance UID (globally unique); the node, study and series are kept in the in-memory index.
+and the storage SCP can acknowledge a C-STORE only once the rename is done).
 
-Entries being streamed are *pinned* and never evicted; when the total exceeds ``max_bytes`` the
-least recently used unpinned entries go first. An instance larger than the whole spool still
-streams (it is evicted as soon as it is unpinned).
+**Identity** (docs/architecture.md, "Identity"): an entry is owned by the node it came from. It is
+keyed by (node, SOP Instance UID) and its file lives under ``<root>/<node>/``: a second node's copy
+of the same UID is a different entry, never served for the first node.
+
+**Pins**: an entry being streamed (or about to be) is pinned and never evicted; when the total
+exceeds ``max_bytes`` the least recently used unpinned entries go first. A writer can commit an
+entry already pinned (``pin=True``), so there is no moment between the rename and the reader's pin
+in which a full spool could evict it. An instance larger than the whole spool still streams (it is
+evicted as soon as it is unpinned).
 
 Per-entry derived data (frame index, metadata JSON) is computed lazily by the gateway and kept on
 the entry, so it dies with the file.
@@ -29,21 +34,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from translators.uids import InstanceId, is_uid
+
 log = logging.getLogger(__name__)
+
+SpoolKey = tuple[str, str]   # (node, SOP Instance UID)
 
 
 @dataclass
 class SpoolEntry:
-    sop_instance_uid: str
+    id: InstanceId
     sop_class_uid: str
     transfer_syntax: str
-    study_uid: str
-    series_uid: str
-    node: str
     path: Path
     size: int
     pins: int = 0
     derived: dict[str, Any] = field(default_factory=dict)   # frame index, metadata JSON, ...
+
+    @property
+    def node(self) -> str:
+        return self.id.node
+
+    @property
+    def study_uid(self) -> str:
+        return self.id.study
+
+    @property
+    def series_uid(self) -> str:
+        return self.id.series
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.id.sop
 
 
 class Spool:
@@ -57,14 +79,13 @@ class Spool:
         self.tmp.mkdir()
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, SpoolEntry] = OrderedDict()
-        self._by_series: dict[str, set[str]] = {}
+        self._entries: OrderedDict[SpoolKey, SpoolEntry] = OrderedDict()
         self.total_bytes = 0
         self.evictions = 0
         # Called (on the writer's thread) with every committed entry: the gateway builds the frame
         # index there, at ingest, so a frame request is one bounded read.
         self.on_commit: Callable[[SpoolEntry], None] | None = None
-        for stale in self.root.glob("*.dcm"):
+        for stale in [*self.root.glob("*.dcm"), *self.root.glob("*/*.dcm")]:
             # The in-memory index died with the last process; files without it are unusable.
             stale.unlink(missing_ok=True)
 
@@ -74,8 +95,9 @@ class Spool:
         fd, name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         return fd, Path(name)
 
-    def write(self, data: bytes | memoryview, **meta: str) -> SpoolEntry:
-        """Write one Part-10 instance atomically and index it (see :meth:`commit` for ``meta``)."""
+    def write(self, data: bytes | memoryview, instance: InstanceId, *, sop_class_uid: str,
+              transfer_syntax: str, pin: bool = False) -> SpoolEntry:
+        """Write one Part-10 instance atomically and index it (see :meth:`commit`)."""
         fd, tmp = self.temp_file()
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -83,26 +105,33 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return self.commit(tmp, **meta)
+        return self.commit(tmp, instance, sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
+                           pin=pin)
 
-    def commit(self, tmp: Path, *, sop_instance_uid: str, sop_class_uid: str, transfer_syntax: str,
-               study_uid: str, series_uid: str, node: str) -> SpoolEntry:
-        """Rename a fully written temp file into place and index it; evicts past ``max_bytes``."""
-        if "/" in sop_instance_uid or sop_instance_uid.startswith("."):
+    def commit(self, tmp: Path, instance: InstanceId, *, sop_class_uid: str, transfer_syntax: str,
+               pin: bool = False) -> SpoolEntry:
+        """Rename a fully written temp file into place and index it; evicts past ``max_bytes``.
+
+        ``pin``: the entry is returned pinned once for the caller (release with :meth:`unpin`).
+        """
+        if not (is_uid(instance.sop) and is_uid(instance.study) and is_uid(instance.series)) \
+                or not instance.node.replace("-", "").replace("_", "").isalnum():
             tmp.unlink(missing_ok=True)
-            raise ValueError("invalid SOP Instance UID")
-        final = self.root / f"{sop_instance_uid}.dcm"
+            raise ValueError("invalid instance identity")
+        folder = self.root / instance.node
+        final = folder / f"{instance.sop}.dcm"
         size = tmp.stat().st_size
-        entry = SpoolEntry(sop_instance_uid, sop_class_uid, transfer_syntax, study_uid, series_uid, node,
-                           final, size)
+        entry = SpoolEntry(instance, sop_class_uid, transfer_syntax, final, size, pins=1 if pin else 0)
+        key = (instance.node, instance.sop)
         with self._lock:
+            folder.mkdir(exist_ok=True)
             os.replace(tmp, final)
-            old = self._entries.pop(sop_instance_uid, None)
+            old = self._entries.pop(key, None)
             if old is not None:
+                # Replaced (a second retrieval of the same instance): its holders unpin the old
+                # entry, which no longer counts; the file at the path is the new, same instance.
                 self.total_bytes -= old.size
-                entry.pins = old.pins
-            self._entries[sop_instance_uid] = entry
-            self._by_series.setdefault(series_uid, set()).add(sop_instance_uid)
+            self._entries[key] = entry
             self.total_bytes += size
             self._evict_locked()
         if self.on_commit is not None:
@@ -114,54 +143,50 @@ class Spool:
 
     # ---------------------------------------------------------------- reading
 
-    def get(self, sop_instance_uid: str) -> SpoolEntry | None:
+    def get(self, node: str, sop_instance_uid: str) -> SpoolEntry | None:
+        """The entry (marked recently used), unpinned: only for a look; read through :meth:`pin`."""
         with self._lock:
-            entry = self._entries.get(sop_instance_uid)
+            entry = self._entries.get((node, sop_instance_uid))
             if entry is not None:
-                self._entries.move_to_end(sop_instance_uid)
+                self._entries.move_to_end((node, sop_instance_uid))
             return entry
 
-    def series(self, series_uid: str) -> list[SpoolEntry]:
+    def pin(self, node: str, sop_instance_uid: str) -> SpoolEntry | None:
+        """The entry, pinned once (never evicted until :meth:`unpin`); None when not held."""
         with self._lock:
-            return [self._entries[u] for u in self._by_series.get(series_uid, ()) if u in self._entries]
-
-    def has_all(self, sop_instance_uids: set[str]) -> bool:
-        with self._lock:
-            return all(u in self._entries for u in sop_instance_uids)
-
-    @contextmanager
-    def pinned(self, sop_instance_uid: str) -> Iterator[SpoolEntry | None]:
-        """Keep the entry on disk while the caller reads it."""
-        with self._lock:
-            entry = self._entries.get(sop_instance_uid)
+            entry = self._entries.get((node, sop_instance_uid))
             if entry is not None:
                 entry.pins += 1
-                self._entries.move_to_end(sop_instance_uid)
+                self._entries.move_to_end((node, sop_instance_uid))
+            return entry
+
+    def unpin(self, entry: SpoolEntry) -> None:
+        with self._lock:
+            entry.pins = max(0, entry.pins - 1)
+            self._evict_locked()
+
+    @contextmanager
+    def pinned(self, node: str, sop_instance_uid: str) -> Iterator[SpoolEntry | None]:
+        """Keep the entry on disk while the caller reads it."""
+        entry = self.pin(node, sop_instance_uid)
         try:
             yield entry
         finally:
             if entry is not None:
-                with self._lock:
-                    entry.pins -= 1
-                    self._evict_locked()
+                self.unpin(entry)
 
     # ---------------------------------------------------------------- eviction
 
     def _evict_locked(self) -> None:
         if self.total_bytes <= self.max_bytes:
             return
-        for uid in list(self._entries):
+        for key in list(self._entries):
             if self.total_bytes <= self.max_bytes:
                 break
-            entry = self._entries[uid]
+            entry = self._entries[key]
             if entry.pins > 0:
                 continue
-            del self._entries[uid]
-            series = self._by_series.get(entry.series_uid)
-            if series is not None:
-                series.discard(uid)
-                if not series:
-                    del self._by_series[entry.series_uid]
+            del self._entries[key]
             self.total_bytes -= entry.size
             self.evictions += 1
             entry.path.unlink(missing_ok=True)
@@ -169,4 +194,3 @@ class Spool:
     def close(self) -> None:
         if self._owned:
             shutil.rmtree(self.root, ignore_errors=True)
-

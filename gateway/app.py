@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Mount
 
 from cache.base import Cache
 from cache.memory import MemoryCache
 from cache.spool import Spool
 from gateway.auth import ApiKeyMiddleware
-from gateway.cluster import start_cluster, stop_cluster
+from gateway.cluster import cluster_enabled
+from gateway.cluster.coordinator import ClusterCoordinator
 from gateway.dimse.pacs import PynetdicomPacs
 from gateway.dimse.storage_scp import StorageScp
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InternalError
 from gateway.http import error_response
 from gateway.instances import InstanceReader
-from gateway.retrieval import RetrievalService
+from gateway.retrieval.service import RetrievalService
 from gateway.routes import admin, capabilities, qido, rendered, stow, wado
+from gateway.routes.internal import InternalServer, advertised_url
 from gateway.search import SearchService
 from gateway.settings import Settings
 from gateway.startup import configure_process
+from gateway.stow.service import StowService
 
 log = logging.getLogger(__name__)
 
@@ -43,46 +47,58 @@ def make_cache(settings: Settings) -> Cache:
     return MemoryCache(max_entries=settings.cache.max_entries, prefix=settings.cache.prefix)
 
 
+async def _start_cluster(settings: Settings, cache: Cache, spool: Spool, scp: StorageScp | None,
+                         stack: AsyncExitStack) -> ClusterCoordinator | None:
+    """Replicas sharing Redis: the internal endpoint other replicas copy from, and the coordinator
+    that shares retrievals (gateway/cluster/); None when this replica works alone."""
+    if not cluster_enabled(settings, cache):
+        return None
+    secret, port = settings.cluster.shared_secret, settings.cluster.internal_port
+    assert secret and port is not None
+    server = InternalServer(spool, secret, settings.http.host, port)
+    await server.start()
+    stack.push_async_callback(server.stop)
+    coordinator = ClusterCoordinator(cache, spool, secret, advertised_url(settings.http.host, server.port))
+    stack.push_async_callback(coordinator.close)
+    if scp is not None:
+        scp.attach_cluster(asyncio.get_running_loop(), coordinator.moves.lookup)
+    log.info("cluster: replica %s, internal endpoint %s", coordinator.replica_id, coordinator.url)
+    return coordinator
+
+
 def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Every service is built here, once, and closed in reverse order (docs/architecture.md, "App").
         configure_process()   # pydicom validation, pynetdicom config (gateway/startup.py)
-        app.state.settings = settings
-        app.state.metrics = {"aborted_streams": 0}
-        app.state.cache = cache or make_cache(settings)
-        app.state.pacs = PynetdicomPacs(settings)
-        app.state.search = SearchService(settings, app.state.pacs, app.state.cache)
-        app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
-        app.state.instances = InstanceReader()
-        app.state.spool.on_commit = app.state.instances.index_at_ingest
-        scp = None
-        if any(n.retrieve == "move" for n in settings.nodes):
-            g = settings.gateway
-            scp = StorageScp(g.ae_title, g.dimse_host, g.dimse_port,
-                             reject_unexpected=settings.retrieval.reject_unexpected_stores)
-            scp.start()
-        app.state.storage_scp = scp
-        # Replicas sharing Redis: series lease, arrivals stream, internal endpoint (gateway/cluster.py).
-        try:
-            cluster, internal = await start_cluster(settings, app.state.cache, app.state.spool, scp)
-        except BaseException:
-            if scp is not None:
-                scp.stop()
-            raise
-        app.state.cluster = cluster
-        app.state.retrieval = RetrievalService(settings, app.state.pacs, app.state.cache,
-                                               app.state.spool, scp, cluster=cluster)
-        try:
+        async with AsyncExitStack() as stack:
+            app.state.settings = settings
+            app.state.metrics = {"aborted_streams": 0}
+            app.state.cache = cache or make_cache(settings)
+            stack.push_async_callback(app.state.cache.close)
+            app.state.pacs = PynetdicomPacs(settings)
+            stack.push_async_callback(app.state.pacs.close)
+            app.state.search = SearchService(settings, app.state.pacs, app.state.cache)
+            app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
+            stack.callback(app.state.spool.close)
+            app.state.instances = InstanceReader()
+            stack.callback(app.state.instances.close)
+            app.state.stow = StowService(settings, app.state.pacs, app.state.cache, app.state.spool)
+            app.state.spool.on_commit = app.state.instances.index_at_ingest
+            scp = None
+            if any(n.retrieve == "move" for n in settings.nodes):
+                g = settings.gateway
+                scp = StorageScp(g.ae_title, g.dimse_host, g.dimse_port,
+                                 reject_unexpected=settings.retrieval.reject_unexpected_stores)
+                scp.start()
+                stack.callback(scp.stop)
+            app.state.storage_scp = scp
+            coordinator = await _start_cluster(settings, app.state.cache, app.state.spool, scp, stack)
+            app.state.cluster = coordinator
+            app.state.retrieval = RetrievalService(settings, app.state.pacs, app.state.cache, app.state.spool,
+                                                   app.state.instances, scp, coordinator)
+            stack.push_async_callback(app.state.retrieval.close)
             yield
-        finally:
-            await app.state.retrieval.close()
-            if scp is not None:
-                scp.stop()
-            await stop_cluster(cluster, internal)
-            app.state.instances.close()
-            app.state.spool.close()
-            await app.state.pacs.close()
-            await app.state.cache.close()
 
     async def gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
@@ -90,8 +106,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "InternalError", "detail": "internal error", "node": None},
-                            status_code=500)
+        return error_response(InternalError("internal error"))
 
     dicomweb = qido.routes() + wado.routes() + stow.routes()
     dicomweb += rendered.routes() + rendered.root_routes() + capabilities.routes()

@@ -2,8 +2,9 @@
 
 Every request except the probes (``/healthz``, ``/readyz``), ``/metrics`` and CORS preflights must
 carry one of the configured keys, as ``Authorization: Bearer <key>`` (what OHIF and the DICOMweb
-clients send) or ``X-Api-Key: <key>``; keys are compared in constant time. Anything else is 401
-with a JSON body and a ``WWW-Authenticate`` challenge. OIDC/JWT is not implemented yet, and the
+clients send) or ``X-Api-Key: <key>``; keys are compared in constant time. Anything else is
+:class:`gateway.errors.Unauthorized` (401, JSON body, ``WWW-Authenticate`` challenge). OIDC/JWT is
+not implemented yet, and the
 configuration refuses ``auth.mode: oidc`` rather than serving openly (see settings).
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import hmac
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.errors import Unauthorized
+from gateway.http import error_response
 
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
 
@@ -38,9 +41,5 @@ class ApiKeyMiddleware:
                 or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        body = orjson.dumps({"error": "Unauthorized", "detail": "a valid API key is required "
-                             "(Authorization: Bearer <key> or X-Api-Key)", "node": None})
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b'Bearer realm="dicomweb-gateway"')]})
-        await send({"type": "http.response.body", "body": body})
+        denied = Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-Api-Key)")
+        await error_response(denied)(scope, receive, send)

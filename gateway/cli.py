@@ -60,8 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from gateway.dimse.pacs import PynetdicomPacs
-    from gateway.startup import configure_process
     from gateway.errors import GatewayError
+    from gateway.startup import configure_process
 
     settings = load_settings(args.config)
     nodes: Sequence[PacsNode] = settings.nodes

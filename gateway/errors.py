@@ -4,8 +4,10 @@ Every lower-layer failure (pynetdicom outcome, bad query, cache outage) is trans
 its boundary, into one of these; routes never look at raw DIMSE statuses::
 
     GatewayError                      500
+    ├── InternalError                 500   a bug (logged with its traceback; the body says no more)
     ├── BadRequest                    400   malformed query / body
     │   └── TranslationError          400   query cannot be expressed as a C-FIND identifier
+    ├── Unauthorized                  401   no or wrong credentials (with a WWW-Authenticate challenge)
     ├── NotFound                      404
     ├── NotAcceptable                 406
     ├── UnsupportedMediaType          415
@@ -17,7 +19,9 @@ its boundary, into one of these; routes never look at raw DIMSE statuses::
     │   └── DimseTimeout              504
     └── CacheError                    --    logged, never fatal (caught where raised)
 
-The JSON body is ``{"error": <class name>, "detail": <text>, "node": <name or null>}``.
+The JSON body is ``{"error": <class name>, "detail": <text>, "node": <name or null>}``; it is made
+only by :meth:`GatewayError.to_json` and rendered only by ``gateway.http.error_response``. The same
+body is the wire format between replicas: :func:`from_json` turns it back into the same class.
 """
 
 from __future__ import annotations
@@ -31,8 +35,19 @@ class GatewayError(Exception):
         self.detail = detail
         self.node = node
 
+    headers: dict[str, str] = {}
+
     def to_json(self) -> dict[str, object]:
         return {"error": type(self).__name__, "detail": self.detail, "node": self.node}
+
+
+class InternalError(GatewayError):
+    pass
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="dicomweb-gateway"'}
 
 
 class BadRequest(GatewayError):
@@ -89,3 +104,22 @@ class DimseTimeout(PacsError):
 
 class CacheError(GatewayError):
     pass
+
+
+def _tree(cls: type[GatewayError]) -> dict[str, type[GatewayError]]:
+    out = {cls.__name__: cls}
+    for sub in cls.__subclasses__():
+        out.update(_tree(sub))
+    return out
+
+
+def from_json(body: dict[str, object], default: type[GatewayError] = PacsError) -> GatewayError:
+    """The error another replica reported with :meth:`GatewayError.to_json` (unknown names: ``default``)."""
+    cls = _tree(GatewayError).get(str(body.get("error", "")), default)
+    node = body.get("node")
+    detail = str(body.get("detail") or "failed")
+    if cls is DimseFailure:
+        status = body.get("status")
+        return DimseFailure(detail, node=str(node) if node else None,
+                            status=int(str(status), 16) if status else None)
+    return cls(detail, node=str(node) if node else None)

@@ -10,8 +10,9 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import GatewayError, NotAcceptable, NotFound
+from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound
 from gateway.settings import PacsNode, Settings
+from translators.uids import InvalidUid, check_uid
 
 T = TypeVar("T")
 DICOM_JSON = "application/dicom+json"
@@ -23,7 +24,8 @@ class ClientGone(Exception):
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; if the client disconnects first, cancel it (which C-CANCELs its C-FINDs,
-    architecture.md §4) and raise ClientGone. Only for bodiless requests: it consumes receive()."""
+    docs/architecture.md, "HTTP edge") and raise ClientGone. Only for bodiless requests: it
+    consumes receive()."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -49,7 +51,8 @@ SERVICE = "dicomweb-gateway"
 
 def external_root(request: Request, settings: Settings) -> str:
     """Scheme://host[/prefix] as the client sees us. ``X-Forwarded-*`` is trusted only from
-    ``http.trusted_proxies`` (architecture.md §4), so no client can poison URLs other users get."""
+    ``http.trusted_proxies`` (docs/architecture.md, "HTTP edge"), so no client can poison URLs
+    other users get."""
     if settings.gateway.base_url:
         return settings.gateway.base_url
     scheme = request.url.scheme
@@ -82,8 +85,20 @@ def target_nodes(request: Request, settings: Settings) -> tuple[list[PacsNode], 
     return [node], node
 
 
+def path_uids(request: Request) -> tuple[str, str | None, str | None]:
+    """(study, series, instance) UIDs of a DICOMweb path, each checked (400 for a non-UID)."""
+    p = request.path_params
+    try:
+        return (check_uid("study UID", p["study"]),
+                check_uid("series UID", p["series"]) if "series" in p else None,
+                check_uid("instance UID", p["instance"]) if "instance" in p else None)
+    except InvalidUid as exc:
+        raise BadRequest(str(exc)) from None
+
+
 def error_response(exc: GatewayError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.status_code)
+    """The one renderer of an error: the JSON body of :mod:`gateway.errors`, its status and headers."""
+    return JSONResponse(exc.to_json(), status_code=exc.status_code, headers=exc.headers)
 
 
 def with_warnings(response: Response, warnings: list[str]) -> Response:

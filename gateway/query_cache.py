@@ -15,11 +15,13 @@ from contextvars import ContextVar
 import orjson
 from pydicom.dataset import Dataset
 
-from cache.base import Cache, key
+from cache import keys
+from cache.base import Cache
 from gateway.pacs import FindResult, Pacs, QueryModel
 from gateway.settings import PacsNode, Settings
 from translators.dicom_json import dataset_to_json
 from translators.dicom_json_decode import dataset_from_json
+from translators.uids import StudyId
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +61,12 @@ class CachedFinder:
         return {"SERIES": ttl.series, "IMAGE": ttl.instance}.get(level, ttl.study)
 
     async def _key(self, node: PacsNode, ident: Dataset, model: str, max_results: int | None) -> str:
-        gen = await self.cache.get_int(key("gen", node.name))
+        gen = await self.cache.get_int(keys.node_generation(node.name))
         study = str(ident.get("StudyInstanceUID", "") or "")
         study_gen = 0
         if study and "\\" not in study:
-            study_gen = await self.cache.get_int(key("gen", node.name, study))
-        return key("qido", node.name, f"{gen}.{study_gen}", identifier_digest(ident, model, max_results))
+            study_gen = await self.cache.get_int(keys.study_generation(StudyId(node.name, study)))
+        return keys.qido_result(node.name, f"{gen}.{study_gen}", identifier_digest(ident, model, max_results))
 
     async def find(self, node: PacsNode, ident: Dataset, *, model: QueryModel | None = None,
                    max_results: int | None = None, use_cache: bool = True) -> FindResult:

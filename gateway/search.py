@@ -27,13 +27,16 @@ from dataclasses import dataclass, field, replace
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from cache.base import Cache, key
+from cache import keys
+from cache.base import Cache
 from gateway.errors import BadRequest, GatewayError, NotFound, PacsError
 from gateway.pacs import FindResult, Pacs
+from gateway.patients import PatientIds
 from gateway.query_cache import BYPASS, CachedFinder
 from gateway.settings import PacsNode, Settings
 from translators import qido as q
 from translators.matching import dataset_matches
+from translators.uids import StudyId
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class SearchService:
         self.pacs = pacs
         self.cache = cache
         self.finder = CachedFinder(settings, pacs, cache)
+        self.patients = PatientIds(lambda node, ident, model: self.finder.find(node, ident, model=model),
+                                   cache, settings.cache.ttl.location)
 
     # ------------------------------------------------------------------ entry point
 
@@ -203,29 +208,6 @@ class SearchService:
             combined.truncated |= res.truncated
         return combined
 
-    async def _patient_id_for(self, node: PacsNode, study_uid: str, budget: _Budget) -> str | None:
-        cached = await self.cache.get(key("loc", "pid", node.name, study_uid))
-        if cached is not None:
-            return cached.decode()
-        ident = Dataset()
-        ident.QueryRetrieveLevel = "PATIENT"
-        ident.PatientID = ""
-        res = await self.finder.find(node, ident, model="patient")
-        for patient in res.datasets:
-            pid = q.text_value(patient, q.PATIENT_ID)
-            if not pid or not budget.take():
-                continue
-            s = Dataset()
-            s.QueryRetrieveLevel = "STUDY"
-            s.PatientID = pid
-            s.StudyInstanceUID = study_uid
-            found = await self.finder.find(node, s, model="patient")
-            if found.datasets:
-                await self.cache.set(key("loc", "pid", node.name, study_uid), pid.encode(),
-                                     self.settings.cache.ttl.location)
-                return pid
-        return None
-
     # ------------------------------------------------------------------ relational fan-out
 
     async def _fan_out(self, node: PacsNode, query: q.QidoQuery, budget: _Budget) -> FindResult:
@@ -359,37 +341,29 @@ class SearchService:
         """For Patient Root nodes, the PatientID a lower-level C-FIND needs (False: unknown)."""
         if node.query_model != "patient":
             return None
-        pid = await self._patient_id_for(node, study_uid, budget)
+        pid = await self.patients.for_study(node, study_uid, budget.take)
         return pid if pid else False
 
     # ------------------------------------------------------------------ locations
 
     async def _record_locations(self, level: q.Level, merged: q.Merged) -> None:
-        """Remember which node holds which study (WADO goes straight there later)."""
+        """Remember which node holds which study (WADO goes straight there later), and each study's
+        PatientID per node (Patient Root retrievals need it). The cache never raises."""
         ttl = self.settings.cache.ttl.location
-        try:
-            for ds in merged.datasets:
-                study = q.text_value(ds, q.STUDY_UID)
-                if not study:
-                    continue
-                names = merged.nodes.get(q.text_value(ds, q.uid_of(level)), [])
-                if names:
-                    await self.cache.sadd(key("loc", "study", study), names, ttl)
-                series = q.text_value(ds, q.SERIES_UID)
-                if level != "study" and series:
-                    await self.cache.sadd(key("loc", "series", series), [study], ttl)
-                pid = q.text_value(ds, q.PATIENT_ID)
-                if pid:
-                    for name in names:
-                        await self.cache.set(key("loc", "pid", name, study), pid.encode(), ttl)
-        except Exception:  # noqa: BLE001 - the cache never fails a request
-            log.warning("recording locations failed; continuing without", exc_info=True)
+        for ds in merged.datasets:
+            study = q.text_value(ds, q.STUDY_UID)
+            if not study:
+                continue
+            names = merged.nodes.get(q.text_value(ds, q.uid_of(level)), [])
+            if names:
+                await self.cache.sadd(keys.study_locations(study), names, ttl)
+            pid = q.text_value(ds, q.PATIENT_ID)
+            if pid:
+                for name in names:
+                    await self.patients.remember(StudyId(name, study), pid)
 
     async def study_nodes(self, study_uid: str) -> list[str]:
-        try:
-            return sorted(await self.cache.smembers(key("loc", "study", study_uid)))
-        except Exception:  # noqa: BLE001
-            return []
+        return sorted(await self.cache.smembers(keys.study_locations(study_uid)))
 
 
 def _study_stub(study_uid: str) -> Dataset:

@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Category = Literal["instance", "metadata", "frames", "bulkdata", "rendered"]
+from translators.frames import CORNERSTONE_UNDECODABLE, can_transcode, media_type_for_transfer_syntax
+from translators.syntaxes import ANY as ANY_TS
+from translators.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, LOSSY
 
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-ANY_TS = "*"
+Category = Literal["instance", "metadata", "frames", "bulkdata", "rendered"]
 
 # Compressed bulk media types (PS3.18 Table 8.7.3-5); the first TS of each is its default.
 COMPRESSED_TYPES: dict[str, tuple[str, ...]] = {
@@ -201,3 +201,44 @@ def _choose(category: Category, mrange: MediaRange, single_item: bool) -> Select
     if mrange.type in RENDERED_TYPES:
         return Selection(False, mrange.type, None)
     return None
+
+
+# ---------------------------------------------------------------------- what to send (one rule each)
+
+
+def instance_syntax(stored: str, requested: str | None, *, explicit: bool) -> str | None:
+    """The transfer syntax to send a whole stored instance in (PS3.18 §8.7.3.5).
+
+    ``requested``: the negotiated syntax (None: the media type's default, Explicit VR LE);
+    ``explicit``: the client named it. Rules, in order: ``*`` sends the stored encoding, except that
+    Implicit VR LE is never sent to a web client (§8.7.3: Explicit VR LE instead, same values); the
+    stored syntax as requested is sent as is; lossy data is not decompressed for a default request
+    (the loss is done, decoding only multiplies bytes); otherwise transcode when possible. None
+    when the client named a syntax the instance cannot be transcoded to (406); a default request
+    that cannot be honoured gets the stored encoding.
+    """
+    target = requested or EXPLICIT_VR_LE
+    if target == ANY_TS:
+        return EXPLICIT_VR_LE if stored == IMPLICIT_VR_LE else stored
+    if target == stored:
+        return stored
+    if not explicit and stored in LOSSY:
+        return stored
+    if can_transcode(stored, target):
+        return target
+    return None if explicit else stored
+
+
+def frame_media(stored: str, requested: str | None) -> tuple[str, str]:
+    """(part media type, transfer syntax) for frames and pixel data (PS3.18 Table 8.7.3-5).
+
+    ``*`` keeps the stored encoding, as its own media type, except Implicit VR LE (sent as the same
+    little-endian bytes labelled Explicit VR LE) and encodings cornerstone cannot decode (sent
+    decoded, as application/octet-stream).
+    """
+    target = requested or EXPLICIT_VR_LE
+    if target == ANY_TS:
+        if stored == IMPLICIT_VR_LE or stored in CORNERSTONE_UNDECODABLE:
+            return "application/octet-stream", EXPLICIT_VR_LE
+        return media_type_for_transfer_syntax(stored), stored
+    return media_type_for_transfer_syntax(target), target

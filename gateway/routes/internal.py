@@ -1,9 +1,10 @@
 """The replica-to-replica endpoint, on its own port (``cluster.internal_port``) that no Ingress exposes.
 
-``GET /internal/instances/{sop}`` streams a spooled Part-10 file as stored (404 when this replica's
-spool does not hold it). Every request must carry ``Authorization: Bearer <cluster.shared_secret>``
+``GET /internal/instances/{node}/{sop}`` streams this replica's spooled copy of that node's instance,
+as stored (404 when the spool does not hold it). Every request must carry
+``Authorization: Bearer <cluster.shared_secret>``
 (compared in constant time); anything else is 401. Followers of a retrieval copy the instances the
-holder announced through it (:mod:`gateway.cluster`).
+holder announced through it (:mod:`gateway.cluster.copies`).
 
 The server is a second uvicorn server on the application's event loop, started and stopped by the
 lifespan. It leaves the process's signals to the public server, which owns shutdown.
@@ -16,7 +17,6 @@ import contextlib
 import hmac
 import logging
 import os
-import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO
@@ -24,22 +24,17 @@ from typing import BinaryIO
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from cache.spool import Spool
+from gateway.errors import NotFound, Unauthorized
+from gateway.http import error_response
+from translators.uids import is_uid
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-
-
-def _error(status: int, detail: str) -> JSONResponse:
-    if status == 401:
-        return JSONResponse({"error": "Unauthorized", "detail": detail, "node": None}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
-    return JSONResponse({"error": "NotFound", "detail": detail, "node": None}, status_code=status)
 
 
 def internal_app(spool: Spool, secret: str) -> Starlette:
@@ -48,16 +43,15 @@ def internal_app(spool: Spool, secret: str) -> Starlette:
     async def instance(request: Request) -> Response:
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
-            return _error(401, "replica-to-replica requests need the cluster's shared secret")
-        sop = request.path_params["sop"]
-        entry = spool.get(sop) if _UID.fullmatch(sop) else None
-        if entry is None:
-            return _error(404, "instance not in this replica's spool")
-        try:
-            # An open file keeps its data even if the spool evicts (unlinks) it while we send it.
+            return error_response(
+                Unauthorized("replica-to-replica requests need the cluster's shared secret")
+            )
+        node, sop = request.path_params["node"], request.path_params["sop"]
+        with spool.pinned(node, sop) if is_uid(sop) else contextlib.nullcontext() as entry:
+            if entry is None:
+                return error_response(NotFound("instance not in this replica's spool", node=node))
+            # Open while pinned; an open file keeps its data even if the spool evicts it afterwards.
             fh: BinaryIO = await asyncio.to_thread(open, entry.path, "rb")
-        except FileNotFoundError:
-            return _error(404, "instance left this replica's spool")
         size = os.fstat(fh.fileno()).st_size
 
         async def body() -> AsyncIterator[bytes]:
@@ -67,10 +61,11 @@ def internal_app(spool: Spool, secret: str) -> Starlette:
             finally:
                 fh.close()
 
-        return StreamingResponse(body(), media_type="application/dicom",
-                                 headers={"Content-Length": str(size)})
+        return StreamingResponse(
+            body(), media_type="application/dicom", headers={"Content-Length": str(size)}
+        )
 
-    return Starlette(routes=[Route("/internal/instances/{sop}", instance, methods=["GET"])])
+    return Starlette(routes=[Route("/internal/instances/{node}/{sop}", instance, methods=["GET"])])
 
 
 class _Server(uvicorn.Server):
@@ -84,8 +79,13 @@ class InternalServer:
     def __init__(self, spool: Spool, secret: str, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        config = uvicorn.Config(internal_app(spool, secret), lifespan="off", log_config=None,
-                                access_log=False, timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            internal_app(spool, secret),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
         self._server = _Server(config)
         self._task: asyncio.Future[None] | None = None
 
@@ -114,3 +114,13 @@ class InternalServer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+
+
+def advertised_url(host: str, port: int) -> str:
+    """How other replicas reach this one: the bound address, or this host's address for a wildcard."""
+    if host in ("", "0.0.0.0", "::"):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -16,14 +16,13 @@ from starlette.routing import Route
 
 from cache.spool import SpoolEntry
 from gateway.errors import BadRequest, NotAcceptable, NotFound
-from gateway.http import target_nodes
-from gateway.instances import LOSSY
-from gateway.retrieval import Manifest
-from gateway.routes.wado import _instance_entry, _node, _services, _uids, parse_frame_list
-from translators import frames as fr
-from translators import media
+from gateway.http import path_uids, target_nodes
+from gateway.instances import InstanceReader
+from gateway.retrieval.service import RetrievalService
+from gateway.routes.wado import NODE_HEADER, parse_frame_list
 from translators import multipart as mp
 from translators import rendered as rd
+from translators.uids import InvalidUid, check_uid
 
 
 def _params(request: Request, thumbnail: bool) -> rd.RenderParams:
@@ -35,6 +34,10 @@ def _params(request: Request, thumbnail: bool) -> rd.RenderParams:
     except rd.RenderError as exc:
         raise BadRequest(str(exc)) from None
     return rd.thumbnail_params(params) if thumbnail else params
+
+
+def _services(request: Request) -> tuple[RetrievalService, InstanceReader]:
+    return request.app.state.retrieval, request.app.state.instances
 
 
 async def _render(request: Request, entry: SpoolEntry, frame: int, params: rd.RenderParams) -> bytes:
@@ -58,56 +61,34 @@ async def _render(request: Request, entry: SpoolEntry, frame: int, params: rd.Re
         raise BadRequest(str(exc)) from None
 
 
-async def _representative(request: Request) -> SpoolEntry:
-    """The instance a study or series thumbnail shows: the middle one of the (first) series."""
-    study, series, _ = _uids(request)
-    node, _ = await _node(request, study)
-    service, _ = _services(request)
-    manifests: list[Manifest]
-    if series is None:
-        manifests = await service.series_list(node, study)
-    else:
-        manifests = [await service.manifest(node, study, series)]
-    manifest = next((m for m in manifests if m.instances), None)
-    if manifest is None:
-        raise NotFound("no instances to render")
-    uid = manifest.uids[(len(manifest.uids) - 1) // 2]
-    fetch = service.fetch(node, manifest, priority=uid)
-    fetch.join()
-    try:
-        await fetch.wait_for(uid)
-    finally:
-        fetch.waiters -= 1   # the viewer opening the series will want the rest
-    entry = service.entry(uid)
-    if entry is None:
-        raise NotFound(f"instance {uid} is not available")
-    return entry
-
-
 async def rendered(request: Request) -> Response:
     """Instance, frame(s), series or study rendered as JPEG/PNG/GIF."""
     thumbnail = request.url.path.endswith("/thumbnail")
     params = _params(request, thumbnail)          # 400/406 before any DIMSE work
-    _, series, instance = _uids(request)
+    study, series, instance = path_uids(request)
     frames_text = request.path_params.get("frames")
     numbers = parse_frame_list(frames_text) if frames_text else None
+    nodes, _ = target_nodes(request, request.app.state.settings)
+    service, reader = _services(request)
     if instance is None:
-        entry = await _representative(request)
+        pinned = service.representative(nodes, study, series)
         numbers = None
     else:
-        entry, _ = await _instance_entry(request)
-    if numbers is None:
-        _, reader = _services(request)
-        index = await reader.frame_index(entry)
-        count = index.number_of_frames if index else 1
-        numbers = [rd.pick_thumbnail_frame(count) if thumbnail else 1]
-    images = [await _render(request, entry, n, params) for n in numbers]
+        assert series is not None
+        pinned = service.instance(nodes, study, series, instance)
+    async with pinned as entry:
+        if numbers is None:
+            index = await reader.frame_index(entry)
+            count = index.number_of_frames if index else 1
+            numbers = [rd.pick_thumbnail_frame(count) if thumbnail else 1]
+        images = [await _render(request, entry, n, params) for n in numbers]
+    headers = {NODE_HEADER: entry.node}
     if len(images) == 1:
-        return Response(images[0], media_type=params.media_type)
+        return Response(images[0], media_type=params.media_type, headers=headers)
     boundary = mp.new_boundary()
     body = b"".join(mp.part_header(boundary, params.media_type, first=i == 0) + img
                     for i, img in enumerate(images)) + mp.closing(boundary)
-    return Response(body, media_type=mp.content_type(params.media_type, boundary))
+    return Response(body, media_type=mp.content_type(params.media_type, boundary), headers=headers)
 
 
 # ---------------------------------------------------------------------- WADO-URI
@@ -121,26 +102,28 @@ async def wado_uri(request: Request) -> Response:
     missing = [k for k in ("studyUID", "seriesUID", "objectUID") if not q.get(k)]
     if missing:
         raise BadRequest(f"missing parameter(s): {', '.join(missing)}")
-    request.path_params.update(study=q["studyUID"], series=q["seriesUID"], instance=q["objectUID"])
-    target_nodes(request, request.app.state.settings)  # 404 for an unknown /nodes/{name}
+    try:
+        study, series, sop = (check_uid("studyUID", q["studyUID"]), check_uid("seriesUID", q["seriesUID"]),
+                              check_uid("objectUID", q["objectUID"]))
+    except InvalidUid as exc:
+        raise BadRequest(str(exc)) from None
+    nodes, _ = target_nodes(request, request.app.state.settings)   # 404 for an unknown /nodes/{name}
     content_types = [c.strip() for c in (q.get("contentType") or "image/jpeg").split(",") if c.strip()]
     frame_text = q.get("frameNumber") or q.get("frame")   # OHIF sends the non-standard `frame`
-    entry, _ = await _instance_entry(request)
+    frame = 1
+    if frame_text:
+        if not (frame_text.isascii() and frame_text.isdigit()) or int(frame_text) < 1:
+            raise BadRequest(f"frameNumber {frame_text!r} is not a frame number")
+        frame = int(frame_text)
+    service, _ = _services(request)
     if "application/dicom" in content_types:
-        wanted = q.get("transferSyntax") or media.EXPLICIT_VR_LE
-        _, reader = _services(request)
-        stored = entry.transfer_syntax
-        if wanted in ("*", stored) or (wanted == media.EXPLICIT_VR_LE and stored in LOSSY
-                                        and not q.get("transferSyntax")):
-            data = b"".join([c async for c in reader.chunks(entry)])
-            ts = stored
-        elif fr.can_transcode(stored, wanted):
-            data, ts = await reader.transcoded(entry, wanted), wanted
-        else:
-            raise NotAcceptable(f"the instance is stored as {stored} and cannot be sent as {wanted}")
-        disposition = f'attachment; filename="{entry.sop_instance_uid}.dcm"'
+        async with service.instance(nodes, study, series, sop) as entry:
+            data, ts = await service.whole_instance(entry, q.get("transferSyntax"),
+                                                    explicit=bool(q.get("transferSyntax")))
+        disposition = f'attachment; filename="{sop}.dcm"'
         return Response(data, media_type="application/dicom",
-                        headers={"Content-Disposition": disposition, "X-Transfer-Syntax": ts})
+                        headers={"Content-Disposition": disposition, "X-Transfer-Syntax": ts,
+                                 NODE_HEADER: entry.node})
     renderable = [c for c in content_types if c in rd.RENDERABLE or c in ("*/*", "image/*")]
     if not renderable:
         raise NotAcceptable(f"contentType {','.join(content_types)} is not supported")
@@ -158,12 +141,9 @@ async def wado_uri(request: Request) -> Response:
         params = rd.parse_render_params(items)
     except rd.RenderError as exc:
         raise BadRequest(str(exc)) from None
-    frame = 1
-    if frame_text:
-        if not frame_text.isdigit() or int(frame_text) < 1:
-            raise BadRequest(f"frameNumber {frame_text!r} is not a frame number")
-        frame = int(frame_text)
-    return Response(await _render(request, entry, frame, params), media_type=params.media_type)
+    async with service.instance(nodes, study, series, sop) as entry:
+        image = await _render(request, entry, frame, params)
+    return Response(image, media_type=params.media_type, headers={NODE_HEADER: entry.node})
 
 
 def routes() -> list[Route]:

@@ -59,7 +59,7 @@ def sop_uids(response: httpx.Response) -> list[str]:
 
 
 def spooled(spool: Path) -> set[str]:
-    return {p.stem for p in spool.glob("*.dcm")}
+    return {p.stem for p in spool.glob("*/*.dcm")}   # <spool>/<node>/<sop>.dcm
 
 
 class SlowPacs(DemoPacs):
@@ -140,14 +140,16 @@ def test_fifty_concurrent_requests_across_two_replicas_cause_one_retrieval(redis
 
             # The internal endpoint: on its own port, shared secret only.
             sop = AXIAL["sop_instance_uids"][3]
-            internal = f"http://127.0.0.1:{ports[0]}/internal/instances/"
+            internal = f"http://127.0.0.1:{ports[0]}/internal/instances/demo/"
             assert client.get(internal + sop).status_code == 401
             assert client.get(internal + sop, headers={"Authorization": "Bearer wrong"}).status_code == 401
             auth = {"Authorization": f"Bearer {secret}"}
             assert client.get(internal + "1.2.3.4", headers=auth).status_code == 404
             ok = client.get(internal + sop, headers=auth)
-            assert ok.status_code == 200 and ok.content == (tmp_path / "a" / f"{sop}.dcm").read_bytes()
-            assert client.get(url_a + "/internal/instances/" + sop, headers=auth).status_code == 404
+            assert ok.status_code == 200 and ok.content == (tmp_path / "a" / "demo" / f"{sop}.dcm").read_bytes()
+            assert client.get(internal.replace("/demo/", "/other/") + sop, headers=auth).status_code == 404, \
+                "another node's copy is another object"
+            assert client.get(url_a + "/internal/instances/demo/" + sop, headers=auth).status_code == 404
 
 
 def test_holder_dies_mid_retrieval_and_another_replica_finishes(redis_url, tmp_path):

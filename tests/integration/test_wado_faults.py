@@ -60,7 +60,7 @@ def test_unexpected_c_store_is_refused(orthanc, tmp_path):
         status = assoc.send_c_store(ds)
         assoc.release()
         assert status.Status == 0x0124, "a C-STORE matching no pending C-MOVE must not enter the spool"
-    assert list(tmp_path.glob("*.dcm")) == []
+    assert list(tmp_path.rglob("*.dcm")) == []
 
 
 @pytest.mark.parametrize("retrieve", ["move", "get"])

@@ -1,55 +1,83 @@
-"""cache.spool: atomic writes, LRU eviction by bytes, pins."""
+"""cache.spool: atomic writes, LRU eviction by bytes, pins, entries owned by their node."""
 
 import threading
 
+import pytest
+
 from cache.spool import Spool
+from translators.uids import InstanceId
+
+TS = "1.2.840.10008.1.2.1"
 
 
-def meta(uid, series="1.2.3"):
-    return {"sop_instance_uid": uid, "sop_class_uid": "1.2", "transfer_syntax": "1.2.840.10008.1.2.1",
-            "study_uid": "1.2", "series_uid": series, "node": "n"}
+def iid(uid, node="n", series="1.2.3"):
+    return InstanceId(node, "1.2", series, uid)
+
+
+def put(spool, data, uid, node="n", **kw):
+    return spool.write(data, iid(uid, node), sop_class_uid="1.2", transfer_syntax=TS, **kw)
 
 
 def test_write_index_and_read_back(tmp_path):
     spool = Spool(tmp_path / "s", max_bytes=10_000)
-    entry = spool.write(b"x" * 100, **meta("1.1"))
+    entry = put(spool, b"x" * 100, "1.1")
     assert entry.path.read_bytes() == b"x" * 100 and entry.size == 100
-    assert spool.get("1.1") is entry and spool.total_bytes == 100
-    assert [e.sop_instance_uid for e in spool.series("1.2.3")] == ["1.1"]
+    assert spool.get("n", "1.1") is entry and spool.total_bytes == 100
+    assert entry.id == iid("1.1") and entry.series_uid == "1.2.3"
     assert list((tmp_path / "s" / ".incoming").iterdir()) == []
+
+
+def test_the_same_uid_from_two_nodes_is_two_entries(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    a = put(spool, b"from a", "7.7", node="a")
+    b = put(spool, b"from node b", "7.7", node="b")
+    assert spool.get("a", "7.7").path.read_bytes() == b"from a"
+    assert spool.get("b", "7.7").path.read_bytes() == b"from node b"
+    assert a.path != b.path and spool.total_bytes == len(b"from a") + len(b"from node b")
+    assert spool.get("c", "7.7") is None
 
 
 def test_lru_eviction_by_bytes_spares_pinned(tmp_path):
     spool = Spool(tmp_path, max_bytes=250)
-    spool.write(b"a" * 100, **meta("1"))
-    spool.write(b"b" * 100, **meta("2"))
-    with spool.pinned("1"):
-        spool.write(b"c" * 100, **meta("3"))     # over budget: "2" is the LRU unpinned one
-        assert spool.get("2") is None and spool.get("1") is not None
-    spool.get("3")
-    spool.write(b"d" * 100, **meta("4"))         # "1" is now the least recently used
-    assert spool.get("1") is None and spool.total_bytes == 200
-    assert sorted(p.name for p in tmp_path.glob("*.dcm")) == ["3.dcm", "4.dcm"]
+    put(spool, b"a" * 100, "1")
+    put(spool, b"b" * 100, "2")
+    with spool.pinned("n", "1"):
+        put(spool, b"c" * 100, "3")     # over budget: "2" is the LRU unpinned one
+        assert spool.get("n", "2") is None and spool.get("n", "1") is not None
+    spool.get("n", "3")
+    put(spool, b"d" * 100, "4")         # "1" is now the least recently used
+    assert spool.get("n", "1") is None and spool.total_bytes == 200
+    assert sorted(p.name for p in (tmp_path / "n").glob("*.dcm")) == ["3.dcm", "4.dcm"]
     assert spool.evictions == 2
+
+
+def test_commit_pinned_survives_until_unpinned(tmp_path):
+    spool = Spool(tmp_path, max_bytes=150)
+    first = put(spool, b"a" * 100, "1", pin=True)
+    put(spool, b"b" * 100, "2")                 # over budget, but "1" is pinned from its commit
+    assert spool.get("n", "1") is first and first.path.exists() and spool.get("n", "2") is None
+    spool.unpin(first)
+    put(spool, b"c" * 100, "3")
+    assert spool.get("n", "1") is None and not first.path.exists()
 
 
 def test_instance_larger_than_spool_is_evicted_when_unpinned(tmp_path):
     spool = Spool(tmp_path, max_bytes=10)
-    with spool.pinned("big"):
-        pass
-    entry = spool.write(b"z" * 50, **meta("big"))
-    assert spool.get("big") is None and not entry.path.exists()
+    entry = put(spool, b"z" * 50, "9.9", pin=True)
+    assert entry.path.exists()
+    spool.unpin(entry)
+    assert spool.get("n", "9.9") is None and not entry.path.exists()
 
 
 def test_rewrite_replaces_and_concurrent_writers(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 30)
-    spool.write(b"old", **meta("9"))
-    spool.write(b"newer", **meta("9"))
-    assert spool.get("9").path.read_bytes() == b"newer" and spool.total_bytes == 5
+    put(spool, b"old", "9")
+    put(spool, b"newer", "9")
+    assert spool.get("n", "9").path.read_bytes() == b"newer" and spool.total_bytes == 5
 
     def writer(n):
         for i in range(50):
-            spool.write(bytes([n]) * 10, **meta(f"{n}.{i}"))
+            put(spool, bytes([n]) * 10, f"{n}.{i}")
 
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(1, 5)]
     for t in threads:
@@ -59,10 +87,19 @@ def test_rewrite_replaces_and_concurrent_writers(tmp_path):
     assert spool.total_bytes == 5 + 4 * 50 * 10
 
 
+@pytest.mark.parametrize("bad", [InstanceId("n", "1.2", "1.2.3", "../x"), InstanceId("n/../m", "1.2", "1.2.3", "1"),
+                                 InstanceId("n", "1.2\n", "1.2.3", "1")])
+def test_commit_refuses_identities_that_are_not_uids_or_node_names(tmp_path, bad):
+    spool = Spool(tmp_path, max_bytes=100)
+    with pytest.raises(ValueError):
+        spool.write(b"1", bad, sop_class_uid="1.2", transfer_syntax=TS)
+    assert spool.total_bytes == 0 and list(spool.tmp.iterdir()) == []
+
+
 def test_temp_spool_is_removed_on_close():
     spool = Spool(None, max_bytes=100)
     root = spool.root
-    spool.write(b"1", **meta("1"))
+    put(spool, b"1", "1")
     spool.close()
     assert not root.exists()
 
@@ -71,10 +108,10 @@ def test_commit_hook_runs_for_every_entry_and_never_fails_the_write(tmp_path):
     spool = Spool(tmp_path, max_bytes=10_000)
     seen = []
     spool.on_commit = lambda entry: seen.append(entry.sop_instance_uid)
-    spool.write(b"a", **meta("1"))
+    put(spool, b"a", "1")
     spool.on_commit = lambda entry: 1 / 0
-    entry = spool.write(b"b", **meta("2"))
-    assert seen == ["1"] and spool.get("2") is entry
+    entry = put(spool, b"b", "2")
+    assert seen == ["1"] and spool.get("n", "2") is entry
 
 
 def test_frame_index_is_built_at_ingest(tmp_path):
@@ -89,6 +126,6 @@ def test_frame_index_is_built_at_ingest(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 30)
     reader = InstanceReader()
     spool.on_commit = reader.index_at_ingest
-    entry = spool.write(buf.getvalue(), **meta(str(ds.SOPInstanceUID)))
+    entry = put(spool, buf.getvalue(), str(ds.SOPInstanceUID))
     reader.close()
     assert entry.derived["index"].number_of_frames == int(ds.NumberOfFrames)

@@ -1,0 +1,202 @@
+"""One retrieval of one series on one node, observed from the event loop by many HTTP streams.
+
+A :class:`SeriesFetch` is the single-flight unit (docs/architecture.md, "Retrieval"): every request
+that wants (part of) a series on a node joins the one fetch of it, and reads arrivals from the spool
+at its own pace.
+
+**Pins** (the eviction rule): every instance the fetch has made available is pinned in the spool on
+the fetch's behalf, from the moment it is committed (or found already spooled) until the fetch is
+finished and has no waiter left. So a stream can never see an instance announced and then find its
+file evicted, however small the spool; the spool may exceed its budget by the series being streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cache.spool import Spool, SpoolEntry
+from gateway.errors import GatewayError, NotFound, PacsError
+from translators.uids import InstanceId, SeriesId
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    sop_instance_uid: str
+    sop_class_uid: str
+    number: float
+
+
+@dataclass
+class Manifest:
+    """The instances of a series on a node, as its IMAGE-level C-FIND listed them."""
+
+    id: SeriesId
+    instances: list[InstanceRef]
+    complete: bool = True  # False: a subset (e.g. the one instance a request asked for)
+    generation: int = 0  # the study generation it was listed under (cache.keys: freshness)
+    fetched: float = field(default_factory=time.monotonic)
+
+    @property
+    def node(self) -> str:
+        return self.id.node
+
+    @property
+    def study(self) -> str:
+        return self.id.study
+
+    @property
+    def series(self) -> str:
+        return self.id.series
+
+    @property
+    def uids(self) -> list[str]:
+        return [i.sop_instance_uid for i in self.instances]
+
+    def instance_id(self, sop: str) -> InstanceId:
+        return InstanceId(self.id.node, self.id.study, self.id.series, sop)
+
+    def subset(self, sops: set[str]) -> Manifest:
+        return Manifest(
+            self.id,
+            [i for i in self.instances if i.sop_instance_uid in sops],
+            complete=False,
+            generation=self.generation,
+            fetched=self.fetched,
+        )
+
+
+class RetrievalFailed(PacsError):
+    """Some instances of a series could not be retrieved (reported, never silently dropped)."""
+
+
+class SeriesFetch:
+    """Loop-thread object; the PACS side reaches it through ``loop.call_soon_threadsafe``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, manifest: Manifest, spool: Spool) -> None:
+        self.loop = loop
+        self.manifest = manifest
+        self.spool = spool
+        self.arrived: list[str] = []
+        self._held: dict[str, SpoolEntry] = {}  # pinned on the fetch's behalf
+        self.done = False
+        self.error: GatewayError | None = None
+        self.cancel = threading.Event()
+        self.waiters = 0
+        self._wake: asyncio.Future[None] = loop.create_future()
+        self.task: asyncio.Future[None] | None = None
+        self.retrieval_id: str | None = None  # cluster: the id while this replica holds the lease
+
+    # ------------------------------------------------------------------ arrivals (loop thread)
+
+    def adopt_spooled(self) -> list[str]:
+        """Pin what the spool already holds of the manifest; return the SOP UIDs still missing."""
+        missing = []
+        for uid in self.manifest.uids:
+            entry = self.spool.pin(self.manifest.node, uid)
+            if (
+                entry is not None
+                and entry.series_uid == self.manifest.series
+                and entry.study_uid == self.manifest.study
+            ):
+                self.arrive(uid, entry)
+            else:
+                if entry is not None:
+                    self.spool.unpin(entry)  # the same UID filed under another study/series
+                missing.append(uid)
+        return missing
+
+    def arrive(self, sop_uid: str, entry: SpoolEntry) -> None:
+        """``entry`` comes pinned once for this fetch (``Spool.commit(pin=True)`` or ``Spool.pin``)."""
+        old = self._held.get(sop_uid)
+        if old is not None:
+            if old is not entry:
+                self.spool.unpin(old)
+        else:
+            self.arrived.append(sop_uid)
+        self._held[sop_uid] = entry
+        if self.done and self.waiters <= 0:
+            self._release()  # a late arrival after everyone left: keep nothing pinned
+        self._notify()
+
+    def entry(self, sop_uid: str) -> SpoolEntry:
+        """The spooled instance, on disk for as long as the caller is a waiter of this fetch."""
+        return self._held[sop_uid]
+
+    def has(self, sop_uid: str) -> bool:
+        return sop_uid in self._held
+
+    @property
+    def missing(self) -> list[str]:
+        return [u for u in self.manifest.uids if u not in self._held]
+
+    def finish(self, error: GatewayError | None = None) -> None:
+        self.done = True
+        self.error = error
+        if self.waiters <= 0:
+            self._release()
+        self._notify()
+
+    def _release(self) -> None:
+        held, self._held = self._held, {}
+        for entry in held.values():
+            self.spool.unpin(entry)
+
+    def _notify(self) -> None:
+        if not self._wake.done():
+            self._wake.set_result(None)
+        self._wake = self.loop.create_future()
+
+    async def changed(self) -> None:
+        await asyncio.shield(self._wake)
+
+    # ------------------------------------------------------------------ waiting
+
+    async def arrivals(self) -> AsyncIterator[str]:
+        """Every instance of the manifest as it becomes available; raises the fetch's error."""
+        i = 0
+        while True:
+            while i < len(self.arrived):
+                yield self.arrived[i]
+                i += 1
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return
+            await self.changed()
+
+    async def wait_for(self, sop_uid: str) -> SpoolEntry:
+        while not self.has(sop_uid):
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                raise NotFound(
+                    f"instance {sop_uid} was not found in series {self.manifest.series}",
+                    node=self.manifest.node,
+                )
+            await self.changed()
+        return self.entry(sop_uid)
+
+    # ------------------------------------------------------------------ waiters
+
+    def join(self) -> None:
+        self.waiters += 1
+
+    def leave(self) -> None:
+        """The waiter is gone: when it was the last one, an unfinished fetch is cancelled."""
+        self.waiters -= 1
+        if self.waiters <= 0:
+            if self.done:
+                self._release()
+            else:
+                self.cancel.set()
+
+    def detach(self) -> None:
+        """The waiter is gone, but the fetch should finish anyway (a viewer that read metadata or a
+        frame asks for the rest of the series next): nothing is cancelled."""
+        self.waiters -= 1
+        if self.waiters <= 0 and self.done:
+            self._release()

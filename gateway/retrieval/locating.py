@@ -1,0 +1,149 @@
+"""Where a study is, and what a series holds: the node, and the manifest to check completeness by.
+
+* **Locate**: ``/nodes/{name}/...`` names its node; federated ``/dicom-web/...`` takes the first node
+  in config order that holds the study, by the location index (learned from QIDO and STOW), else by
+  a STUDY-level C-FIND on each node in turn.
+* **Manifest**: an IMAGE-level C-FIND on the node, with the study AND the series UID, lists the
+  series' instances (404 when empty, never a silent empty 200). A wrong study UID with a right
+  series UID therefore finds nothing. Manifests are memoised per (node, study, series) for
+  ``MANIFEST_TTL`` seconds and only under the study generation they were listed at (cache.keys,
+  freshness): a STOW into the study on any replica makes every replica list it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset
+
+from cache import keys
+from cache.base import Cache
+from gateway.errors import GatewayError, NotFound
+from gateway.pacs import Pacs
+from gateway.patients import PatientIds
+from gateway.retrieval.fetch import InstanceRef, Manifest
+from gateway.settings import PacsNode, Settings
+from translators.uids import SeriesId, StudyId
+
+MANIFEST_TTL = 60.0
+MAX_MEMO = 4096
+
+
+class Locator:
+    def __init__(self, settings: Settings, pacs: Pacs, cache: Cache, patients: PatientIds) -> None:
+        self.settings = settings
+        self.pacs = pacs
+        self.cache = cache
+        self.patients = patients
+        self._manifests: dict[SeriesId, Manifest] = {}
+
+    async def locate(self, study: str, nodes: Sequence[PacsNode]) -> PacsNode:
+        """The first node (config order) holding the study; the only node when one is named."""
+        if len(nodes) == 1:
+            return nodes[0]
+        known = await self.cache.smembers(keys.study_locations(study))
+        for node in nodes:
+            if node.name in known:
+                return node
+        for node in nodes:
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "STUDY"
+            ident.StudyInstanceUID = study
+            try:
+                res = await self.pacs.find(node, ident)
+            except GatewayError:
+                continue
+            if res.datasets:
+                await self.cache.sadd(
+                    keys.study_locations(study), [node.name], self.settings.cache.ttl.location
+                )
+                return node
+        raise NotFound(f"study {study} was not found on any node")
+
+    async def generation(self, study: StudyId) -> int:
+        return await self.cache.get_int(keys.study_generation(study))
+
+    async def manifest(self, node: PacsNode, study: str, series: str) -> Manifest:
+        sid = SeriesId(node.name, study, series)
+        generation = await self.generation(sid.study_id)
+        memo = self._manifests.get(sid)
+        if (
+            memo is not None
+            and memo.generation == generation
+            and time.monotonic() - memo.fetched < MANIFEST_TTL
+        ):
+            return memo
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.StudyInstanceUID = study
+        ident.SeriesInstanceUID = series
+        ident.SOPInstanceUID = ""
+        ident.SOPClassUID = ""
+        ident.InstanceNumber = None
+        await self._patient_key(node, study, ident)
+        res = await self.pacs.find(node, ident, model=node.query_model, max_results=1_000_000)
+        # Only answers for this study and series count (a PACS that ignores a key must not widen it).
+        found = [
+            d
+            for d in res.datasets
+            if str(d.get("SeriesInstanceUID", series) or series) == series
+            and str(d.get("StudyInstanceUID", study) or study) == study
+            and d.get("SOPInstanceUID")
+        ]
+        if not found:
+            self._manifests.pop(sid, None)
+            raise NotFound(
+                f"series {series} of study {study} was not found on node {node.name}", node=node.name
+            )
+        refs = sorted(
+            (
+                InstanceRef(
+                    str(d.SOPInstanceUID), str(d.get("SOPClassUID", "") or ""), _num(d.get("InstanceNumber"))
+                )
+                for d in found
+            ),
+            key=lambda r: (r.number, r.sop_instance_uid),
+        )
+        manifest = Manifest(sid, refs, generation=generation)
+        if len(self._manifests) >= MAX_MEMO:
+            self._manifests.pop(next(iter(self._manifests)))
+        self._manifests[sid] = manifest
+        return manifest
+
+    def forget(self, series: SeriesId) -> None:
+        """Drop a memo a failed retrieval suggests is stale (instances removed on the PACS)."""
+        self._manifests.pop(series, None)
+
+    async def series_list(self, node: PacsNode, study: str) -> list[Manifest]:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.StudyInstanceUID = study
+        ident.SeriesInstanceUID = ""
+        ident.SeriesNumber = None
+        ident.Modality = ""
+        await self._patient_key(node, study, ident)
+        res = await self.pacs.find(node, ident, model=node.query_model)
+        series = [
+            d
+            for d in res.datasets
+            if d.get("SeriesInstanceUID") and str(d.get("StudyInstanceUID", study) or study) == study
+        ]
+        if not series:
+            raise NotFound(f"study {study} was not found on node {node.name}", node=node.name)
+        series.sort(key=lambda d: (_num(d.get("SeriesNumber")), str(d.SeriesInstanceUID)))
+        return [await self.manifest(node, study, str(s.SeriesInstanceUID)) for s in series]
+
+    async def _patient_key(self, node: PacsNode, study: str, ident: Dataset) -> None:
+        if node.query_model != "patient":
+            return
+        pid = await self.patients.for_study(node, study)
+        if pid:
+            ident.PatientID = pid
+
+
+def _num(value: object) -> float:
+    try:
+        return float(str(value))
+    except (TypeError, ValueError):
+        return float("inf")

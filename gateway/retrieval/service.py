@@ -1,0 +1,308 @@
+"""The retrieval service: what WADO-RS, WADO-URI and the rendered resources ask of the gateway.
+
+Routes parse and render; this service decides. It owns locating the node, the manifests, the
+single-flight fetches and their waiters, the spool pins and the transfer-syntax choice, and hands a
+route either an async iterator of parts (:meth:`RetrievalService.parts`), metadata JSON
+(:meth:`RetrievalService.metadata`) or one pinned instance (:meth:`RetrievalService.instance`).
+
+**Identity** (docs/architecture.md, "Identity"): everything is resolved on one node: the one a
+``/nodes/{name}`` URL names, or the first that holds the study for a federated one. Only that
+node's spool entries, cached metadata and PACS answer; :attr:`Located.node` tells the route which
+node answered. The study and series UIDs of the URL must be the instance's: the manifest is listed
+with both, and a spooled entry filed under another study or series is not used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from cache import keys
+from cache.base import Cache
+from cache.spool import Spool, SpoolEntry
+from gateway.dimse.storage_scp import StorageScp
+from gateway.errors import GatewayError, NotAcceptable, NotFound
+from gateway.instances import InstanceReader
+from gateway.pacs import Pacs
+from gateway.patients import PatientIds
+from gateway.retrieval.coordinator import Coordinator, LocalCoordinator
+from gateway.retrieval.fetch import Manifest, SeriesFetch
+from gateway.retrieval.fetching import Fetcher
+from gateway.retrieval.locating import Locator
+from gateway.settings import PacsNode, Settings
+from translators import media
+from translators.uids import SeriesId
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One instance of a multipart response: the pinned entry, the syntax it goes out in, and its
+    bytes (stored ones streamed from disk, or a transcoded copy)."""
+
+    entry: SpoolEntry
+    transfer_syntax: str
+    content: AsyncIterator[bytes] | bytes
+
+
+class PartStream:
+    """The parts of a study, series or instance in order, the first one already in hand (so a 404 or
+    502 still happened before any header went out). Iterate, then always :meth:`aclose`."""
+
+    def __init__(
+        self, node: PacsNode, first: Part, rest: AsyncGenerator[Part, None], fetches: list[SeriesFetch]
+    ) -> None:
+        self.node = node
+        self.first = first
+        self._rest = rest
+        self._fetches = fetches
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[Part]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Part]:
+        yield self.first
+        async for part in self._rest:
+            yield part
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fetch in self._fetches:
+            fetch.leave()
+        await self._rest.aclose()
+
+
+@dataclass(frozen=True)
+class Metadata:
+    node: PacsNode
+    json: bytes  # DICOM JSON array, BulkDataURIs against gateway.instances.PLACEHOLDER
+
+
+class RetrievalService:
+    def __init__(
+        self,
+        settings: Settings,
+        pacs: Pacs,
+        cache: Cache,
+        spool: Spool,
+        reader: InstanceReader,
+        storage_scp: StorageScp | None,
+        coordinator: Coordinator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.spool = spool
+        self.reader = reader
+        patients = PatientIds(
+            lambda node, ident, model: pacs.find(node, ident, model=model), cache, settings.cache.ttl.location
+        )
+        self.locator = Locator(settings, pacs, cache, patients)
+        self.fetcher = Fetcher(
+            settings, pacs, cache, spool, storage_scp, coordinator or LocalCoordinator(), patients
+        )
+
+    @property
+    def retrievals_started(self) -> int:
+        return self.fetcher.retrievals_started
+
+    @property
+    def incomplete(self) -> int:
+        return self.fetcher.incomplete
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+
+    # ------------------------------------------------------------------ resolution
+
+    async def _manifests(
+        self, nodes: Sequence[PacsNode], study: str, series: str | None
+    ) -> tuple[PacsNode, list[Manifest]]:
+        node = await self.locator.locate(study, nodes)
+        if series is None:
+            return node, await self.locator.series_list(node, study)
+        return node, [await self.locator.manifest(node, study, series)]
+
+    @staticmethod
+    def _only(manifest: Manifest, sop: str) -> Manifest:
+        if sop not in manifest.uids:
+            raise NotFound(f"instance {sop} was not found in series {manifest.series}", node=manifest.node)
+        return manifest.subset({sop})
+
+    # ------------------------------------------------------------------ instances (multipart)
+
+    async def parts(
+        self,
+        nodes: Sequence[PacsNode],
+        study: str,
+        series: str | None,
+        instance: str | None,
+        selection: media.Selection,
+    ) -> PartStream:
+        """The instances as they arrive, each in the syntax :func:`translators.media.instance_syntax`
+        picks for it; the first part is in hand when this returns."""
+        node, manifests = await self._manifests(nodes, study, series)
+        if instance is not None:
+            manifests = [self._only(manifests[0], instance)]
+        fetches: list[SeriesFetch] = []
+
+        def start(i: int) -> SeriesFetch:
+            fetch = self.fetcher.join(node, manifests[i], priority=instance)
+            fetches.append(fetch)
+            return fetch
+
+        async def parts() -> AsyncGenerator[Part, None]:
+            # One series after the other; the next series is fetched while this one streams.
+            current = start(0)
+            for i in range(len(manifests)):
+                nxt = start(i + 1) if i + 1 < len(manifests) else None
+                wanted = set(manifests[i].uids)
+                async for uid in current.arrivals():
+                    if uid in wanted:
+                        yield await self._part(current.entry(uid), selection)
+                if nxt is not None:
+                    current = nxt
+
+        rest = parts()
+        try:
+            first = await anext(rest)
+        except BaseException:
+            for fetch in fetches:
+                fetch.leave()
+            await rest.aclose()
+            raise
+        return PartStream(node, first, rest, fetches)
+
+    async def _part(self, entry: SpoolEntry, selection: media.Selection) -> Part:
+        stored = entry.transfer_syntax
+        syntax = media.instance_syntax(stored, selection.transfer_syntax, explicit=selection.explicit_ts)
+        if syntax is None:
+            raise NotAcceptable(
+                f"instance {entry.sop_instance_uid} is stored as {stored} and cannot be "
+                f"transcoded to {selection.transfer_syntax}"
+            )
+        if syntax == stored:
+            return Part(entry, stored, self.reader.chunks(entry))
+        return Part(entry, syntax, await self.reader.transcoded(entry, syntax))
+
+    # ------------------------------------------------------------------ metadata
+
+    async def metadata(
+        self,
+        nodes: Sequence[PacsNode],
+        study: str,
+        series: str | None,
+        instance: str | None,
+        *,
+        use_cache: bool = True,
+    ) -> Metadata:
+        """DICOM JSON of the study, series or instance, built from the real headers (PS3.18 §10.4).
+
+        Series metadata is cached under the series' node and its study generation, so every replica
+        answers it with one cache read until a STOW into the study changes the generation.
+        """
+        node = await self.locator.locate(study, nodes)
+        meta_key = None
+        if series is not None and instance is None:
+            sid = SeriesId(node.name, study, series)
+            meta_key = keys.series_metadata(sid, await self.locator.generation(sid.study_id))
+            if use_cache:
+                cached = await self.cache.get(meta_key)
+                if cached is not None:
+                    return Metadata(node, cached)
+        _, manifests = await self._manifests([node], study, series)
+        if instance is not None:
+            manifests = [self._only(manifests[0], instance)]
+        keep = self.settings.retrieval.series_for_frames
+        parts: list[bytes] = []
+        fetches = [self.fetcher.join(node, m, priority=instance) for m in manifests]
+        try:
+            for manifest, fetch in zip(manifests, fetches, strict=True):
+                for uid in manifest.uids:
+                    parts.append(await self.reader.metadata(await fetch.wait_for(uid)))
+        finally:
+            for fetch in fetches:
+                fetch.detach() if keep else fetch.leave()  # viewers ask for the frames next
+        raw = b"[" + b",".join(parts) + b"]"
+        if meta_key is not None:
+            await self.cache.set(meta_key, raw, self.settings.cache.ttl.metadata)
+        return Metadata(node, raw)
+
+    # ------------------------------------------------------------------ one instance
+
+    @asynccontextmanager
+    async def instance(
+        self, nodes: Sequence[PacsNode], study: str, series: str, sop: str
+    ) -> AsyncIterator[SpoolEntry]:
+        """The instance, pinned in the spool for the ``async with`` body (frames, bulk data,
+        rendered, WADO-URI): from the spool when this node's copy of it is there under this study
+        and series, else retrieved (with the rest of its series when the config says viewers want it)."""
+        node = await self.locator.locate(study, nodes)
+        entry = self.spool.pin(node.name, sop)
+        if entry is not None and (entry.study_uid, entry.series_uid) != (study, series):
+            self.spool.unpin(entry)
+            entry = None
+        if entry is None:
+            entry = await self._retrieve_one(node, await self.locator.manifest(node, study, series), sop)
+        try:
+            yield entry
+        finally:
+            self.spool.unpin(entry)
+
+    async def _retrieve_one(self, node: PacsNode, manifest: Manifest, sop: str) -> SpoolEntry:
+        """Retrieve (or join the retrieval of) ``sop``; the entry comes back pinned for the caller."""
+        if sop not in manifest.uids:
+            raise NotFound(f"instance {sop} was not found in series {manifest.series}", node=node.name)
+        keep = self.settings.retrieval.series_for_frames
+        fetch = self.fetcher.join(node, manifest if keep else manifest.subset({sop}), priority=sop)
+        try:
+            entry = await fetch.wait_for(sop)
+            pinned = self.spool.pin(node.name, sop)
+        finally:
+            fetch.detach() if keep else fetch.leave()
+        if pinned is None:  # cannot happen while the fetch held it; never serve without a pin
+            raise GatewayError(f"instance {sop} left the spool", node=node.name)
+        if pinned is not entry:
+            log.debug("instance replaced in the spool while retrieved; serving the newer copy")
+        return pinned
+
+    @asynccontextmanager
+    async def representative(
+        self, nodes: Sequence[PacsNode], study: str, series: str | None
+    ) -> AsyncIterator[SpoolEntry]:
+        """The instance a study or series thumbnail shows (the middle one of the first series),
+        pinned for the ``async with`` body; the rest of its series keeps coming (viewers open it next)."""
+        node, manifests = await self._manifests(nodes, study, series)
+        manifest = next((m for m in manifests if m.instances), None)
+        if manifest is None:
+            raise NotFound("no instances to render", node=node.name)
+        uid = manifest.uids[(len(manifest.uids) - 1) // 2]
+        fetch = self.fetcher.join(node, manifest, priority=uid)
+        try:
+            await fetch.wait_for(uid)
+            entry = self.spool.pin(node.name, uid)
+        finally:
+            fetch.detach()
+        if entry is None:
+            raise GatewayError(f"instance {uid} left the spool", node=node.name)
+        try:
+            yield entry
+        finally:
+            self.spool.unpin(entry)
+
+    async def whole_instance(
+        self, entry: SpoolEntry, requested: str | None, *, explicit: bool
+    ) -> tuple[bytes, str]:
+        """A pinned instance as one Part-10 body in the syntax :func:`media.instance_syntax` picks."""
+        part = await self._part(entry, media.Selection(False, "application/dicom", requested, explicit))
+        if isinstance(part.content, bytes):
+            return part.content, part.transfer_syntax
+        return b"".join([chunk async for chunk in part.content]), part.transfer_syntax
+
+
+__all__ = ["Metadata", "Part", "PartStream", "RetrievalService"]

@@ -1,0 +1,281 @@
+"""Received STOW-RS parts -> Part-10 instances ready for C-STORE, or their failure codes (blocking: run
+it in a thread).
+
+* ``application/dicom`` parts (PS3.18 §10.5.1.4.1): only the header is read (``stop_before_pixels``)
+  for SOP class/instance, transfer syntax, study and series; files that are not proper Part-10 are
+  repaired (:func:`read_header`).
+* ``application/dicom+json`` parts (PS3.18 §10.5.1.4.2): each dataset becomes an instance, with the
+  bulk data parts its BulkDataURIs name (matched by Content-Location), written as Part 10.
+
+The result keeps one entry per instance of the request, in request order, so that the response
+(Annex I) lists them as sent. Failure codes are those of :mod:`translators.stow`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from gateway.http import DICOM_JSON
+from gateway.pacs import StoreItem
+from gateway.stow.receive import Part, Received
+from translators import stow as st
+from translators import syntaxes
+from translators.uids import is_uid
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+METADATA_TYPES = (DICOM_JSON, "application/json")
+ROOT_TYPES = ("", DICOM, DICOM_JSON)
+"""The ``type`` parameters of ``multipart/related`` STOW-RS accepts ("": absent; PS3.18 §10.5.1.2)."""
+
+PREPEND, REWRITE = "prepend", "rewrite"
+
+# A data set without file meta, read with ``force``: (implicit VR, little endian) -> its syntax.
+_ENCODINGS: dict[tuple[bool | None, bool | None], str] = {
+    (True, True): syntaxes.IMPLICIT_VR_LE, (False, True): syntaxes.EXPLICIT_VR_LE,
+    (False, False): syntaxes.EXPLICIT_VR_BE}
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the C-STORE and the response need of one instance ("" for what could not be read)."""
+
+    sop_class: str
+    sop_instance: str
+    syntax: str
+    study: str
+    series: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One instance of the request: an item to store, or a failure code already."""
+
+    header: Header | None
+    item: StoreItem | None = None
+    status: int | None = None
+
+
+@dataclass
+class Prepared:
+    entries: list[Entry] = field(default_factory=list)
+
+    def fail(self, header: Header | None, status: int) -> None:
+        self.entries.append(Entry(header, status=status))
+
+    def store(self, header: Header, item: StoreItem) -> None:
+        self.entries.append(Entry(header, item=item))
+
+    @property
+    def items(self) -> list[StoreItem]:
+        return [e.item for e in self.entries if e.item is not None]
+
+
+def prepare(received: Received, root: str, study: str | None, workdir: Path) -> Prepared:
+    """Every received part -> entries. ``root``: the request's ``type`` parameter (one of
+    :data:`ROOT_TYPES`), the media type of parts without a Content-Type; ``study``: the study of
+    ``POST /studies/{study}`` (instances of any other study fail with 0xA900)."""
+    prepared = Prepared()
+    parts = received.parts
+    metadata_form = root == DICOM_JSON or any(p.media_type in METADATA_TYPES for p in parts)
+    bulk = _BulkParts([p for p in parts if p.complete and p.media_type not in (DICOM, *METADATA_TYPES)])
+    for part in parts:
+        media = part.media_type or root or DICOM
+        if not part.complete:
+            # The body ended inside this part: report it, with its UIDs when its header arrived.
+            header = _header_or_none(part.path) if media == DICOM else None
+            prepared.fail(header, st.TRUNCATED)
+        elif media == DICOM:
+            _prepare_instance(prepared, part, study, workdir)
+        elif media in METADATA_TYPES:
+            _prepare_metadata(prepared, part, bulk, study, workdir)
+        elif not metadata_form:
+            prepared.fail(None, st.NOT_DICOM)   # e.g. text/plain among application/dicom parts
+    if received.truncated_headers:
+        prepared.fail(None, st.TRUNCATED)
+    return prepared
+
+
+# ----------------------------------------------------------------------------- application/dicom
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return str(ds.get(keyword, "") or "")
+
+
+def read_header(path: Path) -> tuple[Header, str]:
+    """The UIDs a C-STORE needs, and what the file needs before it can be sent ("", PREPEND, REWRITE).
+
+    STOW-RS asks for PS3.10 files, but the Python dicomweb-client writes datasets built in memory
+    without the preamble and ``DICM`` (``dcmwrite`` without ``enforce_file_format``), sometimes
+    without a file meta at all: those are read with ``force`` and accepted when they carry their SOP
+    UIDs. The C-STORE takes the UIDs and the transfer syntax from the file meta: a good meta without
+    the preamble just gets the preamble and ``DICM`` prepended (a copy, no decoding); a missing or
+    inconsistent meta means a rewrite through pydicom.
+    """
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        part10 = True
+    except InvalidDicomError:
+        with path.open("rb") as fh:
+            start = fh.read(2)
+        if start not in (b"\x02\x00", b"\x08\x00"):
+            raise   # not a data set starting with its file meta or group 0008: not DICOM
+        ds = dcmread(path, stop_before_pixels=True, force=True)
+        part10 = False
+    meta = ds.file_meta if "file_meta" in ds.__dict__ else FileMetaDataset()
+    syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    if not syntax and not part10 and ds.original_encoding[0] is not None:
+        syntax = _ENCODINGS.get(ds.original_encoding, "")
+    header = Header(_text(ds, "SOPClassUID"), _text(ds, "SOPInstanceUID"), syntax,
+                    _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"))
+    consistent = (str(meta.get("MediaStorageSOPClassUID", "")) == header.sop_class
+                  and str(meta.get("MediaStorageSOPInstanceUID", "")) == header.sop_instance
+                  and "TransferSyntaxUID" in meta)
+    return header, "" if part10 and consistent else PREPEND if consistent else REWRITE
+
+
+def repair(path: Path, header: Header, workdir: Path, how: str) -> Path:
+    """The instance as a proper Part-10 file whose meta matches its data set (a new file)."""
+    if how == PREPEND:
+        fd, name = tempfile.mkstemp(dir=workdir, suffix=".dcm")
+        with open(fd, "wb") as out, path.open("rb") as src:
+            out.write(b"\0" * 128 + b"DICM")
+            shutil.copyfileobj(src, out, 1024 * 1024)
+        return Path(name)
+    ds = dcmread(path, force=True)
+    meta = ds.file_meta if "file_meta" in ds.__dict__ else FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(header.sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(header.sop_instance)
+    meta.TransferSyntaxUID = UID(header.syntax)
+    ds.file_meta = meta
+    return _write(ds, workdir)
+
+
+def _write(ds: Dataset, workdir: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=workdir, suffix=".dcm")
+    with open(fd, "wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
+    return Path(name)
+
+
+def _header_or_none(path: Path) -> Header | None:
+    try:
+        return read_header(path)[0]
+    except Exception:  # noqa: BLE001 - whatever is unreadable stays unknown
+        return None
+
+
+def _study_matches(prepared: Prepared, header: Header, study: str | None) -> bool:
+    if study is not None and header.study != study:
+        prepared.fail(header, st.STUDY_UID_MISMATCH)
+        return False
+    return True
+
+
+def _prepare_instance(prepared: Prepared, part: Part, study: str | None, workdir: Path) -> None:
+    try:
+        header, fix = read_header(part.path)
+    except Exception:  # noqa: BLE001 - not DICOM, or not parseable at all
+        prepared.fail(None, st.NOT_DICOM)
+        return
+    if not is_uid(header.sop_class) or not is_uid(header.sop_instance) or not header.syntax:
+        prepared.fail(header if is_uid(header.sop_instance) else None, st.NOT_DICOM)
+        return
+    if not _study_matches(prepared, header, study):
+        return
+    path = part.path
+    if fix:
+        try:
+            path = repair(part.path, header, workdir, fix)
+        except Exception:  # noqa: BLE001
+            prepared.fail(header, st.NOT_DICOM)
+            return
+    prepared.store(header, StoreItem(path, header.sop_class, header.sop_instance, header.syntax))
+
+
+# ----------------------------------------------------------------------------- application/dicom+json
+
+
+class _BulkParts:
+    """Bulk data parts by Content-Location: exact, or by path when one side is relative/absolute."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self._exact: dict[str, Part] = {}
+        self._by_path: dict[str, Part] = {}
+        for part in parts:
+            location = part.headers.get("content-location", "").strip()
+            if location:
+                self._exact.setdefault(location, part)
+                self._by_path.setdefault(_path_of(location), part)
+
+    def __call__(self, uri: str) -> tuple[bytes, str] | None:
+        part = self._exact.get(uri) or self._by_path.get(_path_of(uri))
+        if part is None:
+            return None
+        return part.path.read_bytes(), part.headers.get("content-type", "application/octet-stream")
+
+
+def _path_of(uri: str) -> str:
+    parts = urlsplit(uri)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def _prepare_metadata(prepared: Prepared, part: Part, bulk: _BulkParts, study: str | None,
+                      workdir: Path) -> None:
+    try:
+        datasets: object = orjson.loads(part.path.read_bytes())
+    except orjson.JSONDecodeError:
+        prepared.fail(None, st.BAD_METADATA)
+        return
+    if isinstance(datasets, dict):
+        datasets = [datasets]
+    if not isinstance(datasets, list) or not datasets:
+        prepared.fail(None, st.BAD_METADATA)
+        return
+    for obj in datasets:
+        try:
+            ds = st.instance_from_json(obj, bulk)
+        except st.MetadataError as exc:
+            prepared.fail(_json_header(obj), exc.status)
+            continue
+        header = Header(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID),
+                        _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"))
+        if not _study_matches(prepared, header, study):
+            continue
+        try:
+            path = _write(ds, workdir)
+        except Exception as exc:  # noqa: BLE001 - values pydicom cannot encode
+            # The type only: pydicom's messages quote element values, which may identify the patient.
+            log.info("a STOW-RS metadata dataset could not be written as Part 10: %s", type(exc).__name__)
+            prepared.fail(header, st.BAD_METADATA)
+            continue
+        prepared.store(header, StoreItem(path, header.sop_class, header.sop_instance, header.syntax))
+
+
+def _json_header(obj: object) -> Header | None:
+    """UIDs straight from a DICOM JSON object, for the failure item of one that could not be built."""
+    if not isinstance(obj, dict):
+        return None
+
+    def first(tag: str) -> str:
+        element = obj.get(tag)
+        value = element.get("Value") if isinstance(element, dict) else None
+        return str(value[0]) if isinstance(value, list) and value else ""
+
+    sop = first("00080018")
+    if not sop:
+        return None
+    return Header(first("00080016"), sop, "", first("0020000D"), first("0020000E"))

@@ -1,0 +1,103 @@
+"""Receiving a STOW-RS body: every multipart/related part to a temp file of its own, as it arrives.
+
+The body is pushed chunk by chunk through :class:`translators.multipart.MultipartDecoder`; each part
+goes to its own file in the request's work directory (under the spool's ``.incoming``, the same
+filesystem), so memory stays bounded whatever the upload size (PS3.18 §10.5.1; docs/architecture.md,
+"STOW-RS"). File writes are small (one HTTP chunk) page-cache writes done on the event loop.
+
+A body that stops being valid multipart keeps the parts before the break (the one it broke off is
+reported truncated) and is drained to its end, so that the client reads the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from translators import multipart as mp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Part:
+    """One received part: its headers (lower-case names) and its body on disk."""
+
+    headers: dict[str, str]
+    path: Path
+    size: int = 0
+    complete: bool = False   # False: the body ended inside this part
+
+    @property
+    def media_type(self) -> str:
+        return mp.parse_media_type(self.headers.get("content-type", ""))[0]
+
+
+@dataclass
+class Received:
+    parts: list[Part] = field(default_factory=list)
+    truncated_headers: bool = False   # the body ended inside a part's header block
+
+
+class _Receiver:
+    """Applies decoder events: each part to a temp file of its own, as its bytes arrive."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.received = Received()
+        self._fh: BinaryIO | None = None
+
+    def apply(self, events: Iterable[mp.Event]) -> None:
+        parts = self.received.parts
+        for event in events:
+            if isinstance(event, mp.PartData):
+                assert self._fh is not None
+                self._fh.write(event.data)
+                parts[-1].size += len(event.data)
+            elif isinstance(event, mp.PartStart):
+                fd, name = tempfile.mkstemp(dir=self.workdir, suffix=".part")
+                self._fh = open(fd, "wb")  # noqa: SIM115 - closed at PartEnd or by close()
+                parts.append(Part(event.headers, Path(name)))
+            elif isinstance(event, mp.PartEnd):
+                parts[-1].complete = True
+                self.close()
+            elif isinstance(event, mp.Truncated) and event.in_part and self._fh is None:
+                self.received.truncated_headers = True
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+
+
+async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path) -> Received:
+    """Read ``body`` to its end; every part lands in a file under ``workdir``.
+
+    An exception from ``body`` (the client left) propagates; the files written so far stay in
+    ``workdir`` for the caller to remove with it.
+    """
+    decoder = mp.MultipartDecoder(boundary)
+    receiver = _Receiver(workdir)
+    broken = False
+    try:
+        async for chunk in body:
+            if broken or not chunk:
+                continue   # drain the rest, so that the client reads our answer
+            try:
+                receiver.apply(decoder.feed(chunk))
+            except mp.MultipartError as exc:
+                # Past this point the body cannot be split into parts; the parts before it are kept
+                # and the one it broke off is reported as truncated.
+                log.info("STOW-RS body stops being valid multipart: %s", exc)
+                receiver.apply(exc.events)
+                receiver.apply(decoder.close())
+                broken = True
+        if not broken:
+            receiver.apply(decoder.close())
+    finally:
+        receiver.close()
+    return receiver.received

@@ -1,0 +1,340 @@
+"""gateway.stow.service.StowService with a fake Pacs, the real MemoryCache and a real Spool: what is
+stored, which generations are bumped (cache/keys.py freshness rule), locations, per-instance failures,
+the study of ``POST /studies/{study}``, and the temp files left behind (none)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, generate_uid
+
+from cache import keys
+from cache.memory import MemoryCache
+from cache.spool import Spool
+from gateway.errors import BadRequest, NodeUnreachable
+from gateway.pacs import StoreItem, StoreResult
+from gateway.settings import settings_from_dict
+from gateway.stow.service import StowService
+from translators import multipart as mp
+from translators import stow as st
+from translators import syntaxes
+from translators.uids import StudyId
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+BOUNDARY = "stow-service-test"
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+
+
+# ----------------------------------------------------------------------------- fakes
+
+
+class FakePacs:
+    """Implements Pacs.store only: records each call (and that its files were there), answers
+    ``statuses[SOP Instance UID]`` (default success), unconfirmed for ``unconfirmed`` UIDs."""
+
+    def __init__(self, statuses: dict[str, int] | None = None, *, unconfirmed: frozenset[str] = frozenset(),
+                 short: int = 0, error: Exception | None = None) -> None:
+        self.statuses = statuses or {}
+        self.unconfirmed = unconfirmed
+        self.short = short            # answer this many results fewer than items (a broken facade)
+        self.error = error
+        self.calls: list[tuple[str, list[StoreItem], Path]] = []
+        self.files: dict[str, bytes] = {}   # SOP Instance UID -> the file as it was at store time
+
+    async def store(self, node, items, workdir):
+        self.calls.append((node.name, list(items), workdir))
+        for item in items:
+            assert item.path.is_relative_to(workdir)
+            self.files[item.sop_instance_uid] = item.path.read_bytes()
+        if self.error is not None:
+            raise self.error
+        results = [StoreResult(self.statuses.get(i.sop_instance_uid, 0x0000),
+                               confirmed=i.sop_instance_uid not in self.unconfirmed, sent_syntax=i.transfer_syntax)
+                   for i in items]
+        return results[:len(results) - self.short]
+
+    async def echo(self, node):
+        raise NotImplementedError
+
+    async def find(self, node, identifier, *, model=None, max_results=None):
+        raise NotImplementedError
+
+    async def get(self, node, request, on_instance, cancel):
+        raise NotImplementedError
+
+    async def move(self, node, request, *, destination, msg_id, cancel):
+        raise NotImplementedError
+
+    async def close(self):
+        pass
+
+
+class RecordingCache(MemoryCache):
+    """The real in-process cache, recording which counters were incremented."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.incremented: list[str] = []
+
+    async def incr(self, key: str) -> int:
+        self.incremented.append(key)
+        return await super().incr(key)
+
+
+# ----------------------------------------------------------------------------- instances and bodies
+
+
+def instance(study: str, series: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.Modality = "CT"
+    ds.PatientID = "STOW0001"
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(8))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = UID(syntaxes.EXPLICIT_VR_LE)
+    return ds
+
+
+def part10(ds: Dataset) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def body_of(parts: list[tuple[str, bytes]], *, close: bool = True,
+            locations: list[str | None] | None = None) -> bytes:
+    out = b""
+    for i, (media, data) in enumerate(parts):
+        location = locations[i] if locations else None
+        out += mp.part_header(BOUNDARY, media, location=location, first=i == 0) + data
+    return out + (mp.closing(BOUNDARY) if close else b"")
+
+
+async def chunks(data: bytes, size: int = 997) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+async def leaving(data: bytes) -> AsyncIterator[bytes]:
+    """Half the body, then the client goes (what starlette's ClientDisconnect looks like here)."""
+    yield data[:len(data) // 2]
+    raise ConnectionResetError("client left")
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> Iterator[tuple]:
+    settings = settings_from_dict({"spool": {"path": str(tmp_path / "spool")},
+                                   "nodes": [{"name": "n", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}]})
+    spool = Spool(settings.spool.path, settings.spool.max_bytes)
+    cache = RecordingCache()
+    yield settings, spool, cache
+    spool.close()
+
+
+def run(env, pacs: FakePacs, body: bytes | AsyncIterator[bytes], *, study: str | None = None,
+        root: str = DICOM) -> list[st.InstanceOutcome]:
+    settings, spool, cache = env
+    service = StowService(settings, pacs, cache, spool)
+    stream = chunks(body) if isinstance(body, bytes) else body
+    return asyncio.run(service.store(settings.nodes[0], root_type=root, boundary=BOUNDARY, body=stream,
+                                     study=study))
+
+
+def statuses(outcomes: list[st.InstanceOutcome]) -> dict[str | None, int]:
+    return {o.sop_instance_uid: o.status for o in outcomes}
+
+
+def generation(cache: MemoryCache, counter: str) -> int:
+    return asyncio.run(cache.get_int(counter))
+
+
+def locations(cache: MemoryCache, study: str) -> set[str]:
+    return asyncio.run(cache.smembers(keys.study_locations(study)))
+
+
+def incoming(env) -> list[Path]:
+    return list(env[1].tmp.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_bumps_exactly_the_generations_of_studies_with_a_stored_instance(env):
+    settings, spool, cache = env
+    a, b, c = generate_uid(), generate_uid(), generate_uid()
+    sent = [instance(a), instance(a), instance(b), instance(b), instance(c)]
+    failed = {sent[3].SOPInstanceUID: 0xA700, sent[4].SOPInstanceUID: 0xA700}   # study c: nothing stored
+    pacs = FakePacs(failed)
+    outcomes = run(env, pacs, body_of([(DICOM, part10(d)) for d in sent]))
+    assert [o.sop_instance_uid for o in outcomes] == [d.SOPInstanceUID for d in sent]
+    assert statuses(outcomes) == {d.SOPInstanceUID: failed.get(d.SOPInstanceUID, 0) for d in sent}
+    assert [(o.study_uid, o.series_uid) for o in outcomes] == [
+        (d.StudyInstanceUID, d.SeriesInstanceUID) for d in sent]
+    assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [a, b]))
+    assert generation(cache, keys.node_generation("n")) == 1
+    for study, expected in ((a, 1), (b, 1), (c, 0)):
+        assert generation(cache, keys.study_generation(StudyId("n", study))) == expected
+    assert locations(cache, a) == locations(cache, b) == {"n"} and locations(cache, c) == set()
+    assert [len(items) for _, items, _ in pacs.calls] == [5]    # one store call for the request
+    assert incoming(env) == []
+
+
+def test_nothing_stored_bumps_nothing(env):
+    settings, spool, cache = env
+    sent = [instance(generate_uid()), instance(generate_uid())]
+    pacs = FakePacs({d.SOPInstanceUID: 0xA700 for d in sent})
+    outcomes = run(env, pacs, body_of([(DICOM, part10(d)) for d in sent]))
+    assert statuses(outcomes) == {d.SOPInstanceUID: 0xA700 for d in sent}
+    assert st.http_status(outcomes) == 409
+    assert cache.incremented == []
+    assert all(locations(cache, d.StudyInstanceUID) == set() for d in sent)
+
+
+def test_nothing_sent_when_no_part_is_dicom(env):
+    settings, spool, cache = env
+    pacs = FakePacs()
+    outcomes = run(env, pacs, body_of([(DICOM, b"not dicom"), ("text/plain", b"hello")]))
+    assert [o.status for o in outcomes] == [st.NOT_DICOM, st.NOT_DICOM]
+    assert pacs.calls == [] and cache.incremented == []
+
+
+def test_pacs_failures_are_per_instance_and_never_success(env):
+    settings, spool, cache = env
+    study = generate_uid()
+    ok, refused, warned, unanswered, claimed = sent = [instance(study) for _ in range(5)]
+    pacs = FakePacs({refused.SOPInstanceUID: 0xA700, warned.SOPInstanceUID: 0xB000,
+                     unanswered.SOPInstanceUID: st.PROCESSING_FAILURE},
+                    unconfirmed=frozenset({unanswered.SOPInstanceUID, claimed.SOPInstanceUID}))
+    outcomes = run(env, pacs, body_of([(DICOM, part10(d)) for d in sent]))
+    assert statuses(outcomes) == {
+        ok.SOPInstanceUID: 0x0000, refused.SOPInstanceUID: 0xA700, warned.SOPInstanceUID: 0xB000,
+        unanswered.SOPInstanceUID: st.PROCESSING_FAILURE,
+        claimed.SOPInstanceUID: st.PROCESSING_FAILURE,    # "success" the PACS never confirmed
+    }
+    assert st.http_status(outcomes) == 202
+    assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [study]))
+
+
+def test_missing_results_are_processing_failures(env):
+    sent = [instance(generate_uid()) for _ in range(3)]
+    outcomes = run(env, FakePacs(short=2), body_of([(DICOM, part10(d)) for d in sent]))
+    assert [o.status for o in outcomes] == [0x0000, st.PROCESSING_FAILURE, st.PROCESSING_FAILURE]
+
+
+def test_study_mismatch_with_the_path_study(env):
+    settings, spool, cache = env
+    study, other = generate_uid(), generate_uid()
+    good, foreign = instance(study), instance(other)
+    pacs = FakePacs()
+    outcomes = run(env, pacs, body_of([(DICOM, part10(good)), (DICOM, part10(foreign))]), study=study)
+    assert statuses(outcomes) == {good.SOPInstanceUID: 0x0000, foreign.SOPInstanceUID: st.STUDY_UID_MISMATCH}
+    assert [i.sop_instance_uid for _, items, _ in pacs.calls for i in items] == [good.SOPInstanceUID]
+    assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [study]))
+    assert locations(cache, other) == set()
+
+
+def test_only_foreign_instances_store_nothing(env):
+    settings, spool, cache = env
+    foreign = instance(generate_uid())
+    pacs = FakePacs()
+    outcomes = run(env, pacs, body_of([(DICOM, part10(foreign))]), study=generate_uid())
+    assert statuses(outcomes) == {foreign.SOPInstanceUID: st.STUDY_UID_MISMATCH}
+    assert st.http_status(outcomes) == 409
+    assert pacs.calls == [] and cache.incremented == []
+
+
+def test_temp_files_are_gone_after_success_and_after_a_pacs_error(env):
+    sent = [instance(generate_uid()) for _ in range(2)]
+    body = body_of([(DICOM, part10(d)) for d in sent])
+    pacs = FakePacs()
+    run(env, pacs, body)
+    (_, items, workdir), = pacs.calls
+    assert workdir.parent == env[1].tmp and not workdir.exists()
+    assert all(not i.path.exists() for i in items)
+    failing = FakePacs(error=NodeUnreachable("connection refused", node="n"))
+    with pytest.raises(NodeUnreachable):
+        run(env, failing, body)
+    assert failing.calls and not failing.calls[0][2].exists()
+    assert incoming(env) == []
+    # Only the first request stored anything.
+    assert sorted(env[2].incremented) == sorted(
+        keys.generations_changed_by_store("n", [d.StudyInstanceUID for d in sent]))
+
+
+def test_client_leaving_during_the_upload_stores_nothing(env):
+    settings, spool, cache = env
+    pacs = FakePacs()
+    with pytest.raises(ConnectionResetError):
+        run(env, pacs, leaving(body_of([(DICOM, part10(instance(generate_uid()))) for _ in range(3)])))
+    assert pacs.calls == [] and cache.incremented == [] and incoming(env) == []
+
+
+def test_truncated_body_keeps_the_complete_parts(env):
+    study = generate_uid()
+    sent = [instance(study) for _ in range(3)]
+    data = [part10(d) for d in sent]
+    body = body_of([(DICOM, d) for d in data], close=False)
+    body = body[:body.index(data[2]) + len(data[2]) - 4]   # inside the third instance's pixel data
+    pacs = FakePacs()
+    outcomes = run(env, pacs, chunks(body, 7))
+    assert statuses(outcomes) == {sent[0].SOPInstanceUID: 0, sent[1].SOPInstanceUID: 0,
+                                  sent[2].SOPInstanceUID: st.TRUNCATED}
+    assert pacs.files[sent[0].SOPInstanceUID] == data[0]   # byte for byte, through 7-byte chunks
+
+
+def test_python_client_files_are_repaired_to_part10(env):
+    """Without preamble/DICM (dcmwrite without enforce_file_format) and without any file meta."""
+    no_preamble, bare = instance(generate_uid()), instance(generate_uid())
+    first = BytesIO()
+    pydicom.dcmwrite(first, no_preamble)
+    bare.file_meta = FileMetaDataset()
+    second = BytesIO()
+    pydicom.dcmwrite(second, bare, implicit_vr=True, little_endian=True)
+    pacs = FakePacs()
+    outcomes = run(env, pacs, body_of([(DICOM, first.getvalue()), (DICOM, second.getvalue())]))
+    assert [o.status for o in outcomes] == [0, 0]
+    (_, items, _), = pacs.calls
+    assert [i.transfer_syntax for i in items] == [syntaxes.EXPLICIT_VR_LE, syntaxes.IMPLICIT_VR_LE]
+    for ds in (no_preamble, bare):
+        data = pacs.files[ds.SOPInstanceUID]
+        assert data[128:132] == b"DICM"
+        assert pydicom.dcmread(BytesIO(data)).PixelData == ds.PixelData
+
+
+def test_metadata_and_bulk_data_form(env):
+    settings, spool, cache = env
+    ds = instance(generate_uid())
+    obj = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda e: "")
+    obj["7FE00010"] = {"vr": "OW", "BulkDataURI": "http://gateway/bulk/0"}
+    body = body_of([(DICOM_JSON, json.dumps([obj]).encode()), ("application/octet-stream", ds.PixelData)],
+                   locations=[None, "/bulk/0"])
+    pacs = FakePacs()
+    outcomes = run(env, pacs, body, root=DICOM_JSON)
+    assert statuses(outcomes) == {ds.SOPInstanceUID: 0}
+    assert pydicom.dcmread(BytesIO(pacs.files[ds.SOPInstanceUID])).PixelData == ds.PixelData
+    assert locations(cache, ds.StudyInstanceUID) == {"n"}
+
+
+def test_a_body_without_parts_is_a_bad_request(env):
+    with pytest.raises(BadRequest):
+        run(env, FakePacs(), b"no delimiter anywhere")
+    assert incoming(env) == []
