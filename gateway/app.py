@@ -24,7 +24,7 @@ from gateway.cluster.coordinator import ClusterCoordinator
 from gateway.dimse.pacs import PynetdicomPacs
 from gateway.dimse.storage_scp import StorageScp
 from gateway.errors import GatewayError, InternalError
-from gateway.http import error_response
+from gateway.http import NODE_HEADER, error_response
 from gateway.instances import InstanceReader
 from gateway.retrieval.service import RetrievalService
 from gateway.routes import admin, capabilities, qido, rendered, stow, wado
@@ -36,7 +36,7 @@ from gateway.stow.service import StowService
 
 log = logging.getLogger(__name__)
 
-EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "Warning"]
+EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "Warning", NODE_HEADER]
 
 
 def make_cache(settings: Settings) -> Cache:

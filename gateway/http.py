@@ -85,6 +85,26 @@ def target_nodes(request: Request, settings: Settings) -> tuple[list[PacsNode], 
     return [node], node
 
 
+NODE_HEADER = "X-Gateway-Node"
+"""Names the node that answered a WADO request (federated ones included): docs/architecture.md, "Identity"."""
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``1,3,5`` (also ``%2C``), 1-based, no duplicates (PS3.18 §10.4.1.1.4)."""
+    numbers: list[int] = []
+    for item in text.replace("%2C", ",").replace("%2c", ",").split(","):
+        item = item.strip()
+        if not (item.isascii() and item.isdigit()) or int(item) < 1:
+            raise BadRequest(f"frame list {text!r}: {item!r} is not a frame number (1-based)")
+        n = int(item)
+        if n in numbers:
+            raise BadRequest(f"frame list {text!r}: frame {n} is listed twice")
+        numbers.append(n)
+    if not numbers:
+        raise BadRequest("empty frame list")
+    return numbers
+
+
 def path_uids(request: Request) -> tuple[str, str | None, str | None]:
     """(study, series, instance) UIDs of a DICOMweb path, each checked (400 for a non-UID)."""
     p = request.path_params

@@ -40,6 +40,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
 from translators.frames import transfer_syntaxes_for_media_type
+from translators.syntaxes import EXPLICIT_VR_LE
 
 PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -49,7 +50,6 @@ TRUNCATED = 0xC001
 BAD_METADATA = 0xC002
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 # General DIMSE warnings (PS3.7 C.4) and the C-STORE warning range (PS3.4 B.2.3).
 _WARNINGS = frozenset({0x0001, 0x0107, 0x0116})
 

@@ -16,10 +16,9 @@ from starlette.routing import Route
 
 from cache.spool import SpoolEntry
 from gateway.errors import BadRequest, NotAcceptable, NotFound
-from gateway.http import path_uids, target_nodes
+from gateway.http import NODE_HEADER, parse_frame_list, path_uids, target_nodes
 from gateway.instances import InstanceReader
 from gateway.retrieval.service import RetrievalService
-from gateway.routes.wado import NODE_HEADER, parse_frame_list
 from translators import multipart as mp
 from translators import rendered as rd
 from translators.uids import InvalidUid, check_uid

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from cache.spool import SpoolEntry
 from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound
-from gateway.http import dicomweb_base, path_uids, target_nodes
+from gateway.http import NODE_HEADER, dicomweb_base, parse_frame_list, path_uids, target_nodes
 from gateway.instances import InstanceReader, instance_path, with_base
 from gateway.retrieval.service import RetrievalService
 from translators import frames as fr
@@ -28,7 +28,6 @@ from translators import multipart as mp
 from translators.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 
 log = logging.getLogger(__name__)
-NODE_HEADER = "X-Gateway-Node"
 
 
 def _services(request: Request) -> tuple[RetrievalService, InstanceReader]:
@@ -131,22 +130,6 @@ async def metadata(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------- frames
-
-
-def parse_frame_list(text: str) -> list[int]:
-    """``1,3,5`` (also ``%2C``), 1-based, no duplicates (PS3.18 §10.4.1.1.4)."""
-    numbers: list[int] = []
-    for item in text.replace("%2C", ",").replace("%2c", ",").split(","):
-        item = item.strip()
-        if not (item.isascii() and item.isdigit()) or int(item) < 1:
-            raise BadRequest(f"frame list {text!r}: {item!r} is not a frame number (1-based)")
-        n = int(item)
-        if n in numbers:
-            raise BadRequest(f"frame list {text!r}: frame {n} is listed twice")
-        numbers.append(n)
-    if not numbers:
-        raise BadRequest("empty frame list")
-    return numbers
 
 
 def instance_uids(request: Request) -> tuple[str, str, str]:
