@@ -1,15 +1,25 @@
-"""DIMSE outcomes -> the GatewayError tree, in exactly one place (style.md example 4).
+"""DIMSE outcomes -> the :mod:`gateway.errors` tree and the :mod:`gateway.pacs` results, in one place.
 
-pynetdicom reports a DIMSE timeout, an abort or a broken connection with an *empty* status
-Dataset, and a failed association with an Association object that is neither established nor
-rejected. These helpers turn both into typed errors that name the node.
+Everything the PACS answers (a response status, PS3.7 Annex C; the sub-operation counters of C-GET and
+C-MOVE, PS3.4 C.4.2, C.4.3), and everything that goes wrong on the way (a refused or aborted
+association, a lost connection, a timeout) is interpreted here and nowhere else in the DIMSE edge
+(docs/architecture.md, "DIMSE edge"): the operation modules only ask "is this pending?", "what went
+wrong?" and "what does the caller get?". That keeps the mapping consistent across C-ECHO, C-FIND,
+C-GET, C-MOVE and C-STORE, and testable without a network.
+
+pynetdicom reports a DIMSE timeout, an abort or a broken connection with an *empty* status Dataset,
+and a failed association with an Association object that is neither established nor rejected. The
+elapsed time against the configured timeout tells a timeout (504) from an abort (502).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from gateway.errors import (
     AssociationAborted,
@@ -19,10 +29,16 @@ from gateway.errors import (
     GatewayError,
     NodeUnreachable,
 )
+from gateway.pacs import RetrieveOutcome, StoreResult
+from translators.stow import PROCESSING_FAILURE, SOP_CLASS_NOT_SUPPORTED, TRANSFER_SYNTAX_NOT_SUPPORTED
 
-PENDING = {0xFF00, 0xFF01}
+# PS3.7 C.1 (general status classes) and PS3.4 C.4 (Query/Retrieve specifics).
 SUCCESS = 0x0000
+PENDING = frozenset({0xFF00, 0xFF01})
 CANCELLED = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+SUB_OPERATIONS_NOT_PERFORMED = frozenset({0xA701, 0xA702})   # partial: the caller checks what arrived
+NOT_SUPPORTED = 0x0122                                        # Refused: SOP Class not supported
 
 _FAILURE_TEXT = {
     0xA700: "out of resources",
@@ -37,6 +53,23 @@ _FAILURE_TEXT = {
     0x0212: "mistyped argument",
 }
 
+_SUB_OPERATION_COUNTERS = (("completed", "NumberOfCompletedSuboperations"),
+                           ("failed", "NumberOfFailedSuboperations"),
+                           ("warning", "NumberOfWarningSuboperations"))
+
+
+class _Association(Protocol):
+    """What :func:`association_failure` reads of a pynetdicom Association."""
+
+    @property
+    def is_rejected(self) -> bool: ...
+
+    @property
+    def is_aborted(self) -> bool: ...
+
+
+# --------------------------------------------------------------------------- status classes
+
 
 def describe_status(status: int) -> str:
     if status in _FAILURE_TEXT:
@@ -46,10 +79,27 @@ def describe_status(status: int) -> str:
     return "failure"
 
 
-def association_failure(assoc: object, node: str, *, connected: bool, started: float,
+def status_code(status: Dataset) -> int | None:
+    """The response's Status, or None for pynetdicom's empty status (no response arrived)."""
+    return int(status.Status) if "Status" in status else None
+
+
+def is_pending(status: Dataset) -> bool:
+    """A pending response: more follow (PS3.4 C.4.1-C.4.3)."""
+    return status_code(status) in PENDING
+
+
+def is_warning(code: int) -> bool:
+    return 0xB000 <= code <= 0xBFFF
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def association_failure(assoc: _Association, node: str, *, connected: bool, started: float,
                         connect_timeout: float | None) -> GatewayError:
     """The error for an association that did not become established."""
-    if getattr(assoc, "is_rejected", False):
+    if assoc.is_rejected:
         return AssociationRejected(f"node {node} rejected the association (check AE titles and "
                                    f"the PACS's list of known peers)", node=node)
     if not connected:
@@ -57,24 +107,104 @@ def association_failure(assoc: object, node: str, *, connected: bool, started: f
         if connect_timeout is not None and elapsed >= connect_timeout * 0.95:
             return DimseTimeout(f"node {node}: TCP connect timed out after {elapsed:.1f} s", node=node)
         return NodeUnreachable(f"node {node} is unreachable (connection refused or no route)", node=node)
-    if getattr(assoc, "is_aborted", False):
+    if assoc.is_aborted:
         return AssociationAborted(f"node {node} aborted the association request", node=node)
     return DimseTimeout(f"node {node} did not answer the association request in time", node=node)
 
 
 def status_error(status: Dataset, node: str, operation: str, *, started: float,
                  dimse_timeout: float | None) -> GatewayError | None:
-    """None for success/pending/cancel; otherwise the error for this DIMSE response status."""
-    if "Status" not in status:
+    """None for success/pending/cancel/warning; otherwise the error for this DIMSE response status."""
+    code = status_code(status)
+    if code is None:
         elapsed = time.monotonic() - started
         if dimse_timeout is not None and elapsed >= dimse_timeout * 0.95:
             return DimseTimeout(f"node {node}: {operation} timed out after {elapsed:.1f} s", node=node)
         return AssociationAborted(f"node {node}: association aborted during {operation}", node=node)
-    code = int(status.Status)
-    if code in PENDING or code in (SUCCESS, CANCELLED) or 0xB000 <= code <= 0xBFFF:
+    if code in PENDING or code in (SUCCESS, CANCELLED) or is_warning(code):
         return None
     comment = str(status.get("ErrorComment", "") or "")
     detail = f"node {node}: {operation} failed with status 0x{code:04X} ({describe_status(code)})"
     if comment:
         detail += f": {comment}"
     return DimseFailure(detail, node=node, status=code)
+
+
+def find_model_refused(node: str, root: str) -> DimseFailure:
+    """The node accepted the query association but not this C-FIND information model."""
+    name = "Patient" if root == "patient" else "Study"
+    return DimseFailure(f"node {node} does not support {name} Root C-FIND (set query_model for this node)",
+                        node=node, status=NOT_SUPPORTED)
+
+
+def get_refused(node: str) -> DimseFailure:
+    """The node accepted the C-GET association (for its C-FIND context) but not C-GET."""
+    return DimseFailure(f"node {node} does not accept C-GET; configure `retrieve: move` for it",
+                        node=node, status=NOT_SUPPORTED)
+
+
+def move_refused(node: str) -> DimseFailure:
+    return DimseFailure(f"node {node} does not accept C-MOVE", node=node, status=NOT_SUPPORTED)
+
+
+# --------------------------------------------------------------------------- C-GET / C-MOVE
+
+
+def retrieve_response(status: Dataset, identifier: Dataset | None, outcome: RetrieveOutcome, node: str,
+                      operation: str, *, started: float, dimse_timeout: float | None) -> bool:
+    """Fold one C-GET/C-MOVE response into ``outcome``; True while pending (a C-CANCEL may follow).
+
+    The sub-operation counters and the Failed SOP Instance UID List are taken from every response
+    that carries them. Cancel (FE00) marks the outcome cancelled; warning (B000-BFFF: some
+    sub-operations failed) and A701/A702 (out of resources for sub-operations) are partial results the
+    caller judges by what arrived; any other failure, and an empty status, raise.
+    """
+    err = status_error(status, node, operation, started=started, dimse_timeout=dimse_timeout)
+    code = status_code(status)
+    for attr, keyword in _SUB_OPERATION_COUNTERS:
+        if keyword in status and status.get(keyword) is not None:
+            setattr(outcome, attr, int(status.get(keyword)))
+    if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+        outcome.failed_uids = _uid_list(identifier.FailedSOPInstanceUIDList)
+    if code == CANCELLED:
+        outcome.cancelled = True
+    elif code is not None and (is_warning(code) or code in SUB_OPERATIONS_NOT_PERFORMED):
+        pass
+    elif err is not None:
+        raise err
+    return code in PENDING
+
+
+def _uid_list(value: object) -> list[str]:
+    values: Sequence[object] = value if isinstance(value, list | tuple | MultiValue) else [value]
+    return [str(v) for v in values if v]
+
+
+# --------------------------------------------------------------------------- C-STORE
+
+
+def store_response(status: Dataset, sent_syntax: str) -> StoreResult:
+    """The result of a C-STORE the PACS may have answered.
+
+    Nothing unconfirmed is a success: an empty status (abort, timeout or lost connection) means the
+    outcome is unknown, so the instance is a processing failure (0110) and not confirmed.
+    """
+    code = status_code(status)
+    if code is None:
+        return store_lost()
+    return StoreResult(code, confirmed=True, sent_syntax=sent_syntax)
+
+
+def store_lost() -> StoreResult:
+    """Never sent or never answered: cancelled, association gone, not established, file unsendable."""
+    return StoreResult(PROCESSING_FAILURE, confirmed=False)
+
+
+def store_sop_class_refused() -> StoreResult:
+    """The PACS accepted no context for the item's SOP class."""
+    return StoreResult(SOP_CLASS_NOT_SUPPORTED, confirmed=False)
+
+
+def store_syntax_refused() -> StoreResult:
+    """The PACS accepted neither the item's syntax nor a native one it could be transcoded to."""
+    return StoreResult(TRANSFER_SYNTAX_NOT_SUPPORTED, confirmed=False)

@@ -1,21 +1,34 @@
-"""The pynetdicom implementation of :class:`gateway.pacs.Pacs`.
+"""The pynetdicom implementation of :class:`gateway.pacs.Pacs`: the gateway's DIMSE edge as a requestor.
 
-(Transitional facade over DimseClient, Retriever and StoreClient; those become its internals.)
+This class only composes; each concern has one home (docs/architecture.md, "DIMSE edge"):
+
+* :mod:`~gateway.dimse.threads`: the bridge onto worker threads, the per-node budgets, cancellation;
+* :mod:`~gateway.dimse.association`: opening (tuned, guarded, failures mapped) and closing associations;
+* :mod:`~gateway.dimse.pool`: reuse of query associations;
+* :mod:`~gateway.dimse.contexts`: which presentation contexts are proposed;
+* :mod:`~gateway.dimse.outcomes`: what responses and failures mean;
+* :mod:`~gateway.dimse.find`, :mod:`~gateway.dimse.retrieve`, :mod:`~gateway.dimse.store`: the
+  blocking operations.
+
+The SCP roles (:mod:`~gateway.dimse.storage_scp` for C-MOVE arrivals, :mod:`~gateway.dimse.demo_pacs`)
+are separate. pynetdicom's process-wide settings are applied by
+:func:`gateway.dimse.process.configure_pynetdicom` at start-up, not here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from gateway.dimse.client import DimseClient
-from gateway.dimse.retrieve import Retriever
-from gateway.dimse.store import StoreClient
+from gateway.dimse import find as find_op
+from gateway.dimse import retrieve as retrieve_op
+from gateway.dimse import store as store_op
+from gateway.dimse.contexts import query_contexts
+from gateway.dimse.pool import AssociationPool
+from gateway.dimse.threads import Budgets, Workers, threads_for
 from gateway.pacs import (
     FindResult,
     OnInstance,
@@ -27,66 +40,102 @@ from gateway.pacs import (
 )
 from gateway.settings import PacsNode, Settings
 
+GRACE_MARGIN = 5.0
+"""Seconds past the node's DIMSE timeout a cancelled operation is given to stop."""
+
 
 class PynetdicomPacs:
     def __init__(self, settings: Settings) -> None:
-        self._client = DimseClient(settings)
-        self._retriever = Retriever(settings.gateway.ae_title)
-        self._store = StoreClient(settings.gateway.ae_title, slot_for=self._client.transfer_slot)
-        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="retrieve")
+        self._calling_ae = settings.gateway.ae_title
+        self._budgets = Budgets()
+        self._workers = Workers(threads_for(settings.nodes))
+        self._pools: dict[str, AssociationPool] = {}
+        self._msg_ids = find_op.MessageIds()
+        self._lock = threading.Lock()
+        self._store_associations = 0
+
+    # ------------------------------------------------------------------ /metrics
 
     def query_associations_opened(self, node: PacsNode) -> int:
-        """Associations the node's query pool opened so far (/metrics)."""
-        return self._client.query_pool(node).opened
+        """Associations the node's query pool opened so far (reuse shows as fewer than queries)."""
+        pool = self._pools.get(node.name)
+        return pool.opened if pool is not None else 0
 
     @property
     def store_associations_opened(self) -> int:
-        return self._store.associations
+        """Store associations opened so far, all nodes (one per request and context batch)."""
+        return self._store_associations
+
+    # ------------------------------------------------------------------ queries
 
     async def echo(self, node: PacsNode) -> float:
-        return await self._client.echo(node)
+        pool = self._pool(node)
+        return await self._workers.run(lambda: find_op.echo(pool, node), budget=self._budgets.query(node),
+                                       cancel=threading.Event(), grace=_grace(node))
 
     async def find(self, node: PacsNode, identifier: Dataset, *, model: QueryModel | None = None,
                    max_results: int | None = None) -> FindResult:
-        return await self._client.find(node, identifier, model=model, max_results=max_results)
+        pool = self._pool(node)
+        cancel = threading.Event()
+        root = model or node.query_model
+        cap = max_results or node.max_results
+
+        def work() -> FindResult:
+            return find_op.find(pool, node, identifier, root=root, cap=cap, cancel=cancel,
+                                msg_ids=self._msg_ids)
+
+        return await self._workers.run(work, budget=self._budgets.query(node), cancel=cancel,
+                                       grace=_grace(node))
+
+    # ------------------------------------------------------------------ transfers
 
     async def get(self, node: PacsNode, request: RetrieveRequest, on_instance: OnInstance,
                   cancel: threading.Event) -> RetrieveOutcome:
         def work() -> RetrieveOutcome:
-            return self._retriever.get(node, level=request.level, study=request.study, series=request.series,
-                                       sops=list(request.sops) if request.sops else None,
-                                       sop_classes=request.sop_classes, on_instance=on_instance,
-                                       cancel=cancel, patient_id=request.patient_id,
-                                       compressed_first=request.compressed_first)
-        return await self._transfer(node, work, cancel)
+            return retrieve_op.get(self._calling_ae, node, request, on_instance, cancel)
+
+        return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
+                                       grace=_grace(node))
 
     async def move(self, node: PacsNode, request: RetrieveRequest, *, destination: str, msg_id: int,
                    cancel: threading.Event) -> RetrieveOutcome:
         def work() -> RetrieveOutcome:
-            return self._retriever.move(node, level=request.level, study=request.study, series=request.series,
-                                        sops=list(request.sops) if request.sops else None,
-                                        destination=destination, msg_id=msg_id, cancel=cancel,
-                                        patient_id=request.patient_id)
-        return await self._transfer(node, work, cancel)
+            return retrieve_op.move(self._calling_ae, node, request, destination=destination, msg_id=msg_id,
+                                    cancel=cancel)
 
-    async def _transfer(self, node: PacsNode, work: Callable[[], RetrieveOutcome],
-                        cancel: threading.Event) -> RetrieveOutcome:
-        loop = asyncio.get_running_loop()
-        async with self._client.transfer_slot(node):
-            fut = loop.run_in_executor(self._executor, work)
-            try:
-                return await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                cancel.set()
-                try:
-                    await asyncio.wait_for(asyncio.shield(fut), timeout=node.timeouts.dimse + 5)
-                except Exception:  # noqa: BLE001 - the caller is gone
-                    pass
-                raise
+        return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
+                                       grace=_grace(node))
 
     async def store(self, node: PacsNode, items: Sequence[StoreItem], workdir: Path) -> list[StoreResult]:
-        return await self._store.store(node, items, workdir)
+        if not items:
+            return []
+        cancel = threading.Event()
+
+        def work() -> list[StoreResult]:
+            return store_op.store_all(self._calling_ae, node, items, workdir, cancel,
+                                      opened=self._store_association_opened)
+
+        return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
+                                       grace=_grace(node))
 
     async def close(self) -> None:
-        await self._client.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for pool in list(self._pools.values()):
+            await self._workers.housekeeping(pool.close)
+        self._workers.shutdown()
+
+    # ------------------------------------------------------------------ internals
+
+    def _pool(self, node: PacsNode) -> AssociationPool:
+        """The node's query pool (event loop only: created on first use)."""
+        pool = self._pools.get(node.name)
+        if pool is None:
+            pool = self._pools[node.name] = AssociationPool(node, self._calling_ae, query_contexts())
+        return pool
+
+    def _store_association_opened(self) -> None:
+        with self._lock:
+            self._store_associations += 1
+
+
+def _grace(node: PacsNode) -> float:
+    return node.timeouts.dimse + GRACE_MARGIN

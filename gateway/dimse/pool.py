@@ -1,57 +1,44 @@
-"""Associations per node and purpose: a bounded, reusable pool.
+"""Reuse of query associations: one idle list per node, reaped after a few seconds.
 
-Each node gets two pools (architecture.md §4): one for queries (C-FIND, C-ECHO) and one for
-retrievals and stores, so a long C-GET never starves QIDO. The asyncio semaphore bounds how
-many associations a node sees at once; idle associations are kept for reuse (PACS that close
-idle links are detected before reuse) and closed after ``idle_seconds``. An association that
-saw a cancel, an abort or a timeout is never put back.
+A QIDO-RS search is often several C-FINDs in a row (studies, then series for counts, ...), and
+opening an association costs a TCP handshake plus an A-ASSOCIATE round trip (PS3.8 §7.1), often more
+than the C-FIND itself. So C-ECHO and C-FIND reuse an idle association to the node when there is
+one (transfers do not: each C-GET/C-MOVE/C-STORE proposes its own contexts).
+
+* How many associations a node sees at once is bounded by the query budget the caller holds
+  (:class:`gateway.dimse.threads.Budgets`), not here: the pool only keeps what is idle.
+* An idle association is reused only while established and younger than ``idle_seconds``; a PACS
+  that closed it quietly is caught by the caller's one retry (:mod:`gateway.dimse.find`).
+* Idle associations are closed after ``idle_seconds``: pynetdicom's threads poll every millisecond
+  even when idle (~7 % of a core per idle association, measured in tests/bench).
+* An association that saw a cancel, an abort or a timeout is never put back.
+
+Runs on worker threads (docs/architecture.md, "DIMSE edge").
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Sequence
 
-from pynetdicom import evt
 from pynetdicom.association import Association
 
-from gateway.dimse.outcomes import association_failure
-from gateway.dimse.socket_tuning import close_association, guard_reactor, new_ae, on_connection_open
+from gateway.dimse.association import close_association, open_association
+from gateway.dimse.contexts import Context
 from gateway.settings import PacsNode
-
-log = logging.getLogger(__name__)
 
 
 class AssociationPool:
-    def __init__(self, node: PacsNode, purpose: str, calling_ae: str, contexts: Iterable[Any],
-                 max_size: int, idle_seconds: float = 5.0) -> None:
+    def __init__(self, node: PacsNode, calling_ae: str, contexts: Sequence[Context],
+                 idle_seconds: float = 5.0) -> None:
         self.node = node
-        self.purpose = purpose
-        self.max_size = max_size
+        self.calling_ae = calling_ae
+        self.contexts = list(contexts)
         self.idle_seconds = idle_seconds
-        ae = new_ae(calling_ae, node)
-        for ctx in contexts:
-            if isinstance(ctx, tuple):
-                ae.add_requested_context(*ctx)
-            else:
-                ae.add_requested_context(ctx)
-        self._ae = ae
         self._idle: list[tuple[float, Association]] = []
         self._lock = threading.Lock()
-        self._slots: asyncio.Semaphore | None = None
         self.opened = 0  # associations opened over the pool's life (reuse shows as opened < requests)
-
-    @property
-    def slots(self) -> asyncio.Semaphore:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_size)
-        return self._slots
-
-    # The methods below run in worker threads.
 
     def acquire(self) -> tuple[Association, bool]:
         """An established association and whether it was reused from the idle list."""
@@ -66,41 +53,23 @@ class AssociationPool:
                 else:
                     stale.append(assoc)
         for assoc in stale:
-            self._close(assoc)
+            close_association(assoc)
         if chosen is not None:
             return chosen, True
-        return self.open(), False
-
-    def open(self) -> Association:
-        connected = threading.Event()
-        started = time.monotonic()
-
-        def on_open(event: evt.Event) -> None:
-            connected.set()
-            on_connection_open(event)
-
-        assoc = self._ae.associate(
-            self.node.host, self.node.port, ae_title=self.node.ae_title, max_pdu=self.node.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-        )
-        if not assoc.is_established:
-            raise association_failure(assoc, self.node.name, connected=connected.is_set(),
-                                      started=started, connect_timeout=self.node.timeouts.connect)
-        self.opened += 1
-        guard_reactor(assoc)
-        return assoc
+        assoc = open_association(self.calling_ae, self.node, self.contexts)
+        with self._lock:
+            self.opened += 1
+        return assoc, False
 
     def release(self, assoc: Association, *, reusable: bool) -> None:
         if reusable and assoc.is_established:
             with self._lock:
                 self._idle.append((time.monotonic(), assoc))
-            # pynetdicom's threads poll every millisecond even when idle (~7 % of a core per idle
-            # association, measured in tests/bench): close what nobody reused within idle_seconds.
             timer = threading.Timer(self.idle_seconds + 0.05, self.reap)
             timer.daemon = True
             timer.start()
             return
-        self._close(assoc)
+        close_association(assoc)
 
     def reap(self) -> None:
         """Close idle associations older than ``idle_seconds``."""
@@ -109,17 +78,10 @@ class AssociationPool:
             stale = [a for since, a in self._idle if now - since >= self.idle_seconds]
             self._idle = [(since, a) for since, a in self._idle if now - since < self.idle_seconds]
         for assoc in stale:
-            self._close(assoc)
-
-    @staticmethod
-    def _close(assoc: Association) -> None:
-        close_association(assoc)
+            close_association(assoc)
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for _, assoc in idle:
-            self._close(assoc)
-
-    def accepted(self, assoc: Association, abstract_syntax: str) -> bool:
-        return any(cx.abstract_syntax == abstract_syntax for cx in assoc.accepted_contexts)
+            close_association(assoc)

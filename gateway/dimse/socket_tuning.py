@@ -1,7 +1,10 @@
 """Per-association fixes the gateway applies to every association it opens as a requestor.
 
-* **TCP_NODELAY** on our socket: DIMSE messages go out in two writes and would otherwise wait for
-  the peer's delayed ACK (~40 ms each, pacs-peers.md).
+Applied by :func:`gateway.dimse.association.open_association` (:func:`on_connection_open` by the
+storage SCP too); docs/architecture.md, "DIMSE edge".
+
+* **TCP_NODELAY** on our socket: a DIMSE message goes out in two writes (command set and data set in
+  separate PDVs, PS3.8 Annex E) and would otherwise wait for the peer's delayed ACK (~40 ms each).
 * **TCP_QUICKACK**, re-armed before every read (Linux clears it once used): a PACS with Nagle on
   (Debian's DCMTK default) sends its second write only after *our* ACK; acknowledging at once removes
   the ~40 ms stall per response (measured in tests/bench: 50.6 ms -> 7.1 ms median per C-FIND).
@@ -16,41 +19,16 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pynetdicom import AE, evt
-
-from gateway.settings import PacsNode
+from pynetdicom import evt
+from pynetdicom.association import Association
 
 QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)   # Linux only
-log = logging.getLogger(__name__)
 
-
-def new_ae(calling_ae: str, node: PacsNode, *, max_pdu: int | None = None) -> AE:
-    """An AE for requesting associations to ``node``, with the node's timeouts and PDU size."""
-    ae = AE(ae_title=calling_ae)
-    t = node.timeouts
-    ae.connection_timeout = t.connect
-    ae.acse_timeout = t.acse
-    ae.dimse_timeout = t.dimse
-    ae.network_timeout = t.network
-    ae.maximum_pdu_size = node.max_pdu if max_pdu is None else max_pdu
-    return ae
-
-
-def close_association(assoc: Any, *, clean: bool = True) -> None:
-    """Release (or abort) an association; closing a broken one never raises."""
-    try:
-        if clean and assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
-    except Exception:  # noqa: BLE001 - closing a broken association must never raise
-        log.debug("closing an association failed", exc_info=True)
 _BUSY = "_dwg_busy"
 
 
@@ -68,36 +46,38 @@ def on_connection_open(event: evt.Event) -> None:
         return
     recv = transport.recv
 
-    def quick_recv(nr_bytes: int) -> Any:
+    def quick_recv(nr_bytes: int) -> bytearray:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
         except OSError:
             pass
-        return recv(nr_bytes)
+        data: bytearray = recv(nr_bytes)
+        return data
 
     transport.recv = quick_recv
     transport._dwg_quickack = True
 
 
-def guard_reactor(assoc: Any) -> None:
+def guard_reactor(assoc: Association) -> None:
     """Install the reactor guard on an established requestor association (see module docstring)."""
-    dimse = assoc.dimse
+    dimse: Any = assoc.dimse   # patched in place: pynetdicom offers no hook for this
     if getattr(dimse, "_dwg_guarded", False):
         return
     get_msg = dimse.get_msg
     setattr(assoc, _BUSY, False)
 
-    def guarded(block: bool = False) -> Any:
+    def guarded(block: bool = False) -> tuple[object, object]:
         if not block and getattr(assoc, _BUSY, False):
             return None, None
-        return get_msg(block)
+        result: tuple[object, object] = get_msg(block)
+        return result
 
     dimse.get_msg = guarded
     dimse._dwg_guarded = True
 
 
 @contextmanager
-def busy(assoc: Any) -> Iterator[None]:
+def busy(assoc: Association) -> Iterator[None]:
     """Mark one DIMSE operation (request + all its responses) as in flight on ``assoc``."""
     setattr(assoc, _BUSY, True)
     try:

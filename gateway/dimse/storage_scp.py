@@ -3,7 +3,8 @@
 Each arriving C-STORE is routed to its pending move by Move Originator Message ID (+ our AE title
 as the originator); PACS that omit them are matched by the SOP Instance UIDs the move expects, then
 by study/series. The C-STORE is answered only after ``on_instance`` returned, i.e. after the atomic
-rename into the spool, so the final C-MOVE response proves the data is on disk (architecture.md §4).
+rename into the spool, so the final C-MOVE response proves the data is on disk (docs/architecture.md,
+"DIMSE edge").
 Instances matching no pending move are refused (``retrieval.reject_unexpected_stores``), so nobody
 can inject data into the spool.
 
@@ -13,6 +14,9 @@ by its Move Originator Message ID among the cluster's pending moves (UIDs cross-
 it is spooled here and announced to the originator, and only then answered. The handler runs on a
 pynetdicom thread: the lookup and the announcement run on the event loop
 (``asyncio.run_coroutine_threadsafe``), the spool write stays on this thread.
+
+Which presentation contexts it accepts (every storage SOP class, native or compressed syntaxes first)
+is :func:`gateway.dimse.contexts.scp_contexts`'s decision.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import ThreadedAssociationServer
 
+from gateway.dimse.contexts import Context, scp_contexts
 from gateway.dimse.socket_tuning import on_connection_open
 from gateway.pacs import OnInstance
 
@@ -68,20 +76,15 @@ class StorageScp:
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.maximum_associations = 64
-        # pynetdicom accepts, per proposed context, the first syntax in *our* list that was proposed.
-        # DCMTK proposes one context per SOP class ([stored, uncompressed...]) and fails sub-operations
-        # it cannot convert, so a retry flips the order (see prefer_compressed).
-        native = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-        legacy = ["1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]   # deflated, big endian: last resort
-        compressed = [t for t in ALL_TRANSFER_SYNTAXES if t not in native + legacy]
-        classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-        self._native_first = [build_context(c, native + compressed + legacy) for c in classes]
-        self._compressed_first = [build_context(c, compressed + native + legacy) for c in classes]
-        for cx in self._native_first:
-            ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax)
+        # A retry of what a native-first attempt could not deliver flips the order (prefer_compressed).
+        native_first = scp_contexts(compressed_first=False)
+        for cls, syntaxes in native_first:
+            ae.add_supported_context(cls, syntaxes)
+        self._native_first = _built(native_first)
+        self._compressed_first = _built(scp_contexts(compressed_first=True))
         self._ae = ae
         self._compressed_users = 0
-        self._server: Any = None
+        self._server: ThreadedAssociationServer | None = None
         self._pending: dict[int, PendingMove] = {}
         self._lock = threading.Lock()
         self.unexpected = 0
@@ -92,10 +95,12 @@ class StorageScp:
         self._bridge_timeout = 5.0
 
     def start(self) -> None:
-        self._server = self._ae.start_server(
+        server = self._ae.start_server(
             (self.host, self.port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, on_connection_open)])
-        self.port = self._server.server_address[1]
+        assert server is not None   # block=False: the server runs in its own thread
+        self._server = server
+        self.port = int(server.server_address[1])
 
     def stop(self) -> None:
         if self._server is not None:
@@ -137,7 +142,7 @@ class StorageScp:
             self._pending.pop(msg_id, None)
 
     def _route(self, event: evt.Event, sop_uid: str) -> PendingMove | None:
-        req: Any = event.request
+        req = cast(C_STORE, event.request)
         msg_id = getattr(req, "MoveOriginatorMessageID", None)
         with self._lock:
             if msg_id is not None and msg_id in self._pending:
@@ -161,7 +166,7 @@ class StorageScp:
         return None
 
     def _on_store(self, event: evt.Event) -> int:
-        req: Any = event.request
+        req = cast(C_STORE, event.request)
         sop_uid = str(req.AffectedSOPInstanceUID)
         move = self._route(event, sop_uid)
         if move is None:
@@ -193,7 +198,7 @@ class StorageScp:
             raise
 
     def _remote(self, event: evt.Event, sop_uid: str) -> RemoteMove | None:
-        req: Any = event.request
+        req = cast(C_STORE, event.request)
         msg_id = getattr(req, "MoveOriginatorMessageID", None)
         # The originator AE title is not checked: every replica has the same one, and pynetdicom's
         # C-MOVE SCP sends its own title there. The UID cross-check is what guards the spool.
@@ -206,11 +211,11 @@ class StorageScp:
             return None
 
     def _store_remote(self, remote: RemoteMove, event: evt.Event, sop_uid: str) -> int:
-        req: Any = event.request
+        req = cast(C_STORE, event.request)
         cls, ts = str(req.AffectedSOPClassUID), str(event.context.transfer_syntax)
         try:
             remote.write(event.encoded_dataset(include_meta=True), sop_uid, cls, ts)
-            # Answer only once the originator can learn about it (architecture.md §4 ordering).
+            # Answer only once the originator can learn about it (same ordering as a local move).
             self._on_loop(remote.announce(sop_uid, cls, ts))
         except Exception:  # noqa: BLE001 - the PACS learns it failed; the originator retries it
             log.exception("storing a C-MOVE sub-operation for another replica failed")
@@ -218,3 +223,7 @@ class StorageScp:
         with self._lock:
             self.remote_stores += 1
         return 0x0000
+
+
+def _built(contexts: list[Context]) -> list[PresentationContext]:
+    return [build_context(cls, syntaxes) for cls, syntaxes in contexts]

@@ -1,5 +1,5 @@
 """translators.stow: Store Instances Response (PS3.18 Annex I), Table 10.5.3-1 statuses, and the
-metadata + bulk data form; plus the C-STORE presentation-context plan (pure part of gateway.dimse.store)."""
+metadata + bulk data form; plus the C-STORE presentation-context plan (gateway.dimse.contexts)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
-from gateway.dimse.store import MAX_CONTEXTS, StoreItem, storage_contexts
+from gateway.dimse.contexts import MAX_CONTEXTS
+from gateway.dimse.contexts import store_batches as storage_contexts
+from gateway.pacs import StoreItem
 from translators import stow as st
 
 BASE = "http://gw/dicom-web"
