@@ -1,0 +1,92 @@
+"""The one bridge from the event loop to pynetdicom's blocking calls, and the per-node budgets.
+
+pynetdicom blocks: an association request, a C-FIND with all its responses, a whole C-GET. Each
+operation therefore runs on a worker thread while the event loop keeps serving. Every operation goes
+through :meth:`Workers.run`, which is where the :class:`gateway.pacs.Pacs` contract is kept:
+
+* **Budgets**: the node's semaphore (:class:`Budgets`) is held for the whole operation, so a node
+  never sees more associations than configured: ``max_query_associations`` for C-ECHO/C-FIND,
+  ``max_associations`` for C-GET, C-MOVE and C-STORE together. Two budgets, so long transfers never
+  starve searches (docs/architecture.md, "DIMSE edge").
+* **Cancellation**: when the awaiting coroutine is cancelled (the HTTP client left), the worker is
+  told through its ``cancel`` event (C-CANCEL for C-FIND/C-GET/C-MOVE, PS3.7 9.3.2.3, 9.3.3.3,
+  9.3.4.3; a store stops between instances) and the coroutine waits for it, up to a grace period,
+  before it gives the budget back and re-raises. Otherwise the next request would open an
+  association the PACS still counts as busy.
+* **Threads**: one executor sized to the sum of all budgets, so an operation that holds its budget
+  never waits for a thread, and a transfer never takes a query's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from gateway.settings import PacsNode
+
+T = TypeVar("T")
+
+MIN_THREADS = 64
+
+
+class Budgets:
+    """Per node: the semaphores bounding its query and its transfer associations.
+
+    Created on first use, inside the running loop (an asyncio primitive belongs to one loop).
+    """
+
+    def __init__(self) -> None:
+        self._query: dict[str, asyncio.Semaphore] = {}
+        self._transfer: dict[str, asyncio.Semaphore] = {}
+
+    def query(self, node: PacsNode) -> asyncio.Semaphore:
+        """C-ECHO and C-FIND: ``max_query_associations``."""
+        if node.name not in self._query:
+            self._query[node.name] = asyncio.Semaphore(node.max_query_associations)
+        return self._query[node.name]
+
+    def transfer(self, node: PacsNode) -> asyncio.Semaphore:
+        """C-GET, C-MOVE and C-STORE together: ``max_associations``."""
+        if node.name not in self._transfer:
+            self._transfer[node.name] = asyncio.Semaphore(node.max_associations)
+        return self._transfer[node.name]
+
+
+def threads_for(nodes: Iterable[PacsNode]) -> int:
+    """Enough worker threads for every budget of every node at once."""
+    return max(MIN_THREADS, sum(n.max_query_associations + n.max_associations for n in nodes))
+
+
+class Workers:
+    def __init__(self, max_threads: int = MIN_THREADS) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="dimse")
+
+    async def run(self, work: Callable[[], T], *, budget: asyncio.Semaphore, cancel: threading.Event,
+                  grace: float) -> T:
+        """``work()`` on a worker thread while holding ``budget``; see the module docstring.
+
+        ``cancel`` is what ``work`` watches; ``grace`` bounds the wait for it to stop after a cancel
+        (the node's DIMSE timeout plus a margin: a response it waits for arrives or times out by then).
+        """
+        loop = asyncio.get_running_loop()
+        async with budget:
+            future = loop.run_in_executor(self._executor, work)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancel.set()
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), timeout=grace)
+                except Exception:  # noqa: BLE001 - the caller is gone: nobody to report to
+                    pass
+                raise
+
+    async def housekeeping(self, work: Callable[[], None]) -> None:
+        """Short blocking work outside any budget (releasing idle associations at shutdown)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
