@@ -23,10 +23,10 @@ Contract of every method:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -85,6 +85,45 @@ class StoreResult:
     status: int                      # the PACS's C-STORE status, or a gateway code (translators.stow)
     confirmed: bool                  # the PACS answered this C-STORE
     sent_syntax: str | None = None   # the transfer syntax it went in (differs when transcoded)
+
+
+@dataclass
+class PendingMove:
+    """A C-MOVE this process issued, waiting for its sub-operations at the move destination."""
+
+    msg_id: int
+    study: str
+    series: str | None
+    expected: set[str] | None
+    on_instance: OnInstance
+    received: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class RemoteMove:
+    """A C-MOVE another replica issued whose sub-operation arrived here."""
+
+    write: OnInstance                                              # SCP thread: into the local spool
+    announce: Callable[[str, str, str], Coroutine[Any, Any, None]]  # loop: (sop, class, ts) to the originator
+
+
+LookupMove = Callable[[int, str], Coroutine[Any, Any, RemoteMove | None]]
+"""(Message ID, SOP Instance UID) -> the other replica's move, or None; runs on the event loop."""
+
+
+class MoveDestination(Protocol):
+    """Where C-MOVE sub-operations arrive (the gateway's storage SCP, PS3.4 C.4.2): the retrieval
+    service registers each move it issues, so arrivals reach that move's ``on_instance``."""
+
+    def register(self, move: PendingMove) -> None: ...
+
+    def unregister(self, msg_id: int) -> None: ...
+
+    def is_pending(self, msg_id: int) -> bool: ...
+
+    def prefer_compressed(self, on: bool) -> None:
+        """Counted switch: while any retry asks for it, accept compressed syntaxes first."""
+        ...
 
 
 class Pacs(Protocol):

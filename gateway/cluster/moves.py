@@ -20,7 +20,7 @@ import orjson
 from cache import keys
 from cache.base import Cache
 from cache.spool import Spool
-from gateway.dimse.storage_scp import RemoteMove
+from gateway.pacs import RemoteMove
 from gateway.retrieval.fetch import SeriesFetch
 from translators.uids import InstanceId, is_uid
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from typing import Any, TypeVar, cast
 
 from pynetdicom import AE, build_context, evt
@@ -35,35 +34,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.dimse.contexts import Context, scp_contexts
 from gateway.dimse.socket_tuning import on_connection_open
-from gateway.pacs import OnInstance
+from gateway.pacs import LookupMove, PendingMove, RemoteMove
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 REFUSED_NOT_AUTHORISED = 0x0124
 REFUSED_OUT_OF_RESOURCES = 0xA700
-
-
-@dataclass
-class PendingMove:
-    msg_id: int
-    study: str
-    series: str | None
-    expected: set[str] | None
-    on_instance: OnInstance
-    received: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class RemoteMove:
-    """A C-MOVE another replica issued whose sub-operation arrived here."""
-
-    write: OnInstance                                              # SCP thread: into the local spool
-    announce: Callable[[str, str, str], Coroutine[Any, Any, None]]  # loop: (sop, class, ts) to the originator
-
-
-# (Message ID, SOP UID) -> the move, or None; runs on the event loop.
-LookupMove = Callable[[int, str], Coroutine[Any, Any, RemoteMove | None]]
 
 
 class StorageScp:

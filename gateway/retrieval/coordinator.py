@@ -2,9 +2,10 @@
 
 The retrieval service runs every fetch through a :class:`Coordinator`. Alone (no Redis, or no
 cluster endpoint configured) that is :class:`LocalCoordinator`: retrieve from the PACS, nothing
-else. With replicas, :class:`gateway.cluster.ClusterCoordinator` implements it: one replica
-retrieves a series under a cluster-wide lease, the others copy what it announces (docs/
-architecture.md, "Replicas"). The dependency points from the cluster to this interface, never back.
+else. With replicas, :class:`gateway.cluster.coordinator.ClusterCoordinator` implements it: one
+replica retrieves a series under a cluster-wide lease, the others copy what it announces
+(docs/architecture.md, "Replicas"). The dependency points from the cluster to this interface,
+never back.
 """
 
 from __future__ import annotations

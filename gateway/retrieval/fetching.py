@@ -21,9 +21,8 @@ import logging
 from cache import keys
 from cache.base import Cache
 from cache.spool import Spool
-from gateway.dimse.storage_scp import PendingMove, StorageScp
 from gateway.errors import GatewayError, PacsError
-from gateway.pacs import OnInstance, Pacs, RetrieveRequest
+from gateway.pacs import MoveDestination, OnInstance, Pacs, PendingMove, RetrieveRequest
 from gateway.patients import PatientIds
 from gateway.retrieval.coordinator import Coordinator
 from gateway.retrieval.fetch import Manifest, RetrievalFailed, SeriesFetch
@@ -42,7 +41,7 @@ class Fetcher:
         pacs: Pacs,
         cache: Cache,
         spool: Spool,
-        storage_scp: StorageScp | None,
+        storage_scp: MoveDestination | None,
         coordinator: Coordinator,
         patients: PatientIds,
     ) -> None:
@@ -199,7 +198,7 @@ class Fetcher:
             if request.compressed_first:
                 self.scp.prefer_compressed(False)
 
-    async def _move_msg_id(self, scp: StorageScp) -> int:
+    async def _move_msg_id(self, scp: MoveDestination) -> int:
         """A Message ID from the shared counter (unique across replicas), skipping ones pending here."""
         for _ in range(65535):
             msg_id = await self.cache.next_counter(keys.MOVE_MESSAGE_IDS, 65535)

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from cache import keys
 from cache.base import Cache
 from cache.spool import Spool, SpoolEntry
-from gateway.dimse.storage_scp import StorageScp
 from gateway.errors import GatewayError, NotAcceptable, NotFound
 from gateway.instances import InstanceReader
-from gateway.pacs import Pacs
+from gateway.pacs import MoveDestination, Pacs
 from gateway.patients import PatientIds
 from gateway.retrieval.coordinator import Coordinator, LocalCoordinator
 from gateway.retrieval.fetch import Manifest, SeriesFetch
@@ -92,7 +91,7 @@ class RetrievalService:
         cache: Cache,
         spool: Spool,
         reader: InstanceReader,
-        storage_scp: StorageScp | None,
+        storage_scp: MoveDestination | None,
         coordinator: Coordinator | None = None,
     ) -> None:
         self.settings = settings
