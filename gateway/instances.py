@@ -2,8 +2,8 @@
 
 Derived values are computed once, off the event loop, and kept on the spool entry (they die with the
 file). Metadata JSON is stored with a placeholder base in its BulkDataURIs; each response
-substitutes the externally visible base (architecture.md §4), so one stored value serves every
-proxy path and no client can poison what others get.
+substitutes the externally visible base (docs/architecture.md, "HTTP edge"), so one stored value
+serves every proxy path and no client can poison what others get.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class InstanceReader:
             return base + ".".join(f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path))
 
         body = dataset_to_json(ds, bulk_data_uri=bulk_uri, inline_threshold=INLINE_THRESHOLD)
-        # cornerstone reads the transfer syntax from (0008,3002) when group 0002 is absent (notes §2.5).
+        # cornerstone reads the transfer syntax from (0008,3002) when group 0002 is absent.
         # Implicit VR LE is delivered as Explicit VR LE (PS3.18 §8.7.3): advertise what clients get.
         available = EXPLICIT_VR_LE if entry.transfer_syntax == IMPLICIT_VR_LE else entry.transfer_syntax
         body["00083002"] = {"vr": "UI", "Value": [available]}

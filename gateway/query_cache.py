@@ -1,4 +1,4 @@
-"""Cached C-FIND results: one entry per node and normalised identifier (architecture.md §4).
+"""Cached C-FIND results: one entry per node and normalised identifier (docs/architecture.md, "Search").
 
 Key: ``qido:{node}:{node generation}.{study generation}:{sha256 of the normalised identifier}`` (no
 patient data in key names). STOW bumps the node's generation (and the study's), so every cached

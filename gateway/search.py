@@ -3,9 +3,9 @@
 The route parses the request (translators.qido), this module decides which C-FINDs to run on
 which node and assembles the answer; translators do the pure work, the DIMSE client the I/O.
 
-Emulated features (architecture.md §4) each cost extra C-FINDs and draw on one per-request budget
-(``limits.max_emulation_queries``); when it runs out the answer is still returned, without the
-emulated values, and with a ``Warning: 299``:
+Emulated features (docs/architecture.md, "Search") each cost extra C-FINDs and draw on one
+per-request budget (``limits.max_emulation_queries``); when it runs out the answer is still
+returned, without the emulated values, and with a ``Warning: 299``:
 
 * counts (0020,1206/1208/1209) and ModalitiesInStudy computed by lower-level C-FINDs when the PACS
   does not return them (only for the page actually returned, except when ModalitiesInStudy is a

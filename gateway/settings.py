@@ -46,7 +46,8 @@ class DimseTimeouts:
 
 @dataclass(frozen=True)
 class NodeQuirks:
-    """What a PACS does not do by itself; each costs the gateway extra work (architecture.md §4)."""
+    """What a PACS does not do by itself; each costs the gateway extra work
+    (docs/architecture.md, "Search"; adding one: "How to add")."""
 
     case_sensitive_pn: bool = False        # PN keys are widened and matched locally
     compute_counts: bool = True            # fill missing Number Of ... Related ... by lower-level C-FIND

@@ -110,7 +110,8 @@ _MEDIA_TYPE_OF: dict[str, str] = {
 _VIDEO = frozenset(ts for name, uids in _MEDIA_TYPES.items() if name.startswith("video/") for ts in uids)
 
 CORNERSTONE_UNDECODABLE: frozenset[str] = frozenset(_ts("92", "93")) | _VIDEO
-"""Stored encodings cornerstone 5.x cannot decode (dicomweb-notes §3.4): transcode or refuse."""
+"""Stored encodings cornerstone 5.x cannot decode (JPEG 2000 Part 2 multi-component, video): transcode
+or refuse (docs/architecture.md, "Retrieval")."""
 
 # Transcoding: what pydicom can read as native pixels, and what it can write.
 _NATIVE_SOURCES = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE})
@@ -451,7 +452,7 @@ def media_type_for_transfer_syntax(ts: str) -> str:
     """The bulk data media type of a frame in ``ts`` (PS3.18 Table 8.7.3-5).
 
     Native syntaxes and unknown ones give ``application/octet-stream``; always send the
-    ``transfer-syntax`` parameter too (dicomweb-notes §3.4).
+    ``transfer-syntax`` parameter too (docs/architecture.md, "HTTP edge").
     """
     return _MEDIA_TYPE_OF.get(ts, "application/octet-stream")
 

@@ -1,6 +1,6 @@
 """Accept negotiation for WADO-RS (PS3.18 §8.7.8, §8.7.3, Table 10.4.4-1).
 
-Order of precedence, decided before any DIMSE work (dicomweb-notes §3.3):
+Order of precedence, decided before any DIMSE work (docs/architecture.md, "Retrieval"):
 
 1. the ``accept`` query parameter (its media ranges, by q-value),
 2. else the ``Accept`` header (by q-value),
@@ -163,7 +163,8 @@ def _bulk_choice(mrange: MediaRange, single_item: bool) -> Selection | None:
 _DEFAULTS: dict[str, Selection] = {
     "instance": Selection(True, "application/dicom", EXPLICIT_VR_LE),
     "metadata": Selection(False, "application/dicom+json", None),
-    # Bulk data default (dicomweb-notes §3.3): stored encoding, each part labelled with its real type.
+    # Bulk data default (docs/architecture.md, "Retrieval"): stored encoding, each part labelled with
+    # its real type.
     "frames": Selection(True, "application/octet-stream", ANY_TS),
     "bulkdata": Selection(True, "application/octet-stream", ANY_TS),
     "rendered": Selection(False, "image/jpeg", None),

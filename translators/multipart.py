@@ -1,8 +1,8 @@
 """multipart/related (RFC 2387) for DICOMweb: a streaming encoder (PS3.18 §8.7.3.5.1).
 
-Byte layout follows dicomweb-notes §3.4, which the strict client parsers need: no preamble, the
-first line is ``--<boundary>``, exact ``Content-Type:`` / ``Content-Location:`` header casing, CRLF
-before every delimiter, a random boundary long enough never to occur inside pixel data.
+The byte layout is what the strict client parsers need (docs/architecture.md, "HTTP edge"): no
+preamble, the first line is ``--<boundary>``, exact ``Content-Type:`` / ``Content-Location:`` header
+casing, CRLF before every delimiter, a random boundary long enough never to occur inside pixel data.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def closing(boundary: str) -> bytes:
 # --------------------------------------------------------------------------- decoding
 #
 # An incremental, push-style decoder for request bodies (STOW-RS, PS3.18 §10.5.1.4; RFC 2046 §5.1.1,
-# RFC 2387). It accepts what real clients send (dicomweb-notes §4.1): a quoted or unquoted boundary, a
-# preamble (OHIF and the Python dicomweb-client start with CRLF), transport padding after a delimiter,
-# no CRLF after the close delimiter, any epilogue (OHIF's JS client leaves NUL bytes there), header
-# names in any case. It never holds more than one part's header block plus a delimiter's length of
+# RFC 2387). It accepts what real clients send (docs/architecture.md, "STOW-RS"): a quoted or unquoted
+# boundary, a preamble (OHIF and the Python dicomweb-client start with CRLF), transport padding after a
+# delimiter, no CRLF after the close delimiter, any epilogue (OHIF's JS client leaves NUL bytes there),
+# header names in any case. It never holds more than one part's header block plus a delimiter's length of
 # data: the caller gets the body of each part in pieces and writes them wherever it likes.
 
 MAX_HEADER_BYTES = 16384

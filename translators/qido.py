@@ -46,7 +46,7 @@ N_STUDY_INSTANCES = 0x00201208
 N_SERIES_INSTANCES = 0x00201209
 PATIENT_ID = 0x00100020
 
-# Default return attributes, PS3.18 Table 10.6.3-3/-4/-5 (dicomweb-notes §1.4).
+# Default return attributes, PS3.18 Table 10.6.3-3/-4/-5 (docs/architecture.md, "Search").
 STUDY_DEFAULTS = (0x00080005, 0x00080020, 0x00080030, 0x00080050, 0x00080056, 0x00080061, 0x00080090,
                   0x00080201, 0x00100010, 0x00100020, 0x00100030, 0x00100040, STUDY_UID, 0x00200010,
                   N_STUDY_SERIES, N_STUDY_INSTANCES)
@@ -175,7 +175,8 @@ def _split_dt_range(value: str) -> list[str]:
 
 
 def _split_values(vr: str, value: str) -> tuple[str, ...]:
-    """UID lists accept ',' and '\\' (OHIF sends backslash); CS lists mean OR (dicomweb-notes §1.3)."""
+    """UID lists accept ',' and '\\' (OHIF sends backslash); CS lists mean OR
+    (docs/architecture.md, "Search")."""
     if vr in ("UI", "CS") and ("," in value or "\\" in value):
         parts = tuple(p.strip() for p in re.split(r"[,\\]", value) if p.strip())
         return parts or ("",)
@@ -447,7 +448,7 @@ def sort_key(level: Level) -> Callable[[Dataset], tuple[object, ...]]:
 
 def normalise_result(ds: Dataset) -> Dataset:
     """Tidy one merged C-FIND response for DICOM JSON: drop QR level, normalise legacy DA/TM, and never
-    emit an empty ModalitiesInStudy (OHIF's getModalities crashes on it, dicomweb-notes §1.4)."""
+    emit an empty ModalitiesInStudy (OHIF's getModalities crashes on it; docs/architecture.md, "Search")."""
     if QR_LEVEL in ds:
         del ds[QR_LEVEL]
     for elem in list(ds):

@@ -1,4 +1,5 @@
-"""Health and readiness (architecture.md §4: /readyz fails only when the process cannot serve)."""
+"""Health, readiness and metrics (docs/architecture.md, "HTTP edge": /readyz fails only when the process
+cannot serve; a cache outage is reported in its body, never a failure)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Retrieve Capabilities (PS3.18 §8.9, Annex H): ``OPTIONS`` on the service root -> a WADL document.
 
-CORS preflights (``OPTIONS`` with ``Access-Control-Request-Method``) never reach this route: the CORS
-middleware answers them first (dicomweb-notes §5).
+With ``http.cors_origins`` set, CORS preflights (``OPTIONS`` with ``Access-Control-Request-Method``)
+never reach this route: the CORS middleware answers them first (docs/architecture.md, "HTTP edge").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ listens on all interfaces: it has no bind-address option), keeps its log in a fi
 process group down on ``stop()``. A missing binary raises ``PeerError`` naming it and the script that
 installs it: integration tests fail loudly, they never skip.
 
-Facts that shaped this module (see /work/shared/reference/pacs-peers.md):
+Facts that shaped this module:
 
 - Debian's DCMTK, also inside Orthanc, only sets TCP_NODELAY when the environment says
   ``TCP_NODELAY=1``; without it every DIMSE exchange can wait ~40 ms for a delayed ACK. Peers take

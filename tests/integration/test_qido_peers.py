@@ -1,8 +1,8 @@
 """QIDO-RS through the gateway against real Orthanc and DCMTK dcmqrscp (same data on both).
 
-The two peers differ (pacs-peers.md): dcmqrscp omits ModalitiesInStudy and the counts, matches PN
-case-sensitively and ignores ModalitiesInStudy as a key. The gateway must give the same answers
-from both; every test runs on each.
+The two peers differ: dcmqrscp omits ModalitiesInStudy and the counts, matches PN case-sensitively
+and ignores ModalitiesInStudy as a key (the node quirks of docs/architecture.md, "Search"). The
+gateway must give the same answers from both; every test runs on each.
 """
 
 from __future__ import annotations

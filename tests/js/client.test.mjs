@@ -389,8 +389,8 @@ test('retrieveInstanceFrames with the OHIF Accept: native frame equals the insta
   assert.equal(exchange.requestHeaders.Accept, OHIF_FRAMES_ACCEPT);
   assert.equal(exchange.status, 200);
   assert.match(exchange.responseHeaders['content-type'], /^multipart\/related/);
-  // What cornerstone needs in each part's headers (dicomweb-notes §3.4): exact 'Content-Type:' with the
-  // transfer syntax the metadata announced.
+  // What cornerstone needs in each part's headers (docs/architecture.md, "HTTP edge"): exact
+  // 'Content-Type:' with the transfer syntax the metadata announced.
   const [meta] = await client.retrieveInstanceMetadata({ studyInstanceUID: study, seriesInstanceUID,
     sopInstanceUID });
   const head = exchange.responseBody.subarray(0, exchange.responseBody.indexOf('\r\n\r\n')).toString('latin1');

@@ -1,4 +1,4 @@
-"""A multipart/related parser that behaves like the strict clients (dicomweb-notes §3.4).
+"""A multipart/related parser that behaves like the strict clients (docs/architecture.md, "HTTP edge").
 
 cornerstone takes the boundary from the first ``--`` line of the body (not the header), reads the
 part type only from a header line starting with exactly ``Content-Type:``, and the JS dicomweb-client
