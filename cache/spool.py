@@ -14,7 +14,8 @@ entry already pinned (``pin=True``), so there is no moment between the rename an
 in which a full spool could evict it. An instance larger than the whole spool still streams (it is
 evicted as soon as it is unpinned).
 
-Per-entry derived data (frame index, metadata JSON) is computed lazily by the gateway and kept on
+Per-entry derived data (the frame index, built at commit through ``on_commit``; metadata JSON,
+built on first request) is kept on
 the entry, so it dies with the file.
 
 Thread-safety: ``commit`` runs on pynetdicom threads; everything takes one lock.

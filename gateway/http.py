@@ -12,10 +12,10 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound
 from gateway.settings import PacsNode, Settings
+from translators.media import DICOM_JSON
 from translators.uids import InvalidUid, check_uid
 
 T = TypeVar("T")
-DICOM_JSON = "application/dicom+json"
 
 
 class ClientGone(Exception):

@@ -2,7 +2,8 @@
 
 Everything above ``gateway/dimse/`` talks to PACS through :class:`Pacs` and these value types only;
 pynetdicom stays behind it (``gateway.dimse.pacs.PynetdicomPacs`` implements it), so another DIMSE
-implementation can be swapped in per node without touching the services.
+implementation can be swapped in behind it without touching the services (one implementation
+serves every node today).
 
 Contract of every method:
 
@@ -150,6 +151,10 @@ class Pacs(Protocol):
     async def store(self, node: PacsNode, items: Sequence[StoreItem], workdir: Path) -> list[StoreResult]:
         """C-STORE every item, one result per item in order; nothing unconfirmed is a success.
         Transcoded copies (for a PACS that refused an item's syntax) go to ``workdir``."""
+        ...
+
+    def query_associations_opened(self, node: PacsNode) -> int:
+        """Query associations opened with the node so far (/metrics: reuse shows as few)."""
         ...
 
     async def close(self) -> None: ...

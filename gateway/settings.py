@@ -7,7 +7,8 @@ Environment values are read as YAML scalars (``4243`` is an int, ``null``/``true
 
 Validation happens here and only here: a bad value raises :class:`ConfigError` naming the key
 (``nodes[orthanc].timeouts.dimse: expected a number >= 0, got 'slow'``). No other module reads
-``os.environ``. Durations are seconds; sizes accept IEC units (``10GiB``).
+``os.environ`` for configuration (``gateway.ohif`` only locates its download cache there).
+Durations are seconds; sizes accept IEC units (``10GiB``).
 
 The full schema is also published as JSON Schema (``gateway/config.schema.json``) with an example
 (``gateway/config.example.yaml``); a unit test keeps the three in step.
@@ -99,7 +100,7 @@ class CacheTtl:
     series: float = 60.0
     instance: float = 300.0
     location: float = 86400.0
-    metadata: float = 3600.0      # series metadata JSON, shared by replicas; dropped by STOW into the series
+    metadata: float = 3600.0      # series metadata, shared by replicas; stale after a STOW into its study
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from translators.syntaxes import ANY as ANY_TS
 from translators.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, LOSSY
 
 Category = Literal["instance", "metadata", "frames", "bulkdata", "rendered"]
+DICOM_JSON = "application/dicom+json"
 
 # Compressed bulk media types (PS3.18 Table 8.7.3-5); the first TS of each is its default.
 COMPRESSED_TYPES: dict[str, tuple[str, ...]] = {

@@ -10,7 +10,7 @@ The flow the gateway runs with these:
 2. :func:`build_identifiers` gives, per node, the C-FIND identifier(s): default return keys per
    level, includefield keys, match keys; multi-valued CS keys become one identifier per value
    (OR semantics, e.g. ``ModalitiesInStudy=CT,MR``) unless the node ORs them itself.
-3. After the C-FINDs: :func:`needs_local_filter` / ``translators.matching`` filter what the PACS
+3. After the C-FINDs: each plan's ``local_keys`` / ``translators.matching`` filter what the PACS
    could not, :func:`merge` dedupes across nodes, :func:`sort_key` orders deterministically,
    :func:`page` slices with limit/offset.
 """

@@ -24,7 +24,8 @@ def is_uid(value: object) -> bool:
 
 
 class InvalidUid(ValueError):
-    """A value that should be a UID is not one; the message names what it was for, not the value."""
+    """A value that should be a UID is not one; the message names what it was for (the value is
+    shown escaped and cut to 64 characters: it may carry control characters)."""
 
 
 def check_uid(what: str, value: str) -> str:

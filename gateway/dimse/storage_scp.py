@@ -66,7 +66,6 @@ class StorageScp:
         self._lock = threading.Lock()
         self.unexpected = 0
         self.remote_stores = 0
-        self._msg_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookup: LookupMove | None = None
         self._bridge_timeout = 5.0
@@ -91,15 +90,6 @@ class StorageScp:
             if self._server is not None:
                 self._server.contexts = (self._compressed_first if self._compressed_users > 0
                                          else self._native_first)
-
-    def next_msg_id(self) -> int:
-        """Message IDs unique among this replica's pending moves (the cache issue makes them cluster-wide)."""
-        with self._lock:
-            for _ in range(65535):
-                self._msg_id = self._msg_id % 65535 + 1
-                if self._msg_id not in self._pending:
-                    return self._msg_id
-        raise RuntimeError("65535 C-MOVEs pending")
 
     def is_pending(self, msg_id: int) -> bool:
         with self._lock:

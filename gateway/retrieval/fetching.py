@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from cache import keys
 from cache.base import Cache
@@ -53,6 +54,9 @@ class Fetcher:
         self.coordinator = coordinator
         self.patients = patients
         self._fetches: dict[FetchKey, SeriesFetch] = {}
+        # Called with the series of a failed fetch: its manifest may be stale (instances removed
+        # on the PACS), so the next request lists it again.
+        self.on_failure: Callable[[SeriesId], None] = lambda series: None
         self.retrievals_started = 0
         self.incomplete = 0
 
@@ -104,6 +108,8 @@ class Fetcher:
             )
         finally:
             self._fetches.pop(fetch_key, None)
+            if fetch.error is not None:
+                self.on_failure(manifest.id)
 
     async def _from_pacs(
         self, node: PacsNode, fetch: SeriesFetch, missing: list[str], priority: str | None

@@ -105,6 +105,7 @@ class RetrievalService:
         self.fetcher = Fetcher(
             settings, pacs, cache, spool, storage_scp, coordinator or LocalCoordinator(), patients
         )
+        self.fetcher.on_failure = self.locator.forget
 
     @property
     def retrievals_started(self) -> int:

@@ -8,7 +8,6 @@ from starlette.routing import Route
 
 from gateway.errors import BadRequest
 from gateway.http import (
-    DICOM_JSON,
     ClientGone,
     dicomweb_base,
     negotiate_search,
@@ -19,6 +18,7 @@ from gateway.http import (
 from gateway.search import SearchService
 from translators import qido as q
 from translators.dicom_json import datasets_to_json_bytes
+from translators.media import DICOM_JSON
 
 
 async def _search(request: Request, level: q.Level, *, relational: bool = False) -> Response:

@@ -17,12 +17,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.errors import BadRequest, GatewayError, UnsupportedMediaType
-from gateway.http import DICOM_JSON, dicomweb_base, negotiate_search, target_nodes
+from gateway.http import NODE_HEADER, dicomweb_base, negotiate_search, target_nodes
 from gateway.settings import PacsNode, Settings
 from gateway.stow.prepare import DICOM, ROOT_TYPES
 from gateway.stow.service import StowService
 from translators import multipart as mp
 from translators import stow as st
+from translators.media import DICOM_JSON
 from translators.uids import InvalidUid, check_uid
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ async def store(request: Request) -> Response:
         log.info("STOW-RS client left during the upload; nothing stored")
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = st.response_bytes(st.store_response(outcomes, dicomweb_base(request, settings, pinned), study))
-    return Response(body, status_code=st.http_status(outcomes), media_type=DICOM_JSON)
+    return Response(body, status_code=st.http_status(outcomes), media_type=DICOM_JSON,
+                    headers={NODE_HEADER: node.name})
 
 
 def routes() -> list[Route]:

@@ -26,11 +26,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from gateway.http import DICOM_JSON
 from gateway.pacs import StoreItem
 from gateway.stow.receive import Part, Received
 from translators import stow as st
 from translators import syntaxes
+from translators.media import DICOM_JSON
 from translators.uids import is_uid
 
 log = logging.getLogger(__name__)

@@ -337,10 +337,8 @@ class GatewayProcess:
         return _proc_status(self.pid, "VmHWM")
 
     def spooled(self) -> int:
-        try:
-            return sum(1 for name in os.listdir(self.spool) if name.endswith(".dcm"))
-        except OSError:
-            return 0
+        # <spool>/<node>/<sop>.dcm (older layouts: <spool>/<sop>.dcm)
+        return sum(1 for _ in Path(self.spool).glob("*.dcm")) + sum(1 for _ in Path(self.spool).glob("*/*.dcm"))
 
     def log_tail(self, lines: int = 30) -> str:
         try:

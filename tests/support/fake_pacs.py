@@ -146,5 +146,8 @@ class FakePacs:
             results.append(StoreResult(0, confirmed=True, sent_syntax=item.transfer_syntax))
         return results
 
+    def query_associations_opened(self, node: PacsNode) -> int:
+        return 0
+
     async def close(self) -> None:
         pass
