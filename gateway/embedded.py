@@ -18,8 +18,10 @@ from gateway.settings import Settings
 def serve_in_thread(settings: Settings, *, host: str = "127.0.0.1", port: int = 0,
                     startup_timeout: float = 30.0, **app_kwargs: Any) -> Iterator[int]:
     """Run uvicorn with the gateway app in a daemon thread; yields the bound port, stops on exit."""
-    config = uvicorn.Config(create_app(settings, **app_kwargs), host=host, port=port,
-                            log_level="warning", lifespan="on", loop="asyncio")
+    # log_config=None: the host process's logging decides where lines go (uvicorn would otherwise
+    # install its own handlers); the access log is on, through the gateway's query-string filter.
+    config = uvicorn.Config(create_app(settings, **app_kwargs), host=host, port=port, log_config=None,
+                            log_level="info", access_log=True, lifespan="on", loop="asyncio")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="gateway-embedded", daemon=True)
     thread.start()

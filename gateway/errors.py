@@ -10,6 +10,7 @@ its boundary, into one of these; routes never look at raw DIMSE statuses::
     ├── Unauthorized                  401   no or wrong credentials (with a WWW-Authenticate challenge)
     ├── NotFound                      404
     ├── NotAcceptable                 406
+    ├── PayloadTooLarge               413   a STOW-RS body past limits.max_stow_bytes / _parts
     ├── UnsupportedMediaType          415
     ├── PacsError                     502   (node named in the body)
     │   ├── NodeUnreachable           502   TCP connect / association refused
@@ -64,6 +65,10 @@ class NotFound(GatewayError):
 
 class NotAcceptable(GatewayError):
     status_code = 406
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
 
 
 class UnsupportedMediaType(GatewayError):

@@ -89,16 +89,22 @@ NODE_HEADER = "X-Gateway-Node"
 """Names the node that answered a WADO request (federated ones included): docs/architecture.md, "Identity"."""
 
 
-def parse_frame_list(text: str) -> list[int]:
-    """``1,3,5`` (also ``%2C``), 1-based, no duplicates (PS3.18 §10.4.1.1.4)."""
+def parse_frame_list(text: str, max_count: int) -> list[int]:
+    """``1,3,5`` (also ``%2C``), 1-based, ASCII digits, no duplicates, at most ``max_count`` frames
+    (PS3.18 §10.4.1.1.4; ``limits.max_frames_per_request``)."""
     numbers: list[int] = []
-    for item in text.replace("%2C", ",").replace("%2c", ",").split(","):
+    items = text.replace("%2C", ",").replace("%2c", ",").split(",")
+    if len(items) > max_count:
+        raise BadRequest(f"frame list: more than {max_count} frames in one request")
+    seen: set[int] = set()
+    for item in items:
         item = item.strip()
         if not (item.isascii() and item.isdigit()) or int(item) < 1:
-            raise BadRequest(f"frame list {text!r}: {item!r} is not a frame number (1-based)")
+            raise BadRequest(f"frame list: {item[:20]!r} is not a frame number (1-based)")
         n = int(item)
-        if n in numbers:
-            raise BadRequest(f"frame list {text!r}: frame {n} is listed twice")
+        if n in seen:
+            raise BadRequest(f"frame list: frame {n} is listed twice")
+        seen.add(n)
         numbers.append(n)
     if not numbers:
         raise BadRequest("empty frame list")
@@ -121,10 +127,21 @@ def error_response(exc: GatewayError) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status_code, headers=exc.headers)
 
 
+MAX_WARNING_TEXT = 300
+
+
+def header_text(text: str, limit: int = MAX_WARNING_TEXT) -> str:
+    """``text`` as a header value: visible ASCII and spaces only (RFC 9110 §5.5; anything else,
+    CR and LF included, escaped as ``\\uXXXX``, so a client-chosen parameter name can neither split
+    the header nor break its latin-1 encoding), cut to ``limit`` characters."""
+    safe = "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" for c in text)
+    return safe if len(safe) <= limit else safe[:limit] + "..."
+
+
 def with_warnings(response: Response, warnings: list[str]) -> Response:
     for text in dict.fromkeys(warnings):
         # PS3.18 §8.3.4: "Warning: 299 {service}: {text}"; one header line per warning.
-        response.headers.append("Warning", f"299 {SERVICE}: {text.replace(chr(10), ' ')}")
+        response.headers.append("Warning", f"299 {SERVICE}: {header_text(text)}")
     return response
 
 

@@ -145,7 +145,10 @@ class SearchService:
 
     async def _find_plan(self, node: PacsNode, query: q.QidoQuery, budget: _Budget,
                          extra: Dataset | None = None) -> FindResult:
-        plan = q.build_identifiers(query, self._caps(node))
+        try:
+            plan = q.build_identifiers(query, self._caps(node), max_identifiers=budget.left + 1)
+        except q.TooManyQueries as exc:
+            raise q_error(str(exc)) from None
         if extra is not None:
             for ident in plan.identifiers:
                 ident.update(extra)

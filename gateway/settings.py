@@ -141,6 +141,12 @@ class LimitsSection:
     max_emulation_queries: int = 200     # extra C-FINDs one QIDO request may spend on emulated features
     fanout_concurrency: int = 4
     query_cap: int = 10000               # max results a QIDO answer returns before Warning 299
+    max_frames_per_request: int = 4096   # frame numbers one /frames/{list} request may name
+    max_rendered_frames: int = 16        # images one /rendered request may produce
+    max_rendered_pixels: int = 67108864  # frames x viewport width x height of one /rendered request
+    max_decode_bytes: int = 536870912    # decoded size of one frame (rows x columns x samples x bytes)
+    max_stow_bytes: int = 4294967296     # one STOW-RS request body (413 past it)
+    max_stow_parts: int = 10000          # parts of one STOW-RS request body (413 past it)
 
 
 @dataclass(frozen=True)

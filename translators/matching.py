@@ -33,7 +33,6 @@ import re
 from collections.abc import Collection, Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
 from typing import Any
 
 from pydicom.dataelem import DataElement
@@ -246,17 +245,35 @@ def _sequence_response(key: DataElement, found: DataElement | None, pn_case_inse
 # --- strings and person names ------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=512)
-def _wildcard_regex(pattern: str) -> re.Pattern[str]:
-    parts = (".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
-    return re.compile("".join(parts), re.DOTALL)
+def wildcard_match(pattern: str, text: str) -> bool:
+    """PS3.4 C.2.2.2.4 wildcard matching (``*`` any run, ``?`` one character), in O(len(pattern) *
+    len(text)) at worst: the greedy two-pointer walk that backs up only to the last ``*``. A regex
+    translation would backtrack exponentially on keys like ``*?*?*?*?!`` (a request could stall the
+    event loop for seconds)."""
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
+            p += 1
+            t += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, t
+            p += 1
+        elif star >= 0:
+            p, mark = star + 1, mark + 1
+            t = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 def _string_matches(key: str, candidate: str, *, fold_case: bool) -> bool:
     if fold_case:
         key, candidate = key.casefold(), candidate.casefold()
     if "*" in key or "?" in key:
-        return _wildcard_regex(key).fullmatch(candidate) is not None
+        return wildcard_match(key, candidate)
     return key == candidate
 
 

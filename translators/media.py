@@ -17,9 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from translators.frames import CORNERSTONE_UNDECODABLE, can_transcode, media_type_for_transfer_syntax
+from pydicom.uid import UID
+
+from translators.frames import (
+    CORNERSTONE_UNDECODABLE,
+    can_transcode,
+    media_type_for_transfer_syntax,
+    transfer_syntaxes_for_media_type,
+)
 from translators.syntaxes import ANY as ANY_TS
 from translators.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE, LOSSY
+from translators.uids import is_uid
 
 Category = Literal["instance", "metadata", "frames", "bulkdata", "rendered"]
 DICOM_JSON = "application/dicom+json"
@@ -182,13 +190,29 @@ def negotiate(category: Category, *, accept_param: str | None, accept_header: st
         ranges = parse_accept(source)
         for mrange in ranges:
             choice = _choose(category, mrange, single_item)
-            if choice is not None:
+            if choice is not None and deliverable(choice):
                 return choice
         for mrange in ranges:
             if _wildcard_for(mrange, category):
                 return _DEFAULTS[category]
     raise NotAcceptableMedia(f"none of the accepted media types ({'; '.join(sources)}) can be produced "
                              f"for a {category} resource")
+
+
+def deliverable(selection: Selection) -> bool:
+    """Whether the selection's transfer syntax can be delivered at all, decided before any DIMSE
+    (PS3.18 §8.7.3.5): ``*``, or a transfer syntax UID that belongs to the part's media type
+    (Table 8.7.3-5); for application/dicom any transfer syntax (it may be the stored one)."""
+    ts = selection.transfer_syntax
+    if ts is None or ts == ANY_TS:
+        return True
+    if not is_uid(ts) or not UID(ts).is_transfer_syntax:
+        return False
+    if selection.media_type == "application/dicom":
+        return True
+    if selection.media_type == "application/octet-stream":
+        return ts in (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+    return ts in transfer_syntaxes_for_media_type(selection.media_type)
 
 
 def _choose(category: Category, mrange: MediaRange, single_item: bool) -> Selection | None:

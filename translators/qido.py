@@ -17,6 +17,7 @@ The flow the gateway runs with these:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -137,7 +138,24 @@ def vr_of(tag: int) -> str:
     return vr.split(" or ")[0]
 
 
+_ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_NO_WILDCARD_VRS = frozenset({"UI", "DA", "TM", "DT"}) | _NUMERIC_VRS
+MAX_VALUES_PER_KEY = 100
+
+
+def _check_name(name: str, what: str) -> None:
+    """Parameter names and includefield entries: keywords, tags and dotted paths only. Anything else
+    (control characters, backslashes, non-ASCII) is malformed, not merely unknown."""
+    if not _ATTRIBUTE_NAME.fullmatch(name) or len(name) > 128:
+        raise QueryError(f"{what} {name[:64]!r} is not an attribute keyword, tag or sequence path")
+
+
 def _check_value(name: str, vr: str, value: str) -> None:
+    if any(c < " " and c != "\t" for c in value):
+        raise QueryError(f"{name}: control characters are not allowed in a match value")
+    if "\\" in value and vr not in ("UI", "CS"):
+        # PS3.4 C.2.2.2: a value list (backslash) is List of UID Matching only; a CS list is our OR.
+        raise QueryError(f"{name}: multiple values (\\) are only allowed for UIDs and code strings")
     if value == "" or value == "*":
         return
     has_wild = "*" in value or "?" in value
@@ -225,6 +243,7 @@ def parse_query(level: Level, params: Iterable[tuple[str, str]], *, study_uid: s
                 if item.lower() == "all":
                     include_all = True
                     continue
+                _check_name(item, "includefield")
                 path = parse_attribute(item)
                 if path is None:
                     warnings.append(f"includefield {item!r} is not a known attribute and was ignored")
@@ -239,6 +258,7 @@ def parse_query(level: Level, params: Iterable[tuple[str, str]], *, study_uid: s
         elif lname in RESERVED_PARAMS:
             continue
         else:
+            _check_name(name, "query parameter")
             path = parse_attribute(name)
             if path is None:
                 warnings.append(f"unknown query parameter {name!r} was ignored")
@@ -252,11 +272,15 @@ def parse_query(level: Level, params: Iterable[tuple[str, str]], *, study_uid: s
                                      f"({name}.Attribute=value)")
                 includes.add(path)
                 continue
-            values = _split_values(vr, value)
-            for v in values:
+            for v in _split_values(vr, value):
                 _check_value(name, vr, v)
+            # "*" alone asks for anything; for VRs without wildcard matching (PS3.4 C.2.2.2.4) that is
+            # universal matching, sent as an empty value.
+            values = tuple("" if v == "*" and vr in _NO_WILDCARD_VRS else v for v in _split_values(vr, value))
             if path in matches:
                 values = matches[path].values + values
+            if len(values) > MAX_VALUES_PER_KEY:
+                raise QueryError(f"{name}: more than {MAX_VALUES_PER_KEY} values")
             matches[path] = MatchKey(path, values)
 
     if fuzzy:
@@ -340,9 +364,16 @@ class FindPlan:
     local_keys: list[MatchKey] = field(default_factory=list)
 
 
+class TooManyQueries(QueryError):
+    """The OR branches of a query would need more C-FINDs than the request may run."""
+
+
 def build_identifiers(query: QidoQuery, caps: NodeCapabilities = NodeCapabilities(),
-                      *, dimse_level: str | None = None) -> FindPlan:
-    """PS3.4 C.6.2.1: one identifier per OR branch, return keys zero-length, match keys valued."""
+                      *, dimse_level: str | None = None, max_identifiers: int | None = None) -> FindPlan:
+    """PS3.4 C.6.2.1: one identifier per OR branch, return keys zero-length, match keys valued.
+
+    The number of identifiers (the product of the OR branches' value counts) is checked against
+    ``max_identifiers`` before any is built: :class:`TooManyQueries` names the parameters."""
     base = Dataset()
     base.QueryRetrieveLevel = dimse_level or DIMSE_LEVEL[query.level]
     for path in return_keys(query):
@@ -372,6 +403,11 @@ def build_identifiers(query: QidoQuery, caps: NodeCapabilities = NodeCapabilitie
     if non_ascii:
         base.SpecificCharacterSet = "ISO_IR 192"
 
+    count = math.prod(len(key.values) for key in branches)
+    if max_identifiers is not None and count > max_identifiers:
+        names = ", ".join(".".join(keyword(t) for t in key.path) for key in branches)
+        raise TooManyQueries(f"the values of {names} combine into {count} C-FINDs; at most "
+                             f"{max_identifiers} are allowed per request")
     identifiers = [base]
     for key in branches:   # OR semantics: the cartesian product of the branches' values
         expanded: list[Dataset] = []

@@ -255,6 +255,7 @@ class DemoPacs:
         honour_modalities_in_study: bool = True,
         find_delay: float = 0.0,
         fail_status: int | None = None,
+        fail_comment: str | None = None,
         max_pdu: int = 16382,
         max_associations: int = 32,
     ) -> None:
@@ -268,6 +269,7 @@ class DemoPacs:
         self.honour_modalities_in_study = honour_modalities_in_study
         self.find_delay = find_delay
         self.fail_status = fail_status
+        self.fail_comment = fail_comment   # ErrorComment (0000,0902) sent with a C-FIND fail_status
         self.max_pdu = max_pdu
         self.max_associations = max_associations
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
@@ -394,10 +396,15 @@ class DemoPacs:
             received.append(identifier)
         return identifier
 
-    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         identifier = self._received("find", event)
         if self.fail_status is not None:
-            yield self.fail_status, None
+            status: int | Dataset = self.fail_status
+            if self.fail_comment is not None:
+                status = Dataset()
+                status.Status = self.fail_status
+                status.ErrorComment = self.fail_comment
+            yield status, None
             return
         level = _check_level(identifier, _FIND[str(event.request.AffectedSOPClassUID)], hierarchical=True)
         if level is None:

@@ -123,10 +123,9 @@ def status_error(status: Dataset, node: str, operation: str, *, started: float,
         return AssociationAborted(f"node {node}: association aborted during {operation}", node=node)
     if code in PENDING or code in (SUCCESS, CANCELLED) or is_warning(code):
         return None
-    comment = str(status.get("ErrorComment", "") or "")
+    # The PACS's ErrorComment is free text that may name the patient or echo the identifier: it goes
+    # neither into the response nor into the log. The status code says what a client can act on.
     detail = f"node {node}: {operation} failed with status 0x{code:04X} ({describe_status(code)})"
-    if comment:
-        detail += f": {comment}"
     return DimseFailure(detail, node=node, status=code)
 
 

@@ -39,21 +39,43 @@ def _services(request: Request) -> tuple[RetrievalService, InstanceReader]:
     return request.app.state.retrieval, request.app.state.instances
 
 
-async def _render(request: Request, entry: SpoolEntry, frame: int, params: rd.RenderParams) -> bytes:
+def _check_budget(request: Request, count: int, params: rd.RenderParams) -> None:
+    """Bounded work per request, checked before any retrieval or decoding (limits.*)."""
+    limits = request.app.state.settings.limits
+    if count > limits.max_rendered_frames:
+        raise BadRequest(f"at most {limits.max_rendered_frames} frames can be rendered in one request")
+    vw, vh = (params.viewport[0], params.viewport[1]) if params.viewport else (512, 512)
+    if count * vw * vh > limits.max_rendered_pixels:
+        raise BadRequest(f"{count} frames of {vw}x{vh} exceed the {limits.max_rendered_pixels} pixels one "
+                         f"rendered request may produce")
+
+
+async def _render_all(request: Request, entry: SpoolEntry, numbers: list[int],
+                      params: rd.RenderParams) -> list[bytes]:
+    """Each frame rendered from ONE read of the instance, one frame decoded at a time, after checking
+    that a decoded frame fits ``limits.max_decode_bytes``."""
     _, reader = _services(request)
     ds = await reader.dataset(entry)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise BadRequest("the instance has no pixel data to render")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if not 1 <= frame <= frames:
-        raise BadRequest(f"frame {frame} is outside 1..{frames}")
+    for frame in numbers:
+        if not 1 <= frame <= frames:
+            raise BadRequest(f"frame {frame} is outside 1..{frames}")
+    decoded = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+               * int(ds.get("SamplesPerPixel", 1) or 1) * max(1, int(ds.get("BitsAllocated", 8) or 8) // 8))
+    limit = request.app.state.settings.limits.max_decode_bytes
+    if decoded > limit:
+        raise BadRequest(f"a decoded frame of this instance ({decoded} bytes) exceeds the rendering limit "
+                         f"({limit} bytes)")
 
-    def work() -> bytes:
+    def work(frame: int) -> bytes:
         pixels = pixel_array(ds, index=frame - 1) if frames > 1 else pixel_array(ds)
         return rd.render_frame(ds, pixels, params, frame=frame)
 
+    loop = asyncio.get_running_loop()
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, work)
+        return [await loop.run_in_executor(None, work, frame) for frame in numbers]
     except rd.UnsupportedRendering as exc:
         raise NotAcceptable(str(exc)) from None
     except rd.RenderError as exc:
@@ -66,7 +88,9 @@ async def rendered(request: Request) -> Response:
     params = _params(request, thumbnail)          # 400/406 before any DIMSE work
     study, series, instance = path_uids(request)
     frames_text = request.path_params.get("frames")
-    numbers = parse_frame_list(frames_text) if frames_text else None
+    limits = request.app.state.settings.limits
+    numbers = parse_frame_list(frames_text, limits.max_frames_per_request) if frames_text else None
+    _check_budget(request, len(numbers) if numbers else 1, params)
     nodes, _ = target_nodes(request, request.app.state.settings)
     service, reader = _services(request)
     if instance is None:
@@ -80,7 +104,7 @@ async def rendered(request: Request) -> Response:
             index = await reader.frame_index(entry)
             count = index.number_of_frames if index else 1
             numbers = [rd.pick_thumbnail_frame(count) if thumbnail else 1]
-        images = [await _render(request, entry, n, params) for n in numbers]
+        images = await _render_all(request, entry, numbers, params)
     headers = {NODE_HEADER: entry.node}
     if len(images) == 1:
         return Response(images[0], media_type=params.media_type, headers=headers)
@@ -140,8 +164,9 @@ async def wado_uri(request: Request) -> Response:
         params = rd.parse_render_params(items)
     except rd.RenderError as exc:
         raise BadRequest(str(exc)) from None
+    _check_budget(request, 1, params)
     async with service.instance(nodes, study, series, sop) as entry:
-        image = await _render(request, entry, frame, params)
+        [image] = await _render_all(request, entry, [frame], params)
     return Response(image, media_type=params.media_type, headers={NODE_HEADER: entry.node})
 
 

@@ -174,7 +174,8 @@ async def _frames_response(request: Request, entry: SpoolEntry, numbers: list[in
 
 
 async def frames(request: Request) -> Response:
-    numbers = parse_frame_list(request.path_params["frames"])
+    limits = request.app.state.settings.limits
+    numbers = parse_frame_list(request.path_params["frames"], limits.max_frames_per_request)
     negotiate(request, "frames", single_item=len(numbers) == 1)  # 406 before any DIMSE work
     study, series, sop = instance_uids(request)
     settings = request.app.state.settings

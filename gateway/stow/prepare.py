@@ -215,6 +215,7 @@ class _BulkParts:
     def __init__(self, parts: list[Part]) -> None:
         self._exact: dict[str, Part] = {}
         self._by_path: dict[str, Part] = {}
+        self._used: set[int] = set()
         for part in parts:
             location = part.headers.get("content-location", "").strip()
             if location:
@@ -223,8 +224,11 @@ class _BulkParts:
 
     def __call__(self, uri: str) -> tuple[bytes, str] | None:
         part = self._exact.get(uri) or self._by_path.get(_path_of(uri))
-        if part is None:
+        if part is None or id(part) in self._used:
+            # Each bulk part is read once and fills one element: a second BulkDataURI naming the
+            # same part would multiply the upload in memory and in the PACS (it fails that instance).
             return None
+        self._used.add(id(part))
         return part.path.read_bytes(), part.headers.get("content-type", "application/octet-stream")
 
 

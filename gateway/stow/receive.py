@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from gateway.errors import PayloadTooLarge
 from translators import multipart as mp
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,26 @@ class _Receiver:
             fh.close()
 
 
-async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path) -> Received:
+async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path, *, max_bytes: int,
+                  max_parts: int) -> Received:
     """Read ``body`` to its end; every part lands in a file under ``workdir``.
 
     An exception from ``body`` (the client left) propagates; the files written so far stay in
-    ``workdir`` for the caller to remove with it.
+    ``workdir`` for the caller to remove with it. A body past ``max_bytes`` or with more than
+    ``max_parts`` parts is :class:`PayloadTooLarge` as soon as that is known (nothing is stored).
     """
     decoder = mp.MultipartDecoder(boundary)
     receiver = _Receiver(workdir)
     broken = False
+    total = 0
     try:
         async for chunk in body:
+            total += len(chunk)
+            if total > max_bytes:
+                raise PayloadTooLarge(f"the STOW-RS body exceeds {max_bytes} bytes (limits.max_stow_bytes)")
+            if len(receiver.received.parts) > max_parts:
+                raise PayloadTooLarge(f"the STOW-RS body has more than {max_parts} parts "
+                                      f"(limits.max_stow_parts)")
             if broken or not chunk:
                 continue   # drain the rest, so that the client reads our answer
             try:
@@ -98,6 +108,8 @@ async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path) -> R
                 broken = True
         if not broken:
             receiver.apply(decoder.close())
+        if len(receiver.received.parts) > max_parts:
+            raise PayloadTooLarge(f"the STOW-RS body has more than {max_parts} parts (limits.max_stow_parts)")
     finally:
         receiver.close()
     return receiver.received

@@ -61,7 +61,9 @@ class StowService:
             raise ValueError(f"unsupported STOW-RS root type {root_type!r}")
         workdir = Path(tempfile.mkdtemp(prefix="stow-", dir=self.spool.tmp))
         try:
-            received = await receive(body, boundary, workdir)
+            limits = self.settings.limits
+            received = await receive(body, boundary, workdir, max_bytes=limits.max_stow_bytes,
+                                     max_parts=limits.max_stow_parts)
             if not received.parts and not received.truncated_headers:
                 raise BadRequest(f"the body holds no part delimited by the boundary {boundary!r}")
             prepared = await asyncio.to_thread(prepare, received, root_type, study, workdir)

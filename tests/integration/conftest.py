@@ -7,6 +7,8 @@ installs them): integration tests never skip.
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import subprocess
 import time
@@ -121,3 +123,54 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+# ------------------------------------------------------------------ no patient data in the logs
+
+# The demo patients' names and IDs (gateway.demo_data), as they would appear in a log line.
+PHI_MARKERS = re.compile(
+    r"DGW000\d|\b(?:doe|smith|m(?:ü|ue)ller|(?:ø|o)sterg(?:å|aa)rd|yamada)\b|19610412|19780930|19900105",
+    re.IGNORECASE)
+# What the gateway process logs: its own modules and the libraries it drives (in-process servers).
+GATEWAY_LOGGERS = ("gateway", "cache", "translators", "uvicorn", "pynetdicom")
+
+
+class _LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.leaks: list[str] = []
+        self.seen = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith(GATEWAY_LOGGERS):
+            return
+        self.seen += 1
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is checked by its template
+            line = str(record.msg)
+        if PHI_MARKERS.search(line) and len(self.leaks) < 20:
+            self.leaks.append(f"{record.name}: {line[:300]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_patient_data_in_logs() -> Iterator[None]:
+    """Every log line the in-process gateways write during the integration tests, at INFO and above
+    (uvicorn's access log included), is checked for the demo patients' names and IDs: the operational
+    log must stay free of patient identifiers (docs/architecture.md, "HTTP edge")."""
+    lines = _LogLines()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(lines)
+    root.setLevel(min(previous, logging.INFO))
+    access = logging.getLogger("uvicorn.access")
+    access_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(lines)
+        root.setLevel(previous)
+        access.setLevel(access_level)
+    assert lines.seen > 0, "the log guard saw no gateway log line at all"
+    assert not lines.leaks, "patient data in the gateway's log:\n" + "\n".join(lines.leaks)

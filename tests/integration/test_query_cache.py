@@ -4,7 +4,7 @@ import asyncio
 
 import httpx
 
-from cache.base import key
+from cache import keys
 from cache.memory import MemoryCache
 from gateway.demo_data import generate_demo_datasets
 from gateway.dimse.demo_pacs import DemoPacs
@@ -44,6 +44,6 @@ def test_generation_bump_invalidates(tmp_path):
             finds = pacs.counters["find"]
             httpx.get(url + "/dicom-web/studies")
             assert pacs.counters["find"] == finds
-            asyncio.run(cache.incr(key("gen", "qc2")))   # what STOW does after storing
+            asyncio.run(cache.incr(keys.node_generation("qc2")))   # what STOW does after storing
             httpx.get(url + "/dicom-web/studies")
             assert pacs.counters["find"] > finds

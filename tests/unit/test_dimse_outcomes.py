@@ -61,9 +61,10 @@ def test_failure_status_is_dimse_failure_naming_node_status_and_meaning(code, te
     assert err.detail == f"node pacs1: C-FIND failed with status 0x{code:04X} ({text})"
 
 
-def test_error_comment_is_appended():
-    err = error(status(0xC001, ErrorComment="disk full"))
-    assert isinstance(err, DimseFailure) and err.detail.endswith("(unable to process): disk full")
+def test_error_comment_is_never_echoed():
+    err = error(status(0xC001, ErrorComment="no such patient DOE^JOHN 12345"))
+    assert isinstance(err, DimseFailure) and err.detail.endswith("(unable to process)")
+    assert "DOE" not in str(err.to_json()) and "12345" not in str(err.to_json())
 
 
 def test_empty_status_before_the_timeout_is_an_abort():
