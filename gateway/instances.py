@@ -48,7 +48,8 @@ class InstanceReader:
     def __init__(self, max_threads: int = 8) -> None:
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="spool-io")
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Blocking spool work (reads, decoding) on the reader's bounded pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ---------------------------------------------------------------- metadata
@@ -57,7 +58,7 @@ class InstanceReader:
         """DICOM JSON of the instance (PS3.18 Annex F), BulkDataURIs against PLACEHOLDER."""
         cached = entry.derived.get("json")
         if cached is None:
-            cached = await self._run(self._metadata_blocking, entry)
+            cached = await self.run(self._metadata_blocking, entry)
             entry.derived["json"] = cached
         return cached  # type: ignore[no-any-return]
 
@@ -90,7 +91,7 @@ class InstanceReader:
             pass   # not cached: a request for its frames reports why (see routes/wado.py)
 
     async def frame_index(self, entry: SpoolEntry) -> fr.FrameIndex | None:
-        return await self._run(self._index_blocking, entry)  # type: ignore[no-any-return]
+        return await self.run(self._index_blocking, entry)  # type: ignore[no-any-return]
 
     def _index_blocking(self, entry: SpoolEntry) -> fr.FrameIndex | None:
         if "index" not in entry.derived:
@@ -106,7 +107,7 @@ class InstanceReader:
                 raise fr.FrameError("the instance has no pixel data")
             with open(entry.path, "rb") as fh:
                 return [fr.read_frame(fh, index, n) for n in numbers]
-        return await self._run(work)  # type: ignore[no-any-return]
+        return await self.run(work)  # type: ignore[no-any-return]
 
     async def transcode_frame(self, entry: SpoolEntry, frame: bytes, target_ts: str) -> bytes:
         def work() -> bytes:
@@ -118,16 +119,16 @@ class InstanceReader:
                     header = dcmread(fh, stop_before_pixels=True)
                 entry.derived["header"] = header
             return fr.transcode_frame(frame, index, header, target_ts)
-        return await self._run(work)  # type: ignore[no-any-return]
+        return await self.run(work)  # type: ignore[no-any-return]
 
     # ---------------------------------------------------------------- whole instance
 
     async def chunks(self, entry: SpoolEntry) -> AsyncIterator[bytes]:
         """The stored Part-10 file, in chunks read off the event loop."""
-        fh = await self._run(open, entry.path, "rb")
+        fh = await self.run(open, entry.path, "rb")
         try:
             while True:
-                chunk = await self._run(fh.read, CHUNK)
+                chunk = await self.run(fh.read, CHUNK)
                 if not chunk:
                     return
                 yield chunk
@@ -138,13 +139,13 @@ class InstanceReader:
         def work() -> bytes:
             with open(entry.path, "rb") as fh:
                 return fr.transcode_part10(fh.read(), target_ts)
-        return await self._run(work)  # type: ignore[no-any-return]
+        return await self.run(work)  # type: ignore[no-any-return]
 
     async def dataset(self, entry: SpoolEntry) -> Dataset:
         def work() -> Dataset:
             with open(entry.path, "rb") as fh:
                 return dcmread(fh)
-        return await self._run(work)  # type: ignore[no-any-return]
+        return await self.run(work)  # type: ignore[no-any-return]
 
     async def element_bytes(self, entry: SpoolEntry, path: list[int]) -> bytes | None:
         """Raw value of a (possibly nested) element, for bulkdata URIs other than pixel data."""
@@ -172,7 +173,7 @@ class InstanceReader:
             buf.is_implicit_VR = True
             write_data_element(buf, ds)
             return bytes(buf.getvalue()[8:])
-        return await self._run(work)  # type: ignore[no-any-return]
+        return await self.run(work)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

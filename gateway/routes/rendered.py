@@ -6,7 +6,6 @@ Pixels come from the spooled instance (retrieved as for frames); rendering is
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from pydicom.pixels.utils import pixel_array
@@ -73,9 +72,8 @@ async def _render_all(request: Request, entry: SpoolEntry, numbers: list[int],
         pixels = pixel_array(ds, index=frame - 1) if frames > 1 else pixel_array(ds)
         return rd.render_frame(ds, pixels, params, frame=frame)
 
-    loop = asyncio.get_running_loop()
     try:
-        return [await loop.run_in_executor(None, work, frame) for frame in numbers]
+        return [await reader.run(work, frame) for frame in numbers]
     except rd.UnsupportedRendering as exc:
         raise NotAcceptable(str(exc)) from None
     except rd.RenderError as exc:
