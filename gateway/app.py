@@ -119,7 +119,8 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
     if settings.auth.mode == "api_key":
         # Inside CORS, so 401s carry CORS headers and preflights never need a key.
-        middleware.append(Middleware(ApiKeyMiddleware, keys=settings.auth.api_keys))
+        middleware.append(Middleware(ApiKeyMiddleware, keys=settings.auth.api_keys,
+                                     open_metrics=settings.auth.open_metrics))
     routes = [*admin.routes(), *rendered.wado_uri_routes(), Mount("/dicom-web", routes=dicomweb),
               Mount("/nodes/{node}/dicom-web", routes=dicomweb)]
     if ohif_dir is not None:

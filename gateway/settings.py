@@ -134,6 +134,7 @@ class ClusterSection:
 class AuthSection:
     mode: Literal["none", "api_key", "oidc"] = "none"
     api_keys: tuple[str, ...] = ()
+    open_metrics: bool = False     # with auth: /metrics without credentials (a scraper on a private net)
 
 
 @dataclass(frozen=True)
@@ -441,6 +442,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         auth=AuthSection(
             mode=a.get("mode", "none", _choice("none", "api_key", "oidc")),
             api_keys=a.get("api_keys", (), _str_list),
+            open_metrics=a.get("open_metrics", False, _bool),
         ),
         limits=LimitsSection(**{k: lim.get(k, getattr(dl, k), _int(1)) for k in _fields(LimitsSection)}),
     )
