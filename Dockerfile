@@ -5,8 +5,8 @@
 #   docker run --rm -p 8080:8080 -p 11112:11112 -v dwg-spool:/var/spool/dicomweb-gateway \
 #       -v "$PWD/gateway.yaml:/etc/dicomweb-gateway/gateway.yaml:ro" dicomweb-gateway
 #
-# The mounted config needs `http.host: 0.0.0.0` (loopback is unreachable from outside the
-# container) and `spool.path: /var/spool/dicomweb-gateway`. Without an `auth` section the gateway
+# The mounted config needs `http.host: 0.0.0.0` and, for C-MOVE, `gateway.dimse_host: 0.0.0.0`
+# (loopback is unreachable from outside the container) and `spool.path: /var/spool/dicomweb-gateway`. Without an `auth` section the gateway
 # refuses a non-loopback address: append
 # `serve --config /etc/dicomweb-gateway/gateway.yaml --allow-unauthenticated` to `docker run` only
 # behind an authenticating proxy. Change the port with GATEWAY_HTTP__PORT (or http.port), not

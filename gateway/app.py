@@ -88,8 +88,10 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             scp = None
             if any(n.retrieve == "move" for n in settings.nodes):
                 g = settings.gateway
-                scp = StorageScp(g.ae_title, g.dimse_host, g.dimse_port,
-                                 reject_unexpected=settings.retrieval.reject_unexpected_stores)
+                strict = settings.retrieval.reject_unexpected_stores
+                scp = StorageScp(g.ae_title, g.dimse_host, g.dimse_port, reject_unexpected=strict,
+                                 calling_ae_titles=tuple(dict.fromkeys(n.ae_title for n in settings.nodes))
+                                 if strict else ())
                 scp.start()
                 stack.callback(scp.stop)
             app.state.storage_scp = scp

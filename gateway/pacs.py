@@ -88,6 +88,11 @@ class StoreResult:
     sent_syntax: str | None = None   # the transfer syntax it went in (differs when transcoded)
 
 
+class NotRequested(Exception):
+    """Raised by an ``on_instance`` callback for an instance the retrieval did not ask for: the
+    sub-operation is refused (PS3.4 C.4.3: the C-STORE fails), nothing is spooled."""
+
+
 @dataclass
 class PendingMove:
     """A C-MOVE this process issued, waiting for its sub-operations at the move destination."""

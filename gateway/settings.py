@@ -81,7 +81,7 @@ class PacsNode:
 class GatewaySection:
     ae_title: str = "DICOMWEBGW"
     dimse_port: int = 11112
-    dimse_host: str = "0.0.0.0"
+    dimse_host: str = "127.0.0.1"       # the storage SCP binds here (loopback unless configured)
     base_url: str | None = None
     stow_node: str | None = None
 

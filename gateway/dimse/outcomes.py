@@ -39,6 +39,7 @@ CANCELLED = 0xFE00
 OUT_OF_RESOURCES = 0xA700
 SUB_OPERATIONS_NOT_PERFORMED = frozenset({0xA701, 0xA702})   # partial: the caller checks what arrived
 NOT_SUPPORTED = 0x0122                                        # Refused: SOP Class not supported
+NOT_AUTHORISED = 0x0124                                       # Refused: not authorised (PS3.7 C.5.x)
 
 _FAILURE_TEXT = {
     0xA700: "out of resources",

@@ -37,7 +37,7 @@ from gateway.dimse import outcomes
 from gateway.dimse.association import accepts, close_association, open_association
 from gateway.dimse.contexts import get_proposal, move_contexts, move_model
 from gateway.dimse.socket_tuning import busy
-from gateway.pacs import OnInstance, RetrieveOutcome, RetrieveRequest
+from gateway.pacs import NotRequested, OnInstance, RetrieveOutcome, RetrieveRequest
 from gateway.settings import PacsNode
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def get(calling_ae: str, node: PacsNode, request: RetrieveRequest, on_instance: 
             sop, cls, ts = (str(req.AffectedSOPInstanceUID), str(req.AffectedSOPClassUID),
                             str(event.context.transfer_syntax))
             on_instance(encoded_part10(event, cls, sop, ts), sop, cls, ts)
+        except NotRequested:
+            return outcomes.NOT_AUTHORISED
         except Exception:  # noqa: BLE001 - tell the PACS, keep the association alive
             log.exception("storing a C-GET sub-operation failed")
             return outcomes.OUT_OF_RESOURCES

@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.dimse.contexts import Context, scp_contexts
 from gateway.dimse.socket_tuning import on_connection_open
-from gateway.pacs import LookupMove, PendingMove, RemoteMove
+from gateway.pacs import LookupMove, NotRequested, PendingMove, RemoteMove
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,16 @@ REFUSED_OUT_OF_RESOURCES = 0xA700
 
 class StorageScp:
     def __init__(self, ae_title: str, host: str, port: int, *, reject_unexpected: bool = True,
-                 max_pdu: int = 0) -> None:
+                 max_pdu: int = 0, calling_ae_titles: tuple[str, ...] = ()) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
         self.reject_unexpected = reject_unexpected
         ae = AE(ae_title=ae_title)
+        if calling_ae_titles:
+            # Only the configured PACS may open an association (PS3.8 A-ASSOCIATE-RJ, "calling AE
+            # title not recognized"): a stranger cannot even try Move Originator Message IDs.
+            ae.require_calling_aet = list(calling_ae_titles)
         ae.maximum_pdu_size = max_pdu
         ae.maximum_associations = 64
         # A retry of what a native-first attempt could not deliver flips the order (prefer_compressed).
@@ -145,9 +149,17 @@ class StorageScp:
             if self.reject_unexpected:
                 return REFUSED_NOT_AUTHORISED
             return REFUSED_OUT_OF_RESOURCES
+        with self._lock:
+            duplicate = sop_uid in move.received
+        if duplicate:
+            self.unexpected += 1      # a second C-STORE of a received instance never replaces it
+            return REFUSED_NOT_AUTHORISED
         try:
             move.on_instance(event.encoded_dataset(include_meta=True), sop_uid,
                              str(req.AffectedSOPClassUID), str(event.context.transfer_syntax))
+        except NotRequested:
+            self.unexpected += 1
+            return REFUSED_NOT_AUTHORISED
         except Exception:  # noqa: BLE001 - the PACS learns it failed; the move reports it missing
             log.exception("storing a C-MOVE sub-operation failed")
             return REFUSED_OUT_OF_RESOURCES

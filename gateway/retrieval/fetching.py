@@ -23,7 +23,7 @@ from cache import keys
 from cache.base import Cache
 from cache.spool import Spool
 from gateway.errors import GatewayError, PacsError
-from gateway.pacs import MoveDestination, OnInstance, Pacs, PendingMove, RetrieveRequest
+from gateway.pacs import MoveDestination, NotRequested, OnInstance, Pacs, PendingMove, RetrieveRequest
 from gateway.patients import PatientIds
 from gateway.retrieval.coordinator import Coordinator
 from gateway.retrieval.fetch import Manifest, RetrievalFailed, SeriesFetch
@@ -139,14 +139,15 @@ class Fetcher:
         classes = tuple(sorted({i.sop_class_uid for i in manifest.instances if i.sop_class_uid}))
 
         def on_instance(data: bytes, sop: str, cls: str, ts: str) -> None:
-            # On the association's thread: write and signal, nothing slow. An instance the manifest
-            # does not list (added to the series after its C-FIND) is spooled, not announced.
-            listed = sop in wanted
+            # On the association's thread: write and signal, nothing slow. Only what the manifest
+            # lists is accepted: anything else is refused, never spooled (nobody can push objects
+            # into a series through a retrieval), and an instance already received is not replaced.
+            if sop not in wanted or fetch.has(sop):
+                raise NotRequested(sop)
             entry = self.spool.write(
-                data, manifest.instance_id(sop), sop_class_uid=cls, transfer_syntax=ts, pin=listed
+                data, manifest.instance_id(sop), sop_class_uid=cls, transfer_syntax=ts, pin=True
             )
-            if listed:
-                loop.call_soon_threadsafe(fetch.arrive, sop, entry)
+            loop.call_soon_threadsafe(fetch.arrive, sop, entry)
 
         pid = None
         if node.query_model == "patient":

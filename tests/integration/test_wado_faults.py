@@ -52,9 +52,14 @@ def test_unexpected_c_store_is_refused(orthanc, tmp_path):
                                    "nodes": [{"name": "o", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
                                               "port": orthanc.dicom_port, "retrieve": "move"}]})
     with running_gateway(settings):
-        ae = AE("INTRUDER")
-        ae.requested_contexts = StoragePresentationContexts
-        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMWEBGW")
+        stranger = AE("INTRUDER")
+        stranger.requested_contexts = StoragePresentationContexts
+        assoc = stranger.associate("127.0.0.1", port, ae_title="DICOMWEBGW")
+        assert assoc.is_rejected, "only the configured nodes' AE titles may associate with the storage SCP"
+        # The configured PACS's own AE title gets an association, but nothing it was not asked for.
+        known = AE(orthanc.ae_title)
+        known.requested_contexts = StoragePresentationContexts
+        assoc = known.associate("127.0.0.1", port, ae_title="DICOMWEBGW")
         assert assoc.is_established
         ds = generate_demo_datasets()[0]
         status = assoc.send_c_store(ds)
