@@ -8,6 +8,8 @@ follower reads it from the start (pub/sub would lose what was announced before i
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 
 import orjson
@@ -28,20 +30,36 @@ class Arrival:
     url: str
 
 
+_SIGNED = (b"sop", b"cls", b"ts", b"holder", b"url")
+
+
+def _signature(secret: bytes, fields: dict[bytes, bytes]) -> bytes:
+    message = b"\0".join(fields[name] for name in _SIGNED)
+    return hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
+
+
 def arrival_fields(
-    sop: str, sop_class: str, transfer_syntax: str, holder: str, url: str
+    sop: str, sop_class: str, transfer_syntax: str, holder: str, url: str, *, secret: bytes
 ) -> dict[bytes, bytes]:
-    return {
+    """An arrival entry, signed with the cluster's shared secret: a follower contacts only URLs a
+    replica announced, never one anybody with write access to Redis put there (it would be handed
+    the secret in the Authorization header)."""
+    fields = {
         b"sop": sop.encode(),
         b"cls": sop_class.encode(),
         b"ts": transfer_syntax.encode(),
         b"holder": holder.encode(),
         b"url": url.encode(),
     }
+    fields[b"sig"] = _signature(secret, fields)
+    return fields
 
 
-def parse_arrival(fields: dict[bytes, bytes]) -> Arrival | None:
+def parse_arrival(fields: dict[bytes, bytes], *, secret: bytes) -> Arrival | None:
+    """The arrival, or None for an entry we did not write (unsigned, badly signed, malformed)."""
     try:
+        if not hmac.compare_digest(fields[b"sig"], _signature(secret, fields)):
+            return None
         return Arrival(
             fields[b"sop"].decode(),
             fields[b"cls"].decode(),
@@ -50,7 +68,7 @@ def parse_arrival(fields: dict[bytes, bytes]) -> Arrival | None:
             fields[b"url"].decode(),
         )
     except (KeyError, UnicodeDecodeError):
-        return None  # not an arrival we wrote: ignore it
+        return None
 
 
 @dataclass

@@ -50,6 +50,7 @@ class ClusterCoordinator:
         self.spool = spool
         self.url = url
         self.replica_id = secrets.token_hex(8)
+        self.secret = secret.encode()
         self.client = ReplicaClient(secret)
         self.patience = RedisPatience(cache)
         self.moves = MoveRouting(cache, spool, self.replica_id, self._announce_remote)
@@ -123,7 +124,7 @@ class ClusterCoordinator:
                 if b"end" in fields:
                     await copies.settle()
                     return parse_end(fields, fetch.manifest.node)
-                arrival = parse_arrival(fields)
+                arrival = parse_arrival(fields, secret=self.secret)
                 if arrival is not None:
                     copies.offer(arrival)
             return None
@@ -193,7 +194,8 @@ class ClusterCoordinator:
                     self.cache.xadd,
                     stream,
                     arrival_fields(
-                        sop, entry.sop_class_uid, entry.transfer_syntax, self.replica_id, self.url
+                        sop, entry.sop_class_uid, entry.transfer_syntax, self.replica_id, self.url,
+                        secret=self.secret,
                     ),
                     STREAM_TTL,
                 )
@@ -212,7 +214,7 @@ class ClusterCoordinator:
         await self.patience.write(
             self.cache.xadd,
             keys.arrivals(stream_id),
-            arrival_fields(sop, cls, ts, self.replica_id, self.url),
+            arrival_fields(sop, cls, ts, self.replica_id, self.url, secret=self.secret),
             STREAM_TTL,
         )
 
@@ -232,7 +234,7 @@ class ClusterCoordinator:
                 entries = await self.cache.xread_from(stream, copies.last, block_ms)
                 for entry_id, fields in entries:
                     copies.last = entry_id
-                    arrival = parse_arrival(fields)
+                    arrival = parse_arrival(fields, secret=self.secret)
                     if arrival is not None:
                         copies.offer(arrival)
                 return len(entries)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 import httpx
+from pydicom.filereader import read_file_meta_info
 
 from cache.spool import Spool, SpoolEntry
 from gateway.cluster.arrivals import Arrival
@@ -57,6 +59,9 @@ class ReplicaClient:
                     # Plain writes: a chunk goes to the page cache, cheaper than a thread hop.
                     async for chunk in response.aiter_raw():
                         fh.write(chunk)
+            if not _is_instance(tmp, arrival):
+                log.warning("replica at %s sent a file that is not the announced instance", url)
+                return None
             entry = spool.commit(
                 tmp,
                 m.instance_id(arrival.sop),
@@ -69,6 +74,17 @@ class ReplicaClient:
         finally:
             if not committed:
                 tmp.unlink(missing_ok=True)
+
+
+def _is_instance(path: Path, arrival: Arrival) -> bool:
+    """The copied file's meta (PS3.10 §7.1) names the announced SOP instance, class and syntax."""
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - not a Part-10 file at all
+        return False
+    return (str(meta.get("MediaStorageSOPInstanceUID", "")) == arrival.sop
+            and str(meta.get("MediaStorageSOPClassUID", "")) == arrival.sop_class
+            and str(meta.get("TransferSyntaxUID", "")) == arrival.transfer_syntax)
 
 
 class Copies:

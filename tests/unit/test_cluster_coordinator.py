@@ -113,3 +113,25 @@ async def test_the_holders_verdict_on_the_pacs_reaches_the_follower_as_the_same_
     assert results[0] is timeout
     assert isinstance(results[1], DimseTimeout) and results[1].node == "a"
     assert calls == ["r1"], "the follower does not ask a PACS the holder found timing out"
+
+
+async def test_forged_arrivals_are_never_followed(tmp_path):
+    """Whoever can write to Redis cannot make a replica send the cluster secret to its URL."""
+    from cache import keys
+    from gateway.cluster.arrivals import arrival_fields
+
+    cache, spools, calls = MemoryCache(), {}, []
+    one = replica(tmp_path, "r1", cache, spools)
+    spools["http://evil"] = Spool(tmp_path / "evil", 1 << 30)
+    loop = asyncio.get_running_loop()
+    fetch = SeriesFetch(loop, manifest("a"), one.spool)
+    fetch.join()
+    forged = arrival_fields(UIDS[0], CT, TS, "attacker", "http://evil", secret=b"not the secret")
+    unsigned = {k: v for k, v in forged.items() if k != b"sig"}
+    await cache.xadd(keys.arrivals("forged"), forged, 60)
+    await cache.xadd(keys.arrivals("forged"), unsigned, 60)
+    await cache.xadd(keys.arrivals("forged"), {b"end": b"done"}, 60)
+    await cache.set(keys.latest_retrieval(fetch.manifest.id), b"forged", 60)
+    await one.run(fetch, pacs_for(one, fetch, calls))
+    assert one.client.copied == [], "no copy from an unsigned or badly signed announcement"
+    assert calls == ["r1"] and fetch.missing == []
