@@ -1,8 +1,9 @@
 """In-process Cache: the embedded default (single process, tests, the demo).
 
 Same semantics as the Redis implementation: TTL per key, counters without TTL, a value of the
-wrong kind is a miss, and a bound on the number of entries (least recently used evicted first) so
-memory stays bounded. Streams are a list per key; readers wait on futures woken by ``xadd``.
+wrong kind is a miss, and bounds on the number of entries and on their bytes (least recently used
+evicted first) so memory stays bounded whatever the values' sizes. Streams are a list per key;
+readers wait on futures woken by ``xadd``.
 Everything runs on the event loop's thread, so no locks are needed.
 """
 
@@ -22,9 +23,23 @@ StreamId = tuple[int, int]
 class _Stream:
     entries: list[tuple[StreamId, dict[bytes, bytes]]] = field(default_factory=list)
     last: StreamId = (0, 0)
+    size: int = 0       # bytes of the entries' fields, kept as they are appended and trimmed
 
 
 Value = bytes | StrSet | _Stream
+OVERHEAD = 64   # bytes counted per entry and per set member / stream entry besides their data
+
+
+def _entry_size(fields: dict[bytes, bytes]) -> int:
+    return OVERHEAD + sum(len(k) + len(v) for k, v in fields.items())
+
+
+def _size(value: Value) -> int:
+    if isinstance(value, bytes):
+        return OVERHEAD + len(value)
+    if isinstance(value, _Stream):
+        return OVERHEAD + value.size
+    return OVERHEAD + sum(OVERHEAD + len(m) for m in value)
 
 
 def _parse_id(raw: bytes) -> StreamId | None:
@@ -44,10 +59,14 @@ class MemoryCache:
     shared = False          # one process only
     degraded = False        # never unreachable
 
-    def __init__(self, max_entries: int = 10000, prefix: str = "dwg:") -> None:
+    def __init__(self, max_entries: int = 10000, prefix: str = "dwg:", max_bytes: int = 256 << 20) -> None:
         self._max = max_entries
+        self._max_bytes = max_bytes
         self._prefix = prefix
         self._data: OrderedDict[str, tuple[float, Value]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self.bytes = 0
+        """Bytes held by the values (approximate: data plus a fixed overhead per item)."""
         self._counters: dict[str, int] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
@@ -60,7 +79,7 @@ class MemoryCache:
             return None
         expires, value = item
         if expires <= time.monotonic():
-            del self._data[key]
+            self._drop(key)
             return None
         self._data.move_to_end(key)
         return value
@@ -68,8 +87,15 @@ class MemoryCache:
     def _store(self, key: str, value: Value, ttl: float) -> None:
         self._data[key] = (time.monotonic() + ttl, value)
         self._data.move_to_end(key)
-        while len(self._data) > self._max:
-            self._data.popitem(last=False)
+        size = _size(value)
+        self.bytes += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
+        while self._data and (len(self._data) > self._max or self.bytes > self._max_bytes):
+            self._drop(next(iter(self._data)))
+
+    def _drop(self, key: str) -> None:
+        if self._data.pop(key, None) is not None:
+            self.bytes -= self._sizes.pop(key, 0)
 
     async def get(self, key: str) -> bytes | None:
         value = self._live(self._k(key))
@@ -81,7 +107,7 @@ class MemoryCache:
 
     async def delete(self, *keys: str) -> None:
         for k in keys:
-            self._data.pop(self._k(k), None)
+            self._drop(self._k(k))
             self._counters.pop(self._k(k), None)
 
     async def incr(self, key: str) -> int:
@@ -123,7 +149,7 @@ class MemoryCache:
         k = self._k(key)
         if self._live(k) != value:
             return False
-        del self._data[k]
+        self._drop(k)
         return True
 
     async def xadd(self, key: str, fields: dict[bytes, bytes], ttl: float, maxlen: int = 100000) -> None:
@@ -138,12 +164,15 @@ class MemoryCache:
         sid = (now_ms, 0) if now_ms > stream.last[0] else (stream.last[0], stream.last[1] + 1)
         stream.last = sid
         stream.entries.append((sid, dict(fields)))
+        stream.size += _entry_size(fields)
         if len(stream.entries) > maxlen:
-            del stream.entries[: len(stream.entries) - max(maxlen, 0)]
+            cut = len(stream.entries) - max(maxlen, 0)
+            stream.size -= sum(_entry_size(f) for _, f in stream.entries[:cut])
+            del stream.entries[:cut]
         if ttl > 0:
             self._store(k, stream, ttl)
         else:
-            self._data.pop(k, None)
+            self._drop(k)
         for waiter in self._waiters.pop(k, set()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -195,6 +224,8 @@ class MemoryCache:
 
     async def close(self) -> None:
         self._data.clear()
+        self._sizes.clear()
+        self.bytes = 0
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():

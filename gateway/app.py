@@ -44,7 +44,8 @@ def make_cache(settings: Settings) -> Cache:
         from cache.redis import RedisCache  # imports redis only when a URL is configured
 
         return RedisCache(settings.cache.url, prefix=settings.cache.prefix, timeout=settings.cache.timeout)
-    return MemoryCache(max_entries=settings.cache.max_entries, prefix=settings.cache.prefix)
+    return MemoryCache(max_entries=settings.cache.max_entries, prefix=settings.cache.prefix,
+                       max_bytes=settings.cache.max_bytes)
 
 
 async def _start_cluster(settings: Settings, cache: Cache, spool: Spool, scp: StorageScp | None,

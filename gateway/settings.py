@@ -108,7 +108,8 @@ class CacheSection:
     url: str | None = None
     prefix: str = "dwg:"
     ttl: CacheTtl = field(default_factory=CacheTtl)
-    max_entries: int = 10000        # in-process cache bound
+    max_entries: int = 10000        # in-process cache bound (entries)
+    max_bytes: int = 256 << 20      # in-process cache bound (bytes of the values)
     timeout: float = 0.25           # per Redis operation; past it the request goes on without cache
 
 
@@ -427,6 +428,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             prefix=c.get("prefix", dc.prefix, _str),
             ttl=CacheTtl(**{k: ct.get(k, getattr(CacheTtl(), k), _num) for k in _fields(CacheTtl)}),
             max_entries=c.get("max_entries", dc.max_entries, _int(1)),
+            max_bytes=c.get("max_bytes", dc.max_bytes, _size),
             timeout=c.get("timeout", dc.timeout, _num),
         ),
         spool=SpoolSection(
