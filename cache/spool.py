@@ -82,6 +82,7 @@ class Spool:
         self._lock = threading.Lock()
         self._entries: OrderedDict[SpoolKey, SpoolEntry] = OrderedDict()
         self.total_bytes = 0
+        self.reserved_bytes = 0     # uploads in progress (STOW-RS parts on their way to the PACS)
         self.evictions = 0
         # Called (on the writer's thread) with every committed entry: the gateway builds the frame
         # index there, at ingest, so a frame request is one bounded read.
@@ -176,13 +177,32 @@ class Spool:
             if entry is not None:
                 self.unpin(entry)
 
+    # ---------------------------------------------------------------- uploads
+
+    def reserve(self, nbytes: int) -> bool:
+        """Count ``nbytes`` of an upload being written under :attr:`tmp` against ``max_bytes``,
+        evicting unpinned entries to make room; False (nothing reserved) when even that is not
+        enough: the caller refuses the upload instead of filling the disk (507)."""
+        with self._lock:
+            self.reserved_bytes += nbytes
+            self._evict_locked()
+            if self.total_bytes + self.reserved_bytes > self.max_bytes:
+                self.reserved_bytes -= nbytes
+                return False
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """The upload's files are gone: its bytes no longer count."""
+        with self._lock:
+            self.reserved_bytes = max(0, self.reserved_bytes - nbytes)
+
     # ---------------------------------------------------------------- eviction
 
     def _evict_locked(self) -> None:
-        if self.total_bytes <= self.max_bytes:
+        if self.total_bytes + self.reserved_bytes <= self.max_bytes:
             return
         for key in list(self._entries):
-            if self.total_bytes <= self.max_bytes:
+            if self.total_bytes + self.reserved_bytes <= self.max_bytes:
                 break
             entry = self._entries[key]
             if entry.pins > 0:

@@ -11,6 +11,7 @@ its boundary, into one of these; routes never look at raw DIMSE statuses::
     ├── NotFound                      404
     ├── NotAcceptable                 406
     ├── PayloadTooLarge               413   a STOW-RS body past limits.max_stow_bytes / _parts
+    ├── InsufficientStorage           507   the spool cannot hold an upload in progress
     ├── UnsupportedMediaType          415
     ├── PacsError                     502   (node named in the body)
     │   ├── NodeUnreachable           502   TCP connect / association refused
@@ -69,6 +70,11 @@ class NotAcceptable(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status_code = 413
+
+
+class InsufficientStorage(GatewayError):
+    status_code = 507
+    headers = {"Retry-After": "30"}
 
 
 class UnsupportedMediaType(GatewayError):

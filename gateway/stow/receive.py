@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.errors import PayloadTooLarge
+from gateway.errors import InsufficientStorage, PayloadTooLarge
 from translators import multipart as mp
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,14 @@ class _Receiver:
 
 
 async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path, *, max_bytes: int,
-                  max_parts: int) -> Received:
+                  max_parts: int, reserve: Callable[[int], bool] = lambda n: True) -> Received:
     """Read ``body`` to its end; every part lands in a file under ``workdir``.
 
     An exception from ``body`` (the client left) propagates; the files written so far stay in
     ``workdir`` for the caller to remove with it. A body past ``max_bytes`` or with more than
     ``max_parts`` parts is :class:`PayloadTooLarge` as soon as that is known (nothing is stored).
+    Every chunk is first ``reserve``d in the spool's budget (uploads count like spooled instances);
+    when the spool cannot make room the upload is :class:`InsufficientStorage` (507).
     """
     decoder = mp.MultipartDecoder(boundary)
     receiver = _Receiver(workdir)
@@ -90,6 +92,9 @@ async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path, *, m
     try:
         async for chunk in body:
             total += len(chunk)
+            if chunk and not reserve(len(chunk)):
+                total -= len(chunk)
+                raise InsufficientStorage("the spool has no room for this upload now; retry later")
             if total > max_bytes:
                 raise PayloadTooLarge(f"the STOW-RS body exceeds {max_bytes} bytes (limits.max_stow_bytes)")
             if len(receiver.received.parts) > max_parts:

@@ -60,10 +60,19 @@ class StowService:
         if root_type not in ROOT_TYPES:
             raise ValueError(f"unsupported STOW-RS root type {root_type!r}")
         workdir = Path(tempfile.mkdtemp(prefix="stow-", dir=self.spool.tmp))
+        reserved = 0
+
+        def reserve(nbytes: int) -> bool:
+            nonlocal reserved
+            if not self.spool.reserve(nbytes):
+                return False
+            reserved += nbytes
+            return True
+
         try:
             limits = self.settings.limits
             received = await receive(body, boundary, workdir, max_bytes=limits.max_stow_bytes,
-                                     max_parts=limits.max_stow_parts)
+                                     max_parts=limits.max_stow_parts, reserve=reserve)
             if not received.parts and not received.truncated_headers:
                 raise BadRequest(f"the body holds no part delimited by the boundary {boundary!r}")
             prepared = await asyncio.to_thread(prepare, received, root_type, study, workdir)
@@ -72,6 +81,7 @@ class StowService:
             outcomes = _outcomes(prepared, results)
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
+            self.spool.release(reserved)
         await self._after_store(node, outcomes)
         stored = sum(1 for o in outcomes if st.is_stored(o.status))
         log.info("STOW-RS to %s: %d of %d instances stored", node.name, stored, len(outcomes))

@@ -139,3 +139,18 @@ def test_access_log_lines_carry_no_query_string(url, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
     assert any("/dicom-web/studies" in line for line in lines)
     assert not any("DGW0001" in line or "Doe" in line for line in lines)
+
+
+def test_stow_that_the_spool_cannot_hold_is_507_and_stores_nothing(tmp_path):
+    with DemoPacs(generate_demo_datasets(), ae_title="SMALL") as pacs:
+        settings = settings_from_dict({
+            "spool": {"path": str(tmp_path / "spool"), "max_bytes": 50_000},
+            "nodes": [{"name": "s", "ae_title": "SMALL", "host": "127.0.0.1", "port": pacs.port}]})
+        with running_gateway(settings) as root, httpx.Client(base_url=root, timeout=30) as client:
+            body = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + b"\0" * 100_000 + b"\r\n--B--\r\n"
+            r = client.post("/dicom-web/studies", content=body,
+                            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+            assert r.status_code == 507 and r.json()["error"] == "InsufficientStorage"
+            assert r.headers["retry-after"]
+            assert pacs.counters.get("store", 0) == 0
+            assert list((tmp_path / "spool" / ".incoming").rglob("*")) == []

@@ -129,3 +129,15 @@ def test_frame_index_is_built_at_ingest(tmp_path):
     entry = put(spool, buf.getvalue(), str(ds.SOPInstanceUID))
     reader.close()
     assert entry.derived["index"].number_of_frames == int(ds.NumberOfFrames)
+
+
+def test_uploads_count_against_the_budget_and_evict_or_are_refused(tmp_path):
+    spool = Spool(tmp_path, max_bytes=300)
+    put(spool, b"a" * 100, "1")
+    pinned = put(spool, b"b" * 100, "2", pin=True)
+    assert spool.reserve(150), "room made by evicting the unpinned entry"
+    assert spool.get("n", "1") is None and spool.get("n", "2") is pinned
+    assert not spool.reserve(100), "the pinned entry and the upload fill the budget: refused"
+    assert spool.reserved_bytes == 150
+    spool.release(150)
+    assert spool.reserve(200) and spool.reserved_bytes == 200
