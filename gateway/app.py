@@ -26,6 +26,7 @@ from gateway.dimse.storage_scp import StorageScp
 from gateway.errors import GatewayError, InternalError
 from gateway.http import NODE_HEADER, error_response
 from gateway.instances import InstanceReader
+from gateway.request_limits import RequestLimits
 from gateway.retrieval.service import RetrievalService
 from gateway.routes import admin, capabilities, qido, rendered, stow, wado
 from gateway.routes.internal import InternalServer, advertised_url
@@ -74,7 +75,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         configure_process()   # pydicom validation, pynetdicom config (gateway/startup.py)
         async with AsyncExitStack() as stack:
             app.state.settings = settings
-            app.state.metrics = {"aborted_streams": 0}
+            app.state.metrics = metrics
             app.state.cache = cache or make_cache(settings)
             stack.push_async_callback(app.state.cache.close)
             app.state.pacs = PynetdicomPacs(settings)
@@ -111,6 +112,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(InternalError("internal error"))
 
+    metrics = {"aborted_streams": 0, "refused_requests": 0}
     dicomweb = qido.routes() + wado.routes() + stow.routes()
     dicomweb += rendered.routes() + rendered.root_routes() + capabilities.routes()
     middleware = []
@@ -120,6 +122,11 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
+    # Inside CORS, so 429/503 and 401 carry CORS headers (a browser shows the reason, not a CORS error).
+    lim = settings.limits
+    middleware.append(Middleware(RequestLimits, per_client=lim.max_requests_per_client,
+                                 total=lim.max_requests_total, metrics=metrics,
+                                 trusted_proxies=tuple(settings.http.trusted_proxies)))
     if settings.auth.mode == "api_key":
         # Inside CORS, so 401s carry CORS headers and preflights never need a key.
         middleware.append(Middleware(ApiKeyMiddleware, keys=settings.auth.api_keys,

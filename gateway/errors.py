@@ -12,6 +12,8 @@ its boundary, into one of these; routes never look at raw DIMSE statuses::
     ├── NotAcceptable                 406
     ├── PayloadTooLarge               413   a STOW-RS body past limits.max_stow_bytes / _parts
     ├── InsufficientStorage           507   the spool cannot hold an upload in progress
+    ├── TooManyRequests               429   a client's concurrent requests past limits.max_requests_per_client
+    ├── ServiceBusy                   503   all requests past limits.max_requests_total
     ├── UnsupportedMediaType          415
     ├── PacsError                     502   (node named in the body)
     │   ├── NodeUnreachable           502   TCP connect / association refused
@@ -75,6 +77,16 @@ class PayloadTooLarge(GatewayError):
 class InsufficientStorage(GatewayError):
     status_code = 507
     headers = {"Retry-After": "30"}
+
+
+class TooManyRequests(GatewayError):
+    status_code = 429
+    headers = {"Retry-After": "1"}
+
+
+class ServiceBusy(GatewayError):
+    status_code = 503
+    headers = {"Retry-After": "1"}
 
 
 class UnsupportedMediaType(GatewayError):

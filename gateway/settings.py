@@ -149,6 +149,8 @@ class LimitsSection:
     max_decode_bytes: int = 536870912    # decoded size of one frame (rows x columns x samples x bytes)
     max_stow_bytes: int = 4294967296     # one STOW-RS request body (413 past it)
     max_stow_parts: int = 10000          # parts of one STOW-RS request body (413 past it)
+    max_requests_per_client: int = 128   # concurrent requests of one client address (429 past it)
+    max_requests_total: int = 1024       # concurrent requests of the process (503 past it)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ async def metrics(request: Request) -> PlainTextResponse:
     values: list[tuple[str, str, str, float]] = [
         ("dwg_aborted_streams_total", "counter", "WADO streams aborted after headers were sent",
          state.metrics["aborted_streams"]),
+        ("dwg_refused_requests_total", "counter", "requests refused with 429/503 (concurrency limits)",
+         state.metrics["refused_requests"]),
         ("dwg_retrievals_total", "counter", "C-GET/C-MOVE series retrievals started",
          state.retrieval.retrievals_started),
         ("dwg_spool_bytes", "gauge", "bytes held in the local spool", spool.total_bytes),

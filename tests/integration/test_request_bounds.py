@@ -154,3 +154,28 @@ def test_stow_that_the_spool_cannot_hold_is_507_and_stores_nothing(tmp_path):
             assert r.headers["retry-after"]
             assert pacs.counters.get("store", 0) == 0
             assert list((tmp_path / "spool" / ".incoming").rglob("*")) == []
+
+
+def test_concurrent_requests_past_the_client_limit_are_429_at_once(tmp_path):
+    import concurrent.futures
+
+    with DemoPacs(generate_demo_datasets(), ae_title="SLOW", find_delay=1.0) as pacs:
+        settings = settings_from_dict({
+            "limits": {"max_requests_per_client": 2, "max_requests_total": 100},
+            "nodes": [{"name": "s", "ae_title": "SLOW", "host": "127.0.0.1", "port": pacs.port}]})
+        with running_gateway(settings) as root:
+            def search(i: int) -> httpx.Response:
+                return httpx.get(root + f"/dicom-web/studies?PatientID=P{i}", timeout=30)
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                slow = [pool.submit(search, i) for i in range(2)]
+                time.sleep(0.4)                     # both in flight, waiting on the slow PACS
+                started = time.monotonic()
+                refused = search(9)
+                assert time.monotonic() - started < 0.5, "refused at once, not queued"
+                assert refused.status_code == 429 and refused.headers["retry-after"]
+                assert refused.json()["error"] == "TooManyRequests"
+                assert httpx.get(root + "/healthz").status_code == 200, "probes are exempt"
+                assert all(f.result().status_code in (200, 204) for f in slow)
+            assert search(10).status_code in (200, 204), "the slots are given back"
+            assert "dwg_refused_requests_total 1" in httpx.get(root + "/metrics").text
