@@ -221,13 +221,17 @@ class RetrievalService:
         keep = self.settings.retrieval.series_for_frames
         parts: list[bytes] = []
         fetches = [self.fetcher.join(node, m, priority=instance) for m in manifests]
+        answered = False
         try:
             for manifest, fetch in zip(manifests, fetches, strict=True):
                 for uid in manifest.uids:
                     parts.append(await self.reader.metadata(await fetch.wait_for(uid)))
+            answered = True
         finally:
             for fetch in fetches:
-                fetch.detach() if keep else fetch.leave()  # viewers ask for the frames next
+                # Answered: viewers ask for the frames next, so the fetches go on. The client left or
+                # the request failed: nobody is waiting, so fetches nobody else joined are cancelled.
+                fetch.detach() if keep and answered else fetch.leave()
         raw = b"[" + b",".join(parts) + b"]"
         if meta_key is not None:
             await self.cache.set(meta_key, raw, self.settings.cache.ttl.metadata)

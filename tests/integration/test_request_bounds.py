@@ -179,3 +179,34 @@ def test_concurrent_requests_past_the_client_limit_are_429_at_once(tmp_path):
                 assert all(f.result().status_code in (200, 204) for f in slow)
             assert search(10).status_code in (200, 204), "the slots are given back"
             assert "dwg_refused_requests_total 1" in httpx.get(root + "/metrics").text
+
+
+def test_the_event_loop_stays_responsive_while_the_heaviest_requests_run(url):
+    """/healthz answers promptly while the heaviest request of each kind runs: rendering at its
+    limits, a PN search the gateway must match itself, study metadata, a whole-study retrieve."""
+    import concurrent.futures
+    import statistics
+
+    mf = next(s for s in DEMO_STUDIES if "OT" in s["modalities"])
+    mf_sop = mf["series"][0]["sop_instance_uids"][0]
+    mf_inst = f"/dicom-web/studies/{mf['study_uid']}/series/{mf['series'][0]['series_uid']}/instances/{mf_sop}"
+    heavy = [
+        mf_inst + "/frames/1,2,3,4/rendered?viewport=2048,2048&accept=image/png",
+        "/dicom-web/studies?PatientName=*a*e*i*o*u*?*?*?*?*",
+        f"/dicom-web/studies/{S}/metadata",
+        f"/dicom-web/studies/{S}",
+    ]
+    latencies: list[float] = []
+    with concurrent.futures.ThreadPoolExecutor(len(heavy)) as pool:
+        running = [pool.submit(get, url, path, headers={"Accept": "*/*"}) for path in heavy]
+        with httpx.Client(base_url=url, timeout=10) as probe:
+            while not all(f.done() for f in running):
+                started = time.monotonic()
+                assert probe.get("/healthz").status_code == 200
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.02)
+        statuses = [f.result().status_code for f in running]
+    assert all(s < 500 for s in statuses), statuses
+    assert len(latencies) >= 3
+    assert statistics.median(latencies) < 0.1, latencies
+    assert max(latencies) < 1.0, latencies
