@@ -33,6 +33,7 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.http import MAX_REQUEST_HEAD
 
     if not _is_loopback(host) and settings.auth.mode == "none" and not allow_unauthenticated:
         print(f"refusing to serve on {host} without an auth section: patient data would be open to the "
@@ -45,7 +46,8 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
     settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, host=host, port=port))
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1,
-                lifespan="on", log_level="info", proxy_headers=False)
+                lifespan="on", log_level="info", proxy_headers=False,
+                h11_max_incomplete_event_size=MAX_REQUEST_HEAD)
     return 0
 
 

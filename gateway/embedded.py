@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from gateway.app import create_app
+from gateway.http import MAX_REQUEST_HEAD
 from gateway.settings import Settings
 
 
@@ -21,7 +22,8 @@ def serve_in_thread(settings: Settings, *, host: str = "127.0.0.1", port: int = 
     # log_config=None: the host process's logging decides where lines go (uvicorn would otherwise
     # install its own handlers); the access log is on, through the gateway's query-string filter.
     config = uvicorn.Config(create_app(settings, **app_kwargs), host=host, port=port, log_config=None,
-                            log_level="info", access_log=True, lifespan="on", loop="asyncio")
+                            log_level="info", access_log=True, lifespan="on", loop="asyncio",
+                            h11_max_incomplete_event_size=MAX_REQUEST_HEAD)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="gateway-embedded", daemon=True)
     thread.start()

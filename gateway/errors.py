@@ -13,6 +13,7 @@ its boundary, into one of these; routes never look at raw DIMSE statuses::
     ├── PayloadTooLarge               413   a STOW-RS body past limits.max_stow_bytes / _parts
     ├── InsufficientStorage           507   the spool cannot hold an upload in progress
     ├── TooManyRequests               429   a client's concurrent requests past limits.max_requests_per_client
+    ├── RequestHeadTooLarge           431   request line + headers past gateway.http.MAX_REQUEST_HEAD
     ├── ServiceBusy                   503   all requests past limits.max_requests_total
     ├── UnsupportedMediaType          415
     ├── PacsError                     502   (node named in the body)
@@ -82,6 +83,10 @@ class InsufficientStorage(GatewayError):
 class TooManyRequests(GatewayError):
     status_code = 429
     headers = {"Retry-After": "1"}
+
+
+class RequestHeadTooLarge(GatewayError):
+    status_code = 431
 
 
 class ServiceBusy(GatewayError):

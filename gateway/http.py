@@ -85,6 +85,10 @@ def target_nodes(request: Request, settings: Settings) -> tuple[list[PacsNode], 
     return [node], node
 
 
+MAX_REQUEST_HEAD = 32 * 1024
+"""Bytes of request line + headers the HTTP server buffers (past it: 431/400 and the connection is
+closed before any work); a QIDO URL with every key at its VR's length fits well within it."""
+
 NODE_HEADER = "X-Gateway-Node"
 """Names the node that answered a WADO request (federated ones included): docs/architecture.md, "Identity"."""
 

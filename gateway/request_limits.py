@@ -1,5 +1,6 @@
 """Concurrent requests per client and in total (docs/architecture.md, "HTTP edge").
 
+Request line and headers are bounded too (431 past :data:`gateway.http.MAX_REQUEST_HEAD`).
 One client (an address; behind ``http.trusted_proxies``, the first ``X-Forwarded-For`` entry) may
 have at most ``limits.max_requests_per_client`` requests in flight, the whole process at most
 ``limits.max_requests_total``; past either the request is refused at once, before any work, with
@@ -13,8 +14,8 @@ from collections import Counter
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import GatewayError, ServiceBusy, TooManyRequests
-from gateway.http import error_response
+from gateway.errors import GatewayError, RequestHeadTooLarge, ServiceBusy, TooManyRequests
+from gateway.http import MAX_REQUEST_HEAD, error_response
 
 EXEMPT = ("/healthz", "/readyz")
 
@@ -44,7 +45,11 @@ class RequestLimits:
             return
         client = self._client(scope)
         refusal: GatewayError | None = None
-        if sum(self.in_flight.values()) >= self.total:
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(name) + len(value) + 4 for name, value in scope.get("headers") or [])
+        if head > MAX_REQUEST_HEAD:
+            refusal = RequestHeadTooLarge(f"the request line and headers exceed {MAX_REQUEST_HEAD} bytes")
+        elif sum(self.in_flight.values()) >= self.total:
             refusal = ServiceBusy(f"the gateway is serving {self.total} requests; retry shortly")
         elif self.in_flight[client] >= self.per_client:
             refusal = TooManyRequests(f"at most {self.per_client} concurrent requests per client")

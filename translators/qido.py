@@ -140,6 +140,11 @@ def vr_of(tag: int) -> str:
 
 _ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 _NO_WILDCARD_VRS = frozenset({"UI", "DA", "TM", "DT"}) | _NUMERIC_VRS
+# Longest match value per VR (PS3.5 Table 6.2-1; ranges for DA/TM/DT, three component groups of 64
+# for PN): a longer one cannot match anything, and it is not sent to a PACS.
+_MAX_VALUE_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DA": 17, "DS": 16, "DT": 53, "IS": 12, "LO": 64,
+                     "PN": 194, "SH": 16, "ST": 1024, "TM": 33, "UI": 64, "LT": 10240, "UC": 1024,
+                     "UR": 1024, "UT": 1024}
 MAX_VALUES_PER_KEY = 100
 
 
@@ -151,6 +156,8 @@ def _check_name(name: str, what: str) -> None:
 
 
 def _check_value(name: str, vr: str, value: str) -> None:
+    if len(value) > _MAX_VALUE_LENGTH.get(vr, 1024):
+        raise QueryError(f"{name}: a {vr} value has at most {_MAX_VALUE_LENGTH.get(vr, 1024)} characters")
     if any(c < " " and c != "\t" for c in value):
         raise QueryError(f"{name}: control characters are not allowed in a match value")
     if "\\" in value and vr not in ("UI", "CS"):

@@ -210,3 +210,13 @@ def test_the_event_loop_stays_responsive_while_the_heaviest_requests_run(url):
     assert len(latencies) >= 3
     assert statistics.median(latencies) < 0.1, latencies
     assert max(latencies) < 1.0, latencies
+
+
+def test_oversized_values_and_request_heads_are_refused(url, pacs):
+    before = dimse_calls(pacs)
+    r = get(url, "/dicom-web/studies?PatientID=" + "A" * 5000)
+    assert_json_4xx(r, 400)
+    assert "at most 64 characters" in r.json()["detail"]
+    r = get(url, "/dicom-web/studies", headers={"X-Padding": "p" * 100_000})
+    assert_json_4xx(r, 431)
+    assert dimse_calls(pacs) == before
