@@ -338,3 +338,17 @@ def test_a_body_without_parts_is_a_bad_request(env):
     with pytest.raises(BadRequest):
         run(env, FakePacs(), b"no delimiter anywhere")
     assert incoming(env) == []
+
+
+def test_a_bulk_part_fills_at_most_one_element(tmp_path):
+    """STOW amplification: 25 BulkDataURIs naming one 1 MB part would build 25 MB per instance."""
+    from gateway.stow.prepare import _BulkParts
+    from gateway.stow.receive import Part
+
+    data = tmp_path / "bulk"
+    data.write_bytes(b"\1" * (1 << 20))
+    bulk = _BulkParts([Part({"content-location": "http://x/bulk/1", "content-type": "application/octet-stream"},
+                            data, size=1 << 20, complete=True)])
+    first = bulk("http://x/bulk/1")
+    assert first is not None and len(first[0]) == 1 << 20
+    assert bulk("http://x/bulk/1") is None and bulk("/bulk/1") is None, "a second reference gets nothing"
