@@ -5,6 +5,11 @@ compatibility; response shapes do not change between redis-py releases). Every k
 prefix; every key but a counter is written with a TTL in the same round trip (``SET PX``,
 ``MULTI`` for ``SADD``/``XADD`` + ``PEXPIRE``); compare-and-extend and compare-and-delete are Lua.
 
+Security: a ``rediss://`` URL is TLS (the server's certificate checked against ``tls_ca_file``, or
+the system CAs, host name included; TLS 1.2 at least; a client certificate when given). The password
+comes apart from the URL (``cache.password_env``, so it never sits in the config) and wins over one
+in the URL. Log lines and ``repr`` name scheme, host, port and database, never the URL.
+
 Degradation (docs/architecture.md, "Cache": Redis failures never fail a request):
 
 - Each call is bounded by ``timeout`` seconds (``cache.timeout``), also set as the socket connect
@@ -28,6 +33,7 @@ import asyncio
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -83,8 +89,18 @@ class RedisCache:
     shared = True
 
     def __init__(self, url: str, *, prefix: str = "dwg:", timeout: float = 0.25,
-                 retry_interval: float = 1.0, max_connections: int | None = None) -> None:
+                 retry_interval: float = 1.0, max_connections: int | None = None,
+                 password: str | None = None, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
         self._prefix = prefix
+        secure = url.startswith("rediss://")
+        tls: dict[str, Any] = {}
+        if secure:
+            tls = {"ssl_ca_certs": tls_ca_file, "ssl_certfile": tls_cert_file, "ssl_keyfile": tls_key_file,
+                   "ssl_cert_reqs": "required", "ssl_check_hostname": True,
+                   "ssl_min_version": ssl.TLSVersion.TLSv1_2}
+        elif tls_ca_file or tls_cert_file or tls_key_file:
+            raise ValueError("Redis TLS settings need a rediss:// URL")
         self._timeout = timeout
         self._retry_interval = retry_interval
         self._pool: ConnectionPool = ConnectionPool.from_url(
@@ -95,13 +111,18 @@ class RedisCache:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),     # no hidden retries: one call costs at most `timeout`
             max_connections=max_connections,
+            **tls,
         )
+        if password is not None:
+            # After from_url, which lets a password in the URL override keyword arguments.
+            self._pool.connection_kwargs["password"] = password
         self._client: Redis = Redis.from_pool(self._pool)
         self._extend_if = self._client.register_script(_EXTEND_IF)
         self._delete_if = self._client.register_script(_DELETE_IF)
         kw = self._pool.connection_kwargs
         # For log lines: never the URL itself, which may carry a password.
-        self._where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+        scheme = "rediss" if secure else "redis"
+        self._where = kw.get("path") or f"{scheme}://{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
         self._inflight: set[asyncio.Future[Any]] = set()
         self._local_counters: dict[str, int] = {}
         self._down_since: float | None = None

@@ -18,7 +18,8 @@ from starlette.routing import Mount
 from cache.base import Cache
 from cache.memory import MemoryCache
 from cache.spool import Spool
-from gateway.auth import ApiKeyMiddleware
+from gateway.audit import AuditSink, AuditTrail
+from gateway.auth import Authenticator
 from gateway.cluster import cluster_enabled
 from gateway.cluster.coordinator import ClusterCoordinator
 from gateway.dimse.pacs import PynetdicomPacs
@@ -26,9 +27,10 @@ from gateway.dimse.storage_scp import StorageScp
 from gateway.errors import GatewayError, InternalError
 from gateway.http import NODE_HEADER, error_response
 from gateway.instances import InstanceReader
+from gateway.oidc import TokenValidator
 from gateway.request_limits import RequestLimits
 from gateway.retrieval.service import RetrievalService
-from gateway.routes import admin, capabilities, qido, rendered, stow, wado
+from gateway.routes import admin, capabilities, openapi, qido, rendered, stow, wado
 from gateway.routes.internal import InternalServer, advertised_url
 from gateway.search import SearchService
 from gateway.settings import Settings
@@ -37,14 +39,18 @@ from gateway.stow.service import StowService
 
 log = logging.getLogger(__name__)
 
-EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "Warning", NODE_HEADER]
+EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "Warning", NODE_HEADER,
+                   "X-Request-ID"]
 
 
 def make_cache(settings: Settings) -> Cache:
     if settings.cache.url:
         from cache.redis import RedisCache  # imports redis only when a URL is configured
 
-        return RedisCache(settings.cache.url, prefix=settings.cache.prefix, timeout=settings.cache.timeout)
+        c = settings.cache
+        return RedisCache(settings.cache.url, prefix=c.prefix, timeout=c.timeout, password=c.password(),
+                          tls_ca_file=c.tls.ca_file, tls_cert_file=c.tls.cert_file,
+                          tls_key_file=c.tls.key_file)
     return MemoryCache(max_entries=settings.cache.max_entries, prefix=settings.cache.prefix,
                        max_bytes=settings.cache.max_bytes)
 
@@ -76,6 +82,10 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         async with AsyncExitStack() as stack:
             app.state.settings = settings
             app.state.metrics = metrics
+            app.state.audit = audit_sink
+            stack.callback(audit_sink.close)
+            if validator is not None:
+                stack.push_async_callback(validator.close)
             app.state.cache = cache or make_cache(settings)
             stack.push_async_callback(app.state.cache.close)
             app.state.pacs = PynetdicomPacs(settings)
@@ -93,7 +103,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
                 strict = settings.retrieval.reject_unexpected_stores
                 scp = StorageScp(g.ae_title, g.dimse_host, g.dimse_port, reject_unexpected=strict,
                                  calling_ae_titles=tuple(dict.fromkeys(n.ae_title for n in settings.nodes))
-                                 if strict else ())
+                                 if strict else (), tls=g.dimse_tls)
                 scp.start()
                 stack.callback(scp.stop)
             app.state.storage_scp = scp
@@ -113,6 +123,8 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         return error_response(InternalError("internal error"))
 
     metrics = {"aborted_streams": 0, "refused_requests": 0}
+    audit_sink = AuditSink(settings.audit, settings.gateway.ae_title)
+    validator = TokenValidator(settings.auth.oidc) if settings.auth.mode == "oidc" else None
     dicomweb = qido.routes() + wado.routes() + stow.routes()
     dicomweb += rendered.routes() + rendered.root_routes() + capabilities.routes()
     middleware = []
@@ -122,16 +134,18 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
-    # Inside CORS, so 429/503 and 401 carry CORS headers (a browser shows the reason, not a CORS error).
+    # Inside CORS, so 429/503 and 401 carry CORS headers (a browser shows the reason, not a CORS error);
+    # the audit trail outside authentication, so refused credentials are audited too.
+    middleware.append(Middleware(AuditTrail, sink=audit_sink, gateway_ae=settings.gateway.ae_title,
+                                 include_query=settings.audit.include_query))
     lim = settings.limits
     middleware.append(Middleware(RequestLimits, per_client=lim.max_requests_per_client,
                                  total=lim.max_requests_total, metrics=metrics,
                                  trusted_proxies=tuple(settings.http.trusted_proxies)))
-    if settings.auth.mode == "api_key":
-        # Inside CORS, so 401s carry CORS headers and preflights never need a key.
-        middleware.append(Middleware(ApiKeyMiddleware, keys=settings.auth.api_keys,
-                                     open_metrics=settings.auth.open_metrics))
+    # Every request gets a principal (everyone when auth.mode is none); preflights never need one.
+    middleware.append(Middleware(Authenticator, auth=settings.auth, validator=validator))
     routes = [*admin.routes(), *rendered.wado_uri_routes(), Mount("/dicom-web", routes=dicomweb),
+              *openapi.routes(),
               Mount("/nodes/{node}/dicom-web", routes=dicomweb)]
     if ohif_dir is not None:
         from gateway.ohif import ohif_routes

@@ -8,6 +8,7 @@ its boundary, into one of these; routes never look at raw DIMSE statuses::
     ├── BadRequest                    400   malformed query / body
     │   └── TranslationError          400   query cannot be expressed as a C-FIND identifier
     ├── Unauthorized                  401   no or wrong credentials (with a WWW-Authenticate challenge)
+    ├── Forbidden                     403   no grant for this node and operation
     ├── NotFound                      404
     ├── NotAcceptable                 406
     ├── PayloadTooLarge               413   a STOW-RS body past limits.max_stow_bytes / _parts
@@ -51,8 +52,23 @@ class InternalError(GatewayError):
 
 
 class Unauthorized(GatewayError):
+    """No or bad credentials. ``error``/``description`` go into the RFC 6750 §3 challenge."""
+
     status_code = 401
-    headers = {"WWW-Authenticate": 'Bearer realm="dicomweb-gateway"'}
+
+    def __init__(self, detail: str, *, error: str | None = None) -> None:
+        super().__init__(detail)
+        challenge = 'Bearer realm="dicomweb-gateway"'
+        if error:
+            escaped = detail.replace("\\", "").replace('"', "'")
+            challenge += f', error="{error}", error_description="{escaped}"'
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class Forbidden(GatewayError):
+    """Authenticated, but without the right for this node and operation (unknown nodes look the same)."""
+
+    status_code = 403
 
 
 class BadRequest(GatewayError):

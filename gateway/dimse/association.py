@@ -4,10 +4,13 @@ Every association the gateway opens as a requestor (queries, C-GET, C-MOVE, C-ST
 :func:`open_association`, so all of them get the same treatment:
 
 * the node's timeouts (connect, ACSE, DIMSE, network) and PDU size;
+* DICOM TLS when the node has ``tls.enabled`` (PS3.15 Annex B.1): the node's one context from
+  :mod:`gateway.dimse.tls`, for every operation alike;
 * the TCP tuning and the reactor-race guard of :mod:`gateway.dimse.socket_tuning`, without which
   responses wait for delayed ACKs or get lost between back-to-back operations;
 * one mapping of failure to the error tree (:func:`gateway.dimse.outcomes.association_failure`): it
-  tells "nobody listens" from "the TCP connect timed out", "the PACS rejected us" (AE titles;
+  tells "nobody listens" from "the TCP connect timed out", "the TLS handshake failed" (certificate,
+  CA, host name, a port that does not speak TLS), "the PACS rejected us" (AE titles;
   A-ASSOCIATE-RJ, PS3.8 §9.3.4) and "the PACS never answered the request", which needs to know
   whether the TCP connection ever opened.
 
@@ -26,6 +29,7 @@ from typing import Literal, overload
 from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
 
+from gateway.dimse import tls
 from gateway.dimse.contexts import Context
 from gateway.dimse.outcomes import association_failure
 from gateway.dimse.socket_tuning import guard_reactor, on_connection_open
@@ -76,6 +80,7 @@ def open_association(calling_ae: str, node: PacsNode, contexts: Sequence[Context
     Raises the :mod:`gateway.errors` tree (502/504 naming the node) for every other failure.
     """
     pdu = node.max_pdu if max_pdu is None else max_pdu
+    secure = tls.attempt(node)
     connected = threading.Event()
     started = time.monotonic()
 
@@ -88,12 +93,14 @@ def open_association(calling_ae: str, node: PacsNode, contexts: Sequence[Context
         ae_title=node.ae_title, max_pdu=pdu,
         ext_neg=[build_role(cls, scp_role=True) for cls in scp_roles] or None,
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *handlers],
+        tls_args=secure.tls_args if secure is not None else None,
     )
     if not assoc.is_established:
         if none_accepted_ok and assoc.rejected_contexts and not assoc.accepted_contexts:
             return None
         raise association_failure(assoc, node.name, connected=connected.is_set(), started=started,
-                                  connect_timeout=node.timeouts.connect)
+                                  connect_timeout=node.timeouts.connect, tls_enabled=secure is not None,
+                                  tls_error=secure.error if secure is not None else None)
     guard_reactor(assoc)
     return assoc
 

@@ -9,11 +9,14 @@ C-GET, C-MOVE and C-STORE, and testable without a network.
 
 pynetdicom reports a DIMSE timeout, an abort or a broken connection with an *empty* status Dataset,
 and a failed association with an Association object that is neither established nor rejected. The
-elapsed time against the configured timeout tells a timeout (504) from an abort (502).
+elapsed time against the configured timeout tells a timeout (504) from an abort (502). A DICOM TLS
+failure (PS3.15 Annex B.1) is only logged by pynetdicom; :mod:`gateway.dimse.tls` keeps the
+exception for :func:`association_failure`, which names it as such.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -98,8 +101,15 @@ def is_warning(code: int) -> bool:
 
 
 def association_failure(assoc: _Association, node: str, *, connected: bool, started: float,
-                        connect_timeout: float | None) -> GatewayError:
-    """The error for an association that did not become established."""
+                        connect_timeout: float | None, tls_enabled: bool = False,
+                        tls_error: OSError | None = None) -> GatewayError:
+    """The error for an association that did not become established.
+
+    ``tls_enabled``: the node is configured for DICOM TLS; ``tls_error``: what failed in its TLS layer
+    (the handshake, or the peer's alert on the first read), which decides the error.
+    """
+    if tls_error is not None:
+        return tls_failure(node, tls_error, elapsed=time.monotonic() - started)
     if assoc.is_rejected:
         return AssociationRejected(f"node {node} rejected the association (check AE titles and "
                                    f"the PACS's list of known peers)", node=node)
@@ -109,8 +119,42 @@ def association_failure(assoc: _Association, node: str, *, connected: bool, star
             return DimseTimeout(f"node {node}: TCP connect timed out after {elapsed:.1f} s", node=node)
         return NodeUnreachable(f"node {node} is unreachable (connection refused or no route)", node=node)
     if assoc.is_aborted:
-        return AssociationAborted(f"node {node} aborted the association request", node=node)
+        hint = "" if tls_enabled else (f" (a node that requires DICOM TLS does this to a plain connection: "
+                                       f"check nodes[{node}].tls)")
+        return AssociationAborted(f"node {node} aborted the association request or closed the "
+                                  f"connection{hint}", node=node)
     return DimseTimeout(f"node {node} did not answer the association request in time", node=node)
+
+
+# OpenSSL's X509_V_ERR_* codes (x509_vfy.h) that call for another remedy than the CA bundle.
+_VERIFY_FIX = {
+    9: "the certificate is not yet valid: check the clocks",             # CERT_NOT_YET_VALID
+    10: "the node's certificate must be renewed (or the clocks checked)",  # CERT_HAS_EXPIRED
+    62: "set nodes[{node}].tls.server_name to a name the certificate carries",   # HOSTNAME_MISMATCH
+    64: "set nodes[{node}].tls.server_name to a name the certificate carries",   # IP_ADDRESS_MISMATCH
+}
+
+
+def tls_failure(node: str, error: OSError, *, elapsed: float) -> GatewayError:
+    """The error for a failed DICOM TLS handshake with ``node`` (502; a handshake timeout 504)."""
+    where = f"check nodes[{node}].tls"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        reason = error.verify_message or error.reason or str(error)
+        fix = _VERIFY_FIX.get(error.verify_code, "{where} (ca_file)").format(node=node, where=where)
+        return NodeUnreachable(f"node {node}: DICOM TLS failure: the node's certificate was not accepted "
+                               f"({reason}); {fix}", node=node)
+    if isinstance(error, TimeoutError):
+        return DimseTimeout(f"node {node}: DICOM TLS handshake timed out after {elapsed:.1f} s", node=node)
+    if isinstance(error, ConnectionError | ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return NodeUnreachable(f"node {node}: DICOM TLS failure: the node closed the connection during the "
+                               f"TLS handshake (does its port speak DICOM TLS?); {where}", node=node)
+    reason = getattr(error, "reason", None) or str(error)
+    text = str(reason).lower().replace("_", " ")
+    if ("alert" in text and "certificate" in text) or "unknown ca" in text:
+        return NodeUnreachable(f"node {node}: DICOM TLS failure: the node refused our client certificate "
+                               f"({text}); {where} (cert_file, key_file)", node=node)
+    return NodeUnreachable(f"node {node}: DICOM TLS failure: the handshake failed ({text}); {where}",
+                           node=node)
 
 
 def status_error(status: Dataset, node: str, operation: str, *, started: float,

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from gateway.dimse import find as find_op
 from gateway.dimse import retrieve as retrieve_op
 from gateway.dimse import store as store_op
+from gateway.dimse import tls
 from gateway.dimse.contexts import query_contexts
 from gateway.dimse.pool import AssociationPool
 from gateway.dimse.threads import Budgets, Workers, threads_for
@@ -53,6 +54,8 @@ class PynetdicomPacs:
         self._msg_ids = find_op.MessageIds()
         self._lock = threading.Lock()
         self._store_associations = 0
+        # Each TLS node's one context, built now: a certificate that does not load fails start-up.
+        tls.prepare(settings.nodes)
 
     # ------------------------------------------------------------------ /metrics
 

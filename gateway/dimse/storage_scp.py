@@ -15,6 +15,9 @@ it is spooled here and announced to the originator, and only then answered. The 
 pynetdicom thread: the lookup and the announcement run on the event loop
 (``asyncio.run_coroutine_threadsafe``), the spool write stays on this thread.
 
+With ``gateway.dimse_tls`` enabled it accepts DICOM TLS only (PS3.15 Annex B.1; the context, and
+whether a PACS must present a client certificate, come from :func:`gateway.dimse.tls.server_context`).
+
 Which presentation contexts it accepts (every storage SOP class, native or compressed syntaxes first)
 is :func:`gateway.dimse.contexts.scp_contexts`'s decision.
 """
@@ -32,9 +35,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from gateway.dimse import tls as dimse_tls
 from gateway.dimse.contexts import Context, scp_contexts
 from gateway.dimse.socket_tuning import on_connection_open
 from gateway.pacs import LookupMove, NotRequested, PendingMove, RemoteMove
+from gateway.settings import DimseTls
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,8 @@ REFUSED_OUT_OF_RESOURCES = 0xA700
 
 class StorageScp:
     def __init__(self, ae_title: str, host: str, port: int, *, reject_unexpected: bool = True,
-                 max_pdu: int = 0, calling_ae_titles: tuple[str, ...] = ()) -> None:
+                 max_pdu: int = 0, calling_ae_titles: tuple[str, ...] = (),
+                 tls: DimseTls | None = None) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
@@ -73,10 +79,12 @@ class StorageScp:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookup: LookupMove | None = None
         self._bridge_timeout = 5.0
+        # Built now, so a certificate that does not load fails start-up (gateway.settings.ConfigError).
+        self._ssl_context = dimse_tls.server_context(tls) if tls is not None else None
 
     def start(self) -> None:
         server = self._ae.start_server(
-            (self.host, self.port), block=False,
+            (self.host, self.port), block=False, ssl_context=self._ssl_context,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, on_connection_open)])
         assert server is not None   # block=False: the server runs in its own thread
         self._server = server

@@ -34,7 +34,7 @@ _RESOURCES = [
 
 
 async def capabilities(request: Request) -> Response:
-    _, pinned = target_nodes(request, request.app.state.settings)
+    _, pinned = target_nodes(request, request.app.state.settings, "search")
     base = dicomweb_base(request, request.app.state.settings, pinned) + "/"
     body = ['<?xml version="1.0" encoding="UTF-8"?>',
             '<application xmlns="http://wadl.dev.java.net/2009/02">',

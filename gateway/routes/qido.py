@@ -31,7 +31,7 @@ async def _search(request: Request, level: q.Level, *, relational: bool = False)
                               series_uid=request.path_params.get("series"), relational=relational)
     except q.QueryError as exc:
         raise BadRequest(str(exc)) from None
-    nodes, pinned = target_nodes(request, settings)
+    nodes, pinned = target_nodes(request, settings, "search")
     if pinned is None and query.study_uid:
         # The location index tells which nodes hold the study: ask only those.
         known = set(await service.study_nodes(query.study_uid))

@@ -89,7 +89,7 @@ async def rendered(request: Request) -> Response:
     limits = request.app.state.settings.limits
     numbers = parse_frame_list(frames_text, limits.max_frames_per_request) if frames_text else None
     _check_budget(request, len(numbers) if numbers else 1, params)
-    nodes, _ = target_nodes(request, request.app.state.settings)
+    nodes, _ = target_nodes(request, request.app.state.settings, "retrieve")
     service, reader = _services(request)
     if instance is None:
         pinned = service.representative(nodes, study, series)
@@ -128,7 +128,7 @@ async def wado_uri(request: Request) -> Response:
                               check_uid("objectUID", q["objectUID"]))
     except InvalidUid as exc:
         raise BadRequest(str(exc)) from None
-    nodes, _ = target_nodes(request, request.app.state.settings)   # 404 for an unknown /nodes/{name}
+    nodes, _ = target_nodes(request, request.app.state.settings, "retrieve")   # 403/404 before any work
     content_types = [c.strip() for c in (q.get("contentType") or "image/jpeg").split(",") if c.strip()]
     frame_text = q.get("frameNumber") or q.get("frame")   # OHIF sends the non-standard `frame`
     frame = 1

@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.errors import BadRequest, GatewayError, UnsupportedMediaType
+from gateway.errors import BadRequest, Forbidden, GatewayError, UnsupportedMediaType
 from gateway.http import NODE_HEADER, dicomweb_base, negotiate_search, target_nodes
 from gateway.settings import PacsNode, Settings
 from gateway.stow.prepare import DICOM, ROOT_TYPES
@@ -60,10 +60,12 @@ def _study(request: Request) -> str | None:
 
 def _node(request: Request, settings: Settings) -> tuple[PacsNode, PacsNode | None]:
     """The node to store to, and the node the URL names (None on federated ``/dicom-web``)."""
-    _, pinned = target_nodes(request, settings)
+    permitted, pinned = target_nodes(request, settings, "store")
     node = pinned or settings.stow_node
     if node is None:
         raise GatewayError("no node is configured to store to (gateway.stow_node)")
+    if node not in permitted:   # federated STOW goes to gateway.stow_node only, never elsewhere
+        raise Forbidden(f"these credentials may not store on node {node.name!r}")
     return node, pinned
 
 

@@ -61,7 +61,7 @@ async def retrieve(request: Request) -> Response:
         raise NotAcceptable(
             "instance resources are available as application/dicom; use /frames or /bulkdata for pixel data"
         )
-    nodes, pinned = target_nodes(request, request.app.state.settings)
+    nodes, pinned = target_nodes(request, request.app.state.settings, "retrieve")
     service, _ = _services(request)
     parts = await service.parts(nodes, study, series, instance, selection)
     headers = {NODE_HEADER: parts.node.name}
@@ -117,7 +117,7 @@ async def metadata(request: Request) -> Response:
     study, series, instance = path_uids(request)
     negotiate(request, "metadata")
     settings = request.app.state.settings
-    nodes, pinned = target_nodes(request, settings)
+    nodes, pinned = target_nodes(request, settings, "retrieve")
     service, _ = _services(request)
     found = await service.metadata(
         nodes, study, series, instance, use_cache="no-cache" not in request.headers.get("cache-control", "")
@@ -179,7 +179,7 @@ async def frames(request: Request) -> Response:
     negotiate(request, "frames", single_item=len(numbers) == 1)  # 406 before any DIMSE work
     study, series, sop = instance_uids(request)
     settings = request.app.state.settings
-    nodes, pinned = target_nodes(request, settings)
+    nodes, pinned = target_nodes(request, settings, "retrieve")
     service, _ = _services(request)
     async with service.instance(nodes, study, series, sop) as entry:
         return await _frames_response(request, entry, numbers, dicomweb_base(request, settings, pinned))
@@ -198,7 +198,7 @@ async def bulkdata(request: Request) -> Response:
         negotiate(request, "bulkdata", single_item=True)  # pixel data negotiates as frames below
     study, series, sop = instance_uids(request)
     settings = request.app.state.settings
-    nodes, pinned = target_nodes(request, settings)
+    nodes, pinned = target_nodes(request, settings, "retrieve")
     base = dicomweb_base(request, settings, pinned)
     service, reader = _services(request)
     async with service.instance(nodes, study, series, sop) as entry:
@@ -222,7 +222,7 @@ async def pixeldata(request: Request) -> Response:
     """``…/instances/{i}/pixeldata`` (PS3.18 Table H-1): every frame, one part each, as for /frames."""
     study, series, sop = instance_uids(request)
     settings = request.app.state.settings
-    nodes, pinned = target_nodes(request, settings)
+    nodes, pinned = target_nodes(request, settings, "retrieve")
     service, reader = _services(request)
     async with service.instance(nodes, study, series, sop) as entry:
         index = await reader.frame_index(entry)

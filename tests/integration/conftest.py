@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.demo_data import write_demo_files
+from gateway.dimse.process import configure_pynetdicom
 
 from .peers import INSTALL_HINT, DcmqrscpPeer, OrthancPeer, PeerError, free_port, redis_ping
 
@@ -158,6 +159,9 @@ def no_patient_data_in_logs() -> Iterator[None]:
     """Every log line the in-process gateways write during the integration tests, at INFO and above
     (uvicorn's access log included), is checked for the demo patients' names and IDs: the operational
     log must stay free of patient identifiers (docs/architecture.md, "HTTP edge")."""
+    # What every gateway process does at start-up; the tests' own pynetdicom clients in this process
+    # share pynetdicom's switches, so a raw test C-FIND before any gateway started logs no identifier.
+    configure_pynetdicom()
     lines = _LogLines()
     root = logging.getLogger()
     previous = root.level

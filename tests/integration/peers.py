@@ -16,6 +16,8 @@ Facts that shaped this module:
   syntax only when asked (``-R -xr``) and cannot decompress RLE itself, so ``load`` groups files by
   transfer syntax.
 - Processes get ``setpriv --pdeathsig TERM`` so they die with the test run even if it is killed.
+- DICOM TLS (PS3.15 Annex B.1): a peer given a :class:`PeerTls` (Orthanc's ``DicomTls*`` options)
+  listens with TLS only; its readiness C-ECHO then goes over TLS with the client certificate.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -49,6 +53,29 @@ _RLE = "1.2.840.10008.1.2.5"
 
 class PeerError(RuntimeError):
     """A peer could not be found, started, or loaded."""
+
+
+@dataclass(frozen=True)
+class PeerTls:
+    """DICOM TLS for a peer: its certificate and key, the CA bundle it trusts for its peers' (the
+    gateway's) certificates, and the client certificate its readiness C-ECHO presents."""
+
+    certificate: Path
+    private_key: Path
+    trusted: Path
+    client_certificate: Path | None = None
+    client_private_key: Path | None = None
+    remote_certificate_required: bool = True
+
+    def probe_context(self) -> ssl.SSLContext:
+        """For readiness probes only: presents the client certificate, checks nothing of the peer's
+        (a peer may be started with an expired or foreign certificate on purpose)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        if self.client_certificate is not None:
+            context.load_cert_chain(self.client_certificate, self.client_private_key)
+        return context
 
 
 def free_port() -> int:
@@ -94,15 +121,16 @@ def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def dicom_echo(host: str, port: int, ae_title: str, timeout: float = 5.0) -> bool:
-    """One C-ECHO through pynetdicom; True when the peer answered Success."""
+def dicom_echo(host: str, port: int, ae_title: str, timeout: float = 5.0,
+               tls: ssl.SSLContext | None = None) -> bool:
+    """One C-ECHO through pynetdicom (over TLS with ``tls``); True when the peer answered Success."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = AE(ae_title="PEERCHECK")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
         return False
     try:
@@ -135,6 +163,7 @@ class _PeerProcess:
 
     name = "peer"
     host = HOST
+    tls: PeerTls | None = None
 
     def __init__(self, workdir: Path, ae_title: str, tcp_nodelay: bool, startup_timeout: float) -> None:
         self.workdir = Path(workdir)
@@ -207,9 +236,10 @@ class _PeerProcess:
 
     def _wait_dicom(self) -> None:
         # C-ECHO only: a bare TCP probe makes dcmqrscp log a DUL state-machine error.
+        context = self.tls.probe_context() if self.tls is not None else None
         self._wait_until(
-            lambda: dicom_echo(self.host, self.dicom_port, self.ae_title),
-            f"answering C-ECHO on port {self.dicom_port}",
+            lambda: dicom_echo(self.host, self.dicom_port, self.ae_title, tls=context),
+            f"answering C-ECHO{' over TLS' if context else ''} on port {self.dicom_port}",
         )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -262,7 +292,9 @@ class OrthancPeer(_PeerProcess):
     """Orthanc with its own JSON config, the DICOMweb plugin and permissive DICOM access rules.
 
     ``modalities`` become ``DicomModalities`` (the C-MOVE destinations Orthanc knows);
-    ``extra_config`` is merged last, for per-test overrides (e.g. ``MaximumPduLength``).
+    ``extra_config`` is merged last, for per-test overrides (e.g. ``MaximumPduLength``, or
+    ``DicomModalities`` entries in object form with ``"UseDicomTls": true``). With ``tls`` its DICOM
+    port speaks TLS only (Orthanc's ``DicomTls*`` options); it also uses them as a client (C-MOVE).
     """
 
     name = "orthanc"
@@ -276,9 +308,11 @@ class OrthancPeer(_PeerProcess):
         tcp_nodelay: bool = True,
         dicomweb: bool = True,
         extra_config: Mapping[str, Any] | None = None,
+        tls: PeerTls | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
         super().__init__(workdir, ae_title, tcp_nodelay, startup_timeout)
+        self.tls = tls
         self.executable = find_executable("Orthanc", "orthanc")
         self.http_port = free_port()
         self.modalities = dict(modalities or {})
@@ -323,6 +357,15 @@ class OrthancPeer(_PeerProcess):
             "Plugins": [self.plugin] if self.plugin else [],
             "DicomWeb": {"Enable": self.plugin is not None, "Root": "/dicom-web/", "EnableWado": True},
         }
+        if self.tls is not None:
+            tls_dir = storage.parent / "tls"   # copied by _start, readable by Orthanc's service user
+            config.update({
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(tls_dir / "cert.pem"),
+                "DicomTlsPrivateKey": str(tls_dir / "key.pem"),
+                "DicomTlsTrustedCertificates": str(tls_dir / "trusted.pem"),
+                "DicomTlsRemoteCertificateRequired": self.tls.remote_certificate_required,
+            })
         config.update(self.extra_config)
         return config
 
@@ -333,10 +376,20 @@ class OrthancPeer(_PeerProcess):
         self._rundir = Path(tempfile.mkdtemp(prefix="orthanc-peer-", dir=base))
         storage = self._rundir / "storage"
         storage.mkdir()
+        owned = [self._rundir, storage]
+        if self.tls is not None:
+            tls_dir = self._rundir / "tls"
+            tls_dir.mkdir()
+            owned.append(tls_dir)
+            for name, source in (("cert.pem", self.tls.certificate), ("key.pem", self.tls.private_key),
+                                 ("trusted.pem", self.tls.trusted)):
+                shutil.copyfile(source, tls_dir / name)
+                owned.append(tls_dir / name)
         config_path = self._rundir / "orthanc.json"
         config_path.write_text(json.dumps(self.config(storage), indent=2))
+        owned.append(config_path)
         if self._user is not None:
-            for path in (self._rundir, storage, config_path):
+            for path in owned:
                 os.chown(path, self._user.pw_uid, self._user.pw_gid)
         self._spawn([self.executable, str(config_path)], user=self._user)
         self._wait_until(self._http_ready, f"answering HTTP on port {self.http_port}")

@@ -220,3 +220,18 @@ def test_oversized_values_and_request_heads_are_refused(url, pacs):
     r = get(url, "/dicom-web/studies", headers={"X-Padding": "p" * 100_000})
     assert_json_4xx(r, 431)
     assert dimse_calls(pacs) == before
+
+
+@pytest.mark.parametrize("query", [
+    "Modality=%C4%80",                 # a CS value outside the default repertoire (found by the fuzzer)
+    "Modality=CT,%C4%80",              # ... in an OR list
+    "SeriesNumber=%D9%A3",             # an Arabic-Indic digit: float() takes it, an IS cannot carry it
+])
+def test_values_outside_their_vrs_repertoire_are_400_not_500(url, pacs, query):
+    """PS3.5 §6.1.2.2: only SH, LO, UC, ST, LT, UT and PN take Specific Character Set; any other VR
+    is ASCII, and a C-FIND identifier with such a value cannot be encoded (was a 500)."""
+    before = dimse_calls(pacs)
+    r = get(url, f"/dicom-web/studies/{S}/series?{query}")
+    assert_json_4xx(r, 400)
+    assert dimse_calls(pacs) == before
+    assert get(url, "/dicom-web/studies?PatientName=M%C3%BCller*").status_code in (200, 204)

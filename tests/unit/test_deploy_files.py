@@ -1,11 +1,14 @@
 """The Dockerfile and the Helm chart, kept in step with the gateway's configuration and CLI.
 
-Needs no docker or helm binary: the chart's values and templates are read as YAML and text. When
-helm-python-sdk is installed (`pip install helm-python-sdk`: Helm's own Go SDK behind ctypes), the
-chart is also rendered as `helm template` would and the rendered objects are checked; without it
-those tests are skipped.
+Needs no docker or helm binary: the chart's values and templates are read as YAML and text, and the
+chart is rendered as `helm template` would through helm-python-sdk (Helm's own Go SDK behind ctypes,
+a test dependency) to check the rendered objects: where every secret goes, the NetworkPolicy, the
+PodDisruptionBudget, the autoscaler, the ServiceMonitor and the audit volume. test_chart.py runs the
+helm binary itself (lint, template) and validates the manifests against the Kubernetes schemas.
 """
 
+import base64
+import hashlib
 import json
 import re
 import shlex
@@ -17,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from gateway.settings import GatewaySection, HttpSection, settings_from_dict
+from gateway.settings import GatewaySection, HttpSection, load_settings, settings_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "dicomweb-gateway"
@@ -27,7 +30,8 @@ SCHEMA = json.loads((ROOT / "gateway" / "config.schema.json").read_text())
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 EXPECTED_TEMPLATES = ["_helpers.tpl", "deployment.yaml", "service.yaml", "service-internal.yaml",
-                      "configmap.yaml", "secret.yaml", "ingress.yaml", "NOTES.txt"]
+                      "configmap.yaml", "secret.yaml", "ingress.yaml", "NOTES.txt", "networkpolicy.yaml",
+                      "pdb.yaml", "hpa.yaml", "servicemonitor.yaml", "pvc-audit.yaml"]
 NODE = {"name": "pacs", "ae_title": "PACS", "host": "pacs.hospital.example", "port": 104, "retrieve": "move"}
 REDIS = "redis://redis-master.redis:6379/0"
 
@@ -301,3 +305,290 @@ def test_redis_url_from_a_secret_through_extra_env_counts(helm_sdk):
     objects = render(helm_sdk, {"config": {"nodes": [NODE]}, "extraEnv": env, "allowUnauthenticated": True})
     [deployment] = objects["Deployment"]
     assert env[0] in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+# ---------------------------------------------------------------- secrets (rendered)
+
+API_KEYS = ["key-from-values-9f3a1c0d2e7b", "key-from-config-7b6e5d4c3a21"]
+SHARED = "shared-secret-0123456789abcdef"
+REDIS_PASSWORD = "r3dis p@ss/word%"      # not URL-safe: the chart escapes it into the URL
+TLS_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQSECRETKEYMATERIAL\n-----END PRIVATE KEY-----\n"
+TLS_CERT = "-----BEGIN CERTIFICATE-----\nMIIDCERTIFICATE\n-----END CERTIFICATE-----\n"
+
+
+def base() -> dict[str, Any]:
+    return {"config": {"nodes": [NODE]}, "redis": {"url": REDIS}, "allowUnauthenticated": True}
+
+
+def secrets_of(objects: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, str]]:
+    return {s["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in s.get("data", {}).items()}
+            for s in objects.get("Secret", [])}
+
+
+def container_of(objects: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    [deployment] = objects["Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return container  # type: ignore[no-any-return]
+
+
+def pod_env(objects: dict[str, list[dict[str, Any]]],
+            existing: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: secretKeyRefs resolved against the
+    rendered Secrets (and `existing` ones of the namespace), $(VAR) expanded from earlier variables."""
+    secrets = {**secrets_of(objects), **(existing or {})}
+    env: dict[str, str] = {}
+    for var in container_of(objects)["env"]:
+        source = var.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            env[var["name"]] = secrets[source["secretKeyRef"]["name"]][source["secretKeyRef"]["key"]]
+        elif "fieldRef" in source:
+            env[var["name"]] = "dwg-dicomweb-gateway-5d8f7-abcde"
+        else:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+    return env
+
+
+def kubelet_settings(objects: dict[str, list[dict[str, Any]]], tmp_path: Path,
+                     existing: dict[str, dict[str, str]] | None = None) -> Any:
+    """The gateway's settings in the pod: the ConfigMap's gateway.yaml plus the GATEWAY_* variables."""
+    [configmap] = objects["ConfigMap"]
+    path = tmp_path / "gateway.yaml"
+    path.write_text(configmap["data"]["gateway.yaml"])
+    return load_settings(path, pod_env(objects, existing))
+
+
+def key_matches(entry: Any, key: str) -> bool:
+    """An API key as the gateway holds it: the key itself, or (keys configured by digest) its SHA-256."""
+    return bool(entry == key or getattr(entry, "sha256", None) == hashlib.sha256(key.encode()).hexdigest())
+
+
+def test_no_secret_value_reaches_a_configmap(helm_sdk, tmp_path):
+    overrides = {
+        "config": {"nodes": [NODE], "auth": {"mode": "api_key", "api_keys": [API_KEYS[1]]},
+                   "cluster": {"internal_port": 8081, "shared_secret": SHARED}},
+        "auth": {"apiKeys": [API_KEYS[0]]},
+        "redis": {"url": REDIS, "password": REDIS_PASSWORD},
+        "tls": {"secrets": [{"name": "dimse-tls", "certificate": TLS_CERT, "key": TLS_KEY}],
+                "mounts": [{"secretName": "dimse-tls"}]},
+    }
+    objects = render(helm_sdk, overrides)
+    secret_values = [*API_KEYS, SHARED, REDIS_PASSWORD, "r3dis", "MIIEvQSECRETKEYMATERIAL"]
+    for kind, items in objects.items():
+        if kind != "Secret":
+            text = yaml.safe_dump(items)
+            assert not [v for v in secret_values if v in text], f"a secret in a {kind}"
+    [configmap] = objects["ConfigMap"]
+    config = yaml.safe_load(configmap["data"]["gateway.yaml"])
+    assert config["auth"] == {"mode": "api_key"} and config["cluster"] == {"internal_port": 8081}
+    assert "url" not in config["cache"]
+    jsonschema.validate(config, SCHEMA)
+
+    secrets = secrets_of(objects)
+    assert json.loads(secrets["dwg-dicomweb-gateway-auth"]["api-keys"]) == API_KEYS
+    assert secrets["dwg-dicomweb-gateway-cluster"]["shared-secret"] == SHARED
+    assert secrets["dimse-tls"] == {"tls.crt": TLS_CERT, "tls.key": TLS_KEY}
+    [mount] = [m for m in container_of(objects)["volumeMounts"] if m["mountPath"] == "/etc/dicomweb-gateway-tls/dimse-tls"]
+    assert mount["readOnly"] is True
+
+    # The gateway, started as the kubelet starts it, sees every one of them.
+    from redis.connection import parse_url
+
+    settings = kubelet_settings(objects, tmp_path)
+    assert settings.auth.mode == "api_key"
+    assert len(settings.auth.api_keys) == 2
+    assert all(key_matches(entry, key) for entry, key in zip(settings.auth.api_keys, API_KEYS, strict=True))
+    assert settings.cluster.shared_secret == SHARED
+    assert parse_url(settings.cache.url)["password"] == REDIS_PASSWORD
+    assert settings.cache.url.endswith("@redis-master.redis:6379/0")
+
+
+@pytest.mark.parametrize("url", ["redis://default:hunter2hunter2@redis-master.redis:6379/0",
+                                 "redis://:hunter2hunter2@redis-master.redis:6379/0",
+                                 "rediss://redis-master.redis:6380/0?password=hunter2hunter2"])
+@pytest.mark.parametrize("where", ["redis.url", "config.cache.url"])
+def test_a_redis_url_with_a_password_moves_to_a_secret(helm_sdk, tmp_path, url, where):
+    overrides = base()
+    if where == "redis.url":
+        overrides["redis"]["url"] = url
+    else:
+        overrides["config"]["cache"] = {"url": url}
+    objects = render(helm_sdk, overrides)
+    [configmap] = objects["ConfigMap"]
+    assert "hunter2" not in yaml.safe_dump(configmap)
+    assert secrets_of(objects)["dwg-dicomweb-gateway-redis"] == {"url": url}
+    assert kubelet_settings(objects, tmp_path).cache.url == url
+
+
+def test_secrets_from_existing_secrets(helm_sdk, tmp_path):
+    overrides = {
+        "config": {"nodes": [NODE], "auth": {"mode": "api_key"}},
+        "auth": {"existingSecret": "dwg-keys", "existingSecretKey": "keys"},
+        "cluster": {"existingSecret": "dwg-cluster"},
+        "redis": {"url": REDIS, "existingSecret": "redis", "existingSecretPasswordKey": "redis-password"},
+    }
+    objects = render(helm_sdk, overrides)
+    assert "Secret" not in objects, "every secret is an existing Secret: the chart creates none"
+    env = {e["name"]: e for e in container_of(objects)["env"]}
+    assert env["GATEWAY_CACHE__URL"]["value"] == "redis://:$(DWG_REDIS_PASSWORD)@redis-master.redis:6379/0"
+    existing = {"dwg-keys": {"keys": json.dumps(API_KEYS)}, "dwg-cluster": {"shared-secret": SHARED},
+                "redis": {"redis-password": "Xq7s9VbN2mKp"}}
+    settings = kubelet_settings(objects, tmp_path, existing)
+    assert all(key_matches(entry, key) for entry, key in zip(settings.auth.api_keys, API_KEYS, strict=True))
+    assert settings.cluster.shared_secret == SHARED
+    assert settings.cache.url == "redis://:Xq7s9VbN2mKp@redis-master.redis:6379/0"
+
+    # A Secret holding the whole URL instead.
+    overrides["redis"] = {"existingSecret": "redis-url", "existingSecretUrlKey": "url"}
+    objects = render(helm_sdk, overrides)
+    existing["redis-url"] = {"url": "rediss://:pw@redis.example:6380/1"}
+    assert kubelet_settings(objects, tmp_path, existing).cache.url == "rediss://:pw@redis.example:6380/1"
+    assert "GATEWAY_CACHE__URL" not in {e["name"]: e for e in container_of(objects)["env"] if "value" in e}
+
+
+def test_changed_secrets_roll_the_pods(helm_sdk):
+    def annotations(keys: list[str]) -> dict[str, str]:
+        overrides = {**base(), "allowUnauthenticated": False,
+                     "config": {"nodes": [NODE], "auth": {"mode": "api_key"}}, "auth": {"apiKeys": keys}}
+        [deployment] = render(helm_sdk, overrides)["Deployment"]
+        return deployment["spec"]["template"]["metadata"]["annotations"]  # type: ignore[no-any-return]
+
+    first, second = annotations(API_KEYS[:1]), annotations(API_KEYS)
+    assert first["checksum/config"] == second["checksum/config"]
+    assert first["checksum/secrets"] != second["checksum/secrets"]
+    assert API_KEYS[0] not in json.dumps(first)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"config": {"nodes": [NODE], "auth": {"mode": "api_key"}}}, "auth.apiKeys, or auth.existingSecret"),
+    ({"config": {"nodes": [NODE], "auth": {"mode": "api_key"}},
+      "auth": {"apiKeys": ["k"], "existingSecret": "keys"}}, "leave auth.apiKeys and config.auth.api_keys empty"),
+    ({"redis": {"url": "redis://:a@r:6379/0", "password": "b"}}, "keep one"),
+    ({"redis": {"url": "", "existingSecret": "redis"}}, "redis.existingSecret holds the password only"),
+    ({"redis": {"url": "redis://:a@r:6379/0", "existingSecret": "redis"}}, "leave the password out of the URL"),
+    ({"networkPolicy": {"enabled": True}}, "networkPolicy.pacs.cidrs"),
+    ({"networkPolicy": {"enabled": True, "pacs": {"cidrs": ["10.0.0.0/24"]}}}, "networkPolicy.redis.cidrs"),
+    ({"redis": {"url": ""}, "replicaCount": 1, "autoscaling": {"enabled": True}}, "C-MOVE with more than one replica"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}, "minReplicas is above"),
+    ({"podDisruptionBudget": {"minAvailable": 1}}, "not both"),
+    ({"audit": {"enabled": True, "persistence": {"enabled": True}}}, "ReadWriteMany"),
+    ({"tls": {"mounts": [{"secretName": "x", "mountPath": "/etc/dicomweb-gateway/tls"}]}}, "inside the config volume"),
+])
+def test_rendering_refuses_broken_deployments(helm_sdk, overrides, message):
+    values = base()
+    for key, value in overrides.items():
+        values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
+    with pytest.raises(helm_sdk.HelmRenderError, match=re.escape(message)):
+        render(helm_sdk, values)
+
+
+def test_values_schema_is_enforced_when_rendering(helm_sdk):
+    with pytest.raises(helm_sdk.HelmValuesError, match="/replicaCount"):
+        render(helm_sdk, {**base(), "replicaCount": "lots"})
+
+
+# ---------------------------------------------------------------- NetworkPolicy, PDB, HPA, ServiceMonitor, audit
+
+
+def test_network_policy(helm_sdk):
+    assert "NetworkPolicy" not in render(helm_sdk, base()), "off by default"
+    values = base()
+    values["config"]["nodes"] = [NODE, {**NODE, "name": "archive", "port": 4242, "retrieve": "get"}]
+    redis_peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "redis"}}}
+    values["networkPolicy"] = {"enabled": True, "pacs": {"cidrs": ["10.20.30.0/24"]}, "redis": {"peers": [redis_peer]}}
+    objects = render(helm_sdk, values)
+    [policy] = objects["NetworkPolicy"]
+    spec = policy["spec"]
+    pod_labels = objects["Deployment"][0]["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"] == {"matchLabels": pod_labels}
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    self_peer = [{"podSelector": {"matchLabels": pod_labels}}]
+    pacs = [{"ipBlock": {"cidr": "10.20.30.0/24"}}]
+
+    # Ingress, port by port; every rule names its peers (a rule without would admit everyone).
+    ingress = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in spec["ingress"]}
+    assert ingress == {
+        ("http",): [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}}],
+        ("internal",): self_peer,
+        ("dimse",): pacs,
+    }
+    container_ports = {p["name"] for p in container_of(objects)["ports"]}
+    assert {port for ports in ingress for port in ports} <= container_ports
+
+    egress = {tuple((p["port"], p["protocol"]) for p in rule["ports"]): rule["to"] for rule in spec["egress"]}
+    assert egress == {
+        ((104, "TCP"), (4242, "TCP")): pacs,
+        ((6379, "TCP"),): [redis_peer],
+        ((8081, "TCP"),): self_peer,
+        ((53, "UDP"), (53, "TCP")): [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                                      "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    }
+
+    # Without an ingress controller selector or httpFrom, the HTTP port admits no one (no empty rule).
+    values["networkPolicy"]["ingressController"] = None     # null removes the default, as --set ...=null
+    [policy] = render(helm_sdk, values)["NetworkPolicy"]
+    assert all(rule.get("from") for rule in policy["spec"]["ingress"])
+    assert "http" not in {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+
+
+def test_pod_disruption_budget(helm_sdk):
+    objects = render(helm_sdk, base())
+    [pdb] = objects["PodDisruptionBudget"]
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["selector"]["matchLabels"] == objects["Deployment"][0]["spec"]["selector"]["matchLabels"]
+    [pdb] = render(helm_sdk, {**base(), "podDisruptionBudget": {"maxUnavailable": None, "minAvailable": "50%"}})[
+        "PodDisruptionBudget"]
+    assert pdb["spec"] == {"minAvailable": "50%", "selector": pdb["spec"]["selector"]}
+    assert "PodDisruptionBudget" not in render(helm_sdk, {**base(), "podDisruptionBudget": {"enabled": False}})
+
+
+def test_autoscaler_owns_the_replica_count(helm_sdk):
+    objects = render(helm_sdk, base())
+    assert "HorizontalPodAutoscaler" not in objects and objects["Deployment"][0]["spec"]["replicas"] == 2
+    objects = render(helm_sdk, {**base(), "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5,
+                                                          "targetMemoryUtilizationPercentage": 80}})
+    [hpa] = objects["HorizontalPodAutoscaler"]
+    [deployment] = objects["Deployment"]
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    assert {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in hpa["spec"]["metrics"]} == {
+        "cpu": 70, "memory": 80}
+
+
+def test_service_monitor_is_optional(helm_sdk):
+    assert "ServiceMonitor" not in render(helm_sdk, base())
+    objects = render(helm_sdk, {**base(), "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    [monitor] = objects["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_audit_volume(helm_sdk):
+    def audit(values: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+        objects = render(helm_sdk, {**base(), "audit": values})
+        pod = objects["Deployment"][0]["spec"]["template"]["spec"]
+        [volume] = [v for v in pod["volumes"] if v["name"] == "audit"]
+        [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "audit"]
+        return volume, mount, objects.get("PersistentVolumeClaim")
+
+    objects = render(helm_sdk, base())
+    assert "audit" not in {v["name"] for v in objects["Deployment"][0]["spec"]["template"]["spec"]["volumes"]}
+
+    volume, mount, claims = audit({"enabled": True})
+    assert volume["emptyDir"] == {"sizeLimit": "1Gi"} and claims is None
+    assert mount["mountPath"] == values()["audit"]["path"]
+
+    volume, mount, claims = audit({"enabled": True, "path": "/audit", "persistence": {
+        "enabled": True, "accessModes": ["ReadWriteMany"], "size": "5Gi", "storageClassName": "nfs"}})
+    [claim] = claims
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "nfs"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert mount["mountPath"] == "/audit"
+
+    volume, _, claims = audit({"enabled": True, "persistence": {"enabled": True, "existingClaim": "audit-nfs"}})
+    assert volume["persistentVolumeClaim"]["claimName"] == "audit-nfs" and claims is None
