@@ -47,7 +47,8 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1,
                 lifespan="on", log_level="info", proxy_headers=False,
-                h11_max_incomplete_event_size=MAX_REQUEST_HEAD)
+                h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+                ssl_certfile=settings.http.tls_cert_file, ssl_keyfile=settings.http.tls_key_file)
     return 0
 
 

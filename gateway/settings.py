@@ -118,6 +118,8 @@ class HttpSection:
     port: int = 8080
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     cors_origins: tuple[str, ...] = ()
+    tls_cert_file: str | None = None    # HTTPS without an ingress: PEM certificate (chain) ...
+    tls_key_file: str | None = None     # ... and its private key
 
 
 @dataclass(frozen=True)
@@ -660,6 +662,8 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             port=h.get("port", dh.port, _int(0, 65535)),
             trusted_proxies=h.get("trusted_proxies", dh.trusted_proxies, _str_list),
             cors_origins=h.get("cors_origins", dh.cors_origins, _str_list),
+            tls_cert_file=h.get("tls_cert_file", None, _file),
+            tls_key_file=h.get("tls_key_file", None, _file),
         ),
         nodes=nodes,
         cache=CacheSection(
@@ -697,6 +701,8 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             include_query=au.get("include_query", True, _bool),
         ),
     )
+    if bool(settings.http.tls_cert_file) != bool(settings.http.tls_key_file):
+        raise ConfigError("http.tls_key_file: HTTPS needs both http.tls_cert_file and http.tls_key_file")
     if settings.auth.mode == "oidc" and not settings.auth.oidc.issuer:
         raise ConfigError("auth.oidc.issuer: required with auth.mode: oidc")
     if settings.auth.mode == "oidc" and not settings.auth.oidc.audience:

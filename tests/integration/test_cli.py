@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -112,3 +113,40 @@ def test_demo_command_serves_the_demo_studies():
         out, _ = proc.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}/dicom-web" in out
     assert '"qidoRoot"' in out and "@ohif/extension-default.dataSourcesModule.dicomweb" in out
+
+
+def test_serve_over_https_with_a_certificate(tmp_path, pacs):
+    """HTTPS without an ingress (http.tls_cert_file / tls_key_file), checked with a real TLS client."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                           "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True)
+    assert made.returncode == 0, f"openssl is needed for this test: {made.stderr}"
+    port = free_port()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "http": {"port": port, "tls_cert_file": str(cert), "tls_key_file": str(key)},
+        "nodes": [{"name": "p", "ae_title": "ECHOME", "host": "127.0.0.1", "port": pacs.port}]}))
+    proc = subprocess.Popen(CLI + ["serve", "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"https://127.0.0.1:{port}/healthz", timeout=2,
+                              verify=ssl.create_default_context(cafile=str(cert)))
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the HTTPS server did not start"
+                time.sleep(0.2)
+        assert r.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)   # plain HTTP is not served
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    half = tmp_path / "half.yaml"
+    half.write_text(yaml.safe_dump({"http": {"tls_cert_file": str(cert)},
+                                    "nodes": [{"name": "p", "ae_title": "X", "host": "h", "port": 1}]}))
+    result = run(["serve", "--config", str(half)])
+    assert result.returncode == 2 and "http.tls_key_file" in result.stderr
