@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -24,9 +25,10 @@ from gateway.cluster import cluster_enabled
 from gateway.cluster.coordinator import ClusterCoordinator
 from gateway.dimse.pacs import PynetdicomPacs
 from gateway.dimse.storage_scp import StorageScp
-from gateway.errors import GatewayError, InternalError
+from gateway.errors import GatewayError, InternalError, NotFound
 from gateway.http import NODE_HEADER, error_response
 from gateway.instances import InstanceReader
+from gateway.observability import Registry, RequestMetrics
 from gateway.oidc import TokenValidator
 from gateway.request_limits import RequestLimits
 from gateway.retrieval.service import RetrievalService
@@ -82,13 +84,14 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         async with AsyncExitStack() as stack:
             app.state.settings = settings
             app.state.metrics = metrics
+            app.state.observability = observability
             app.state.audit = audit_sink
             stack.callback(audit_sink.close)
             if validator is not None:
                 stack.push_async_callback(validator.close)
             app.state.cache = cache or make_cache(settings)
             stack.push_async_callback(app.state.cache.close)
-            app.state.pacs = PynetdicomPacs(settings)
+            app.state.pacs = PynetdicomPacs(settings, observability)
             stack.push_async_callback(app.state.pacs.close)
             app.state.search = SearchService(settings, app.state.pacs, app.state.cache)
             app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
@@ -118,11 +121,19 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         assert isinstance(exc, GatewayError)
         return error_response(exc)
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Starlette's own 404 (no route matched) and 405 (wrong method): the same JSON error body.
+        assert isinstance(exc, HTTPException)
+        error = NotFound("no such resource") if exc.status_code == 404 else GatewayError(str(exc.detail))
+        error.status_code = exc.status_code
+        return error_response(error)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(InternalError("internal error"))
 
     metrics = {"aborted_streams": 0, "refused_requests": 0}
+    observability = Registry()   # /metrics: routes, DIMSE, associations (gateway/observability.py)
     audit_sink = AuditSink(settings.audit, settings.gateway.ae_title)
     validator = TokenValidator(settings.auth.oidc) if settings.auth.mode == "oidc" else None
     dicomweb = qido.routes() + wado.routes() + stow.routes()
@@ -134,6 +145,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=EXPOSED_HEADERS, allow_credentials="*" not in settings.http.cors_origins))
+    middleware.append(Middleware(RequestMetrics, registry=observability))  # every request, refused ones too
     # Inside CORS, so 429/503 and 401 carry CORS headers (a browser shows the reason, not a CORS error);
     # the audit trail outside authentication, so refused credentials are audited too.
     middleware.append(Middleware(AuditTrail, sink=audit_sink, gateway_ae=settings.gateway.ae_title,
@@ -154,6 +166,6 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
     return Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={GatewayError: gateway_error, Exception: unexpected},
+        exception_handlers={GatewayError: gateway_error, HTTPException: http_error, Exception: unexpected},
         lifespan=lifespan,
     )

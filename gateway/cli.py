@@ -34,19 +34,21 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
 
     from gateway.app import create_app
     from gateway.http import MAX_REQUEST_HEAD
+    from gateway.startup import configure_logging
 
     if not _is_loopback(host) and settings.auth.mode == "none" and not allow_unauthenticated:
         print(f"refusing to serve on {host} without an auth section: patient data would be open to the "
               f"network. Bind to 127.0.0.1, configure auth, or pass --allow-unauthenticated "
               f"(e.g. behind an authenticating proxy).", file=sys.stderr)
         return 2
+    configure_logging(settings.logging)   # the logging section (text | json), uvicorn's lines included
     if settings.auth.mode == "none":
         log.warning("no auth configured: serving without authentication on %s", host)
     # The effective address is part of the settings: the cluster advertises it to other replicas.
     settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, host=host, port=port))
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1,
-                lifespan="on", log_level="info", proxy_headers=False,
+                lifespan="on", log_config=None, log_level=settings.logging.level, proxy_headers=False,
                 h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
                 ssl_certfile=settings.http.tls_cert_file, ssl_keyfile=settings.http.tls_key_file)
     return 0
@@ -57,6 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.nodes:
         print("config error: nodes: at least one PACS node is required", file=sys.stderr)
         return 2
+    if args.log_format:
+        settings = dataclasses.replace(settings, logging=dataclasses.replace(settings.logging,
+                                                                             format=args.log_format))
     return _run_server(settings, args.host or settings.http.host, args.port or settings.http.port,
                        args.allow_unauthenticated)
 
@@ -265,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="serve on a non-loopback address without auth (behind an authenticating proxy)")
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="log lines as text or one JSON object each (default: logging.format)")
     serve.set_defaults(func=cmd_serve)
 
     echo = sub.add_parser("echo", help="C-ECHO the configured nodes")

@@ -158,9 +158,11 @@ class InstanceReader:
                         return None
                     ds = ds[part]
                     if i < len(path) - 1:
+                        if ds.VR != "SQ":
+                            return None       # an item index below an element that is no sequence
                         ds = ds.value
                 else:
-                    if part >= len(ds):
+                    if not 0 <= part < len(ds):
                         return None
                     ds = ds[part]
             if not isinstance(ds, DataElement):

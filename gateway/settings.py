@@ -251,6 +251,12 @@ class AuditSection:
 
 
 @dataclass(frozen=True)
+class LoggingSection:
+    format: Literal["text", "json"] = "text"  # json: one object per line, with the request id
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
 class Settings:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     http: HttpSection = field(default_factory=HttpSection)
@@ -262,6 +268,7 @@ class Settings:
     auth: AuthSection = field(default_factory=AuthSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     def node(self, name: str) -> PacsNode | None:
         for node in self.nodes:
@@ -636,6 +643,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
     a = root.sub("auth", _fields(AuthSection))
     lim = root.sub("limits", _fields(LimitsSection))
     au = root.sub("audit", _fields(AuditSection))
+    lg = root.sub("logging", _fields(LoggingSection))
     dl = LimitsSection()
 
     raw_nodes = root.raw.get("nodes") or []
@@ -699,6 +707,10 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             syslog_port=au.get("syslog_port", 514, _int(1, 65535)),
             syslog_transport=au.get("syslog_transport", "udp", _choice("udp", "tcp")),
             include_query=au.get("include_query", True, _bool),
+        ),
+        logging=LoggingSection(
+            format=lg.get("format", "text", _choice("text", "json")),
+            level=lg.get("level", "info", _choice("debug", "info", "warning", "error")),
         ),
     )
     if bool(settings.http.tls_cert_file) != bool(settings.http.tls_key_file):

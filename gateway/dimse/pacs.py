@@ -30,6 +30,7 @@ from gateway.dimse import tls
 from gateway.dimse.contexts import query_contexts
 from gateway.dimse.pool import AssociationPool
 from gateway.dimse.threads import Budgets, Workers, threads_for
+from gateway.observability import Registry
 from gateway.pacs import (
     FindResult,
     OnInstance,
@@ -46,10 +47,16 @@ GRACE_MARGIN = 5.0
 
 
 class PynetdicomPacs:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        """``registry``: where the DIMSE metrics go (the app's, docs/architecture.md, "App"); a
+        private one when not given."""
         self._calling_ae = settings.gateway.ae_title
         self._budgets = Budgets()
-        self._workers = Workers(threads_for(settings.nodes))
+        self.registry = registry or Registry()
+        self._workers = Workers(threads_for(settings.nodes), self.registry)
+        self._node_names = [n.name for n in settings.nodes]
+        self.registry.gauge_callback("dwg_query_associations", "query associations per node, in use or idle",
+                                     ("node", "state"), self._pool_usage)
         self._pools: dict[str, AssociationPool] = {}
         self._msg_ids = find_op.MessageIds()
         self._lock = threading.Lock()
@@ -64,6 +71,15 @@ class PynetdicomPacs:
         pool = self._pools.get(node.name)
         return pool.opened if pool is not None else 0
 
+    def _pool_usage(self) -> list[tuple[tuple[str, str], float]]:
+        """(node, in_use | idle) -> associations, for every configured node (0 before first use)."""
+        samples: list[tuple[tuple[str, str], float]] = []
+        for name in self._node_names:
+            pool = self._pools.get(name)
+            samples.append(((name, "in_use"), pool.in_use if pool is not None else 0))
+            samples.append(((name, "idle"), pool.idle if pool is not None else 0))
+        return samples
+
     @property
     def store_associations_opened(self) -> int:
         """Store associations opened so far, all nodes (one per request and context batch)."""
@@ -74,7 +90,8 @@ class PynetdicomPacs:
     async def echo(self, node: PacsNode) -> float:
         pool = self._pool(node)
         return await self._workers.run(lambda: find_op.echo(pool, node), budget=self._budgets.query(node),
-                                       cancel=threading.Event(), grace=_grace(node))
+                                       cancel=threading.Event(), grace=_grace(node), node=node.name,
+                                       operation="echo")
 
     async def find(self, node: PacsNode, identifier: Dataset, *, model: QueryModel | None = None,
                    max_results: int | None = None) -> FindResult:
@@ -88,7 +105,7 @@ class PynetdicomPacs:
                                 msg_ids=self._msg_ids)
 
         return await self._workers.run(work, budget=self._budgets.query(node), cancel=cancel,
-                                       grace=_grace(node))
+                                       grace=_grace(node), node=node.name, operation="find")
 
     # ------------------------------------------------------------------ transfers
 
@@ -98,7 +115,7 @@ class PynetdicomPacs:
             return retrieve_op.get(self._calling_ae, node, request, on_instance, cancel)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
-                                       grace=_grace(node))
+                                       grace=_grace(node), node=node.name, operation="get")
 
     async def move(self, node: PacsNode, request: RetrieveRequest, *, destination: str, msg_id: int,
                    cancel: threading.Event) -> RetrieveOutcome:
@@ -107,7 +124,7 @@ class PynetdicomPacs:
                                     cancel=cancel)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
-                                       grace=_grace(node))
+                                       grace=_grace(node), node=node.name, operation="move")
 
     async def store(self, node: PacsNode, items: Sequence[StoreItem], workdir: Path) -> list[StoreResult]:
         if not items:
@@ -119,7 +136,7 @@ class PynetdicomPacs:
                                       opened=self._store_association_opened)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
-                                       grace=_grace(node))
+                                       grace=_grace(node), node=node.name, operation="store")
 
     async def close(self) -> None:
         for pool in list(self._pools.values()):

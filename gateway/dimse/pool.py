@@ -39,6 +39,19 @@ class AssociationPool:
         self._idle: list[tuple[float, Association]] = []
         self._lock = threading.Lock()
         self.opened = 0  # associations opened over the pool's life (reuse shows as opened < requests)
+        self._in_use = 0  # handed out by acquire and not released yet
+
+    @property
+    def in_use(self) -> int:
+        """Associations acquired and not released yet (/metrics, docs/architecture.md, "App")."""
+        with self._lock:
+            return self._in_use
+
+    @property
+    def idle(self) -> int:
+        """Associations kept for reuse (some may be past ``idle_seconds``, awaiting the reaper)."""
+        with self._lock:
+            return len(self._idle)
 
     def acquire(self) -> tuple[Association, bool]:
         """An established association and whether it was reused from the idle list."""
@@ -52,6 +65,8 @@ class AssociationPool:
                     chosen = assoc
                 else:
                     stale.append(assoc)
+            if chosen is not None:
+                self._in_use += 1
         for assoc in stale:
             close_association(assoc)
         if chosen is not None:
@@ -59,9 +74,13 @@ class AssociationPool:
         assoc = open_association(self.calling_ae, self.node, self.contexts)
         with self._lock:
             self.opened += 1
+            self._in_use += 1
         return assoc, False
 
     def release(self, assoc: Association, *, reusable: bool) -> None:
+        """Give back what :meth:`acquire` handed out (exactly once per acquire)."""
+        with self._lock:
+            self._in_use -= 1
         if reusable and assoc.is_established:
             with self._lock:
                 self._idle.append((time.monotonic(), assoc))

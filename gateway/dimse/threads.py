@@ -14,22 +14,32 @@ through :meth:`Workers.run`, which is where the :class:`gateway.pacs.Pacs` contr
   before it gives the budget back and re-raises. Otherwise the next request would open an
   association the PACS still counts as busy.
 * **Threads**: one executor sized to the sum of all budgets, so an operation that holds its budget
-  never waits for a thread, and a transfer never takes a query's thread.
+  never waits for a thread, and a transfer never takes a query's thread. The work runs in a copy of
+  the caller's context, so its log records carry the request id (gateway/observability.py).
+* **Metrics** (docs/architecture.md, "App"): every operation is counted and timed by node, operation
+  and outcome (``ok``, ``cancelled`` or the error's class name), and the wait for the budget is timed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from gateway.observability import Registry
 from gateway.settings import PacsNode
 
 T = TypeVar("T")
 
 MIN_THREADS = 64
+
+QUERY_OPERATIONS = frozenset({"echo", "find"})
+"""Operations on the query budget; the others (get, move, store) are on the transfer budget."""
 
 
 class Budgets:
@@ -60,20 +70,48 @@ def threads_for(nodes: Iterable[PacsNode]) -> int:
     return max(MIN_THREADS, sum(n.max_query_associations + n.max_associations for n in nodes))
 
 
+class DimseMetrics:
+    """The DIMSE edge's metrics in the app's registry (docs/architecture.md, "App")."""
+
+    def __init__(self, registry: Registry) -> None:
+        labels = ("node", "operation", "outcome")
+        self.operations = registry.counter(
+            "dwg_dimse_operations_total", "DIMSE operations by node, operation and outcome", labels)
+        self.duration = registry.histogram(
+            "dwg_dimse_operation_duration_seconds",
+            "DIMSE operation duration on its worker thread (association set-up included)", labels)
+        self.budget_wait = registry.histogram(
+            "dwg_dimse_budget_wait_seconds", "wait for a free association of the node's budget",
+            ("node", "budget"))
+
+    def record(self, node: str, operation: str, outcome: str, seconds: float) -> None:
+        self.operations.inc(node=node, operation=operation, outcome=outcome)
+        self.duration.observe(seconds, node=node, operation=operation, outcome=outcome)
+
+
 class Workers:
-    def __init__(self, max_threads: int = MIN_THREADS) -> None:
+    def __init__(self, max_threads: int = MIN_THREADS, registry: Registry | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="dimse")
+        self.metrics = DimseMetrics(registry or Registry())
 
     async def run(self, work: Callable[[], T], *, budget: asyncio.Semaphore, cancel: threading.Event,
-                  grace: float) -> T:
+                  grace: float, node: str | None = None, operation: str | None = None) -> T:
         """``work()`` on a worker thread while holding ``budget``; see the module docstring.
 
         ``cancel`` is what ``work`` watches; ``grace`` bounds the wait for it to stop after a cancel
         (the node's DIMSE timeout plus a margin: a response it waits for arrives or times out by then).
+        ``node`` and ``operation`` (echo, find, get, move, store) label its metrics; without them the
+        operation is not measured.
         """
         loop = asyncio.get_running_loop()
+        measured = self._measured(work, cancel, node, operation) if node and operation else work
+        call = functools.partial(contextvars.copy_context().run, measured)
+        waiting = time.perf_counter()
         async with budget:
-            future = loop.run_in_executor(self._executor, work)
+            if node and operation:
+                kind = "query" if operation in QUERY_OPERATIONS else "transfer"
+                self.metrics.budget_wait.observe(time.perf_counter() - waiting, node=node, budget=kind)
+            future = loop.run_in_executor(self._executor, call)
             try:
                 return await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -83,6 +121,26 @@ class Workers:
                 except Exception:  # noqa: BLE001 - the caller is gone: nobody to report to
                     pass
                 raise
+
+    def _measured(self, work: Callable[[], T], cancel: threading.Event, node: str, operation: str
+                  ) -> Callable[[], T]:
+        """``work`` timed on its thread: ``ok``, ``cancelled`` (it returned after a cancel) or the
+        class name of what it raised."""
+        def measured() -> T:
+            started = time.perf_counter()
+            outcome = "ok"
+            try:
+                result = work()
+                if cancel.is_set():
+                    outcome = "cancelled"
+                return result
+            except BaseException as exc:
+                outcome = type(exc).__name__
+                raise
+            finally:
+                self.metrics.record(node, operation, outcome, time.perf_counter() - started)
+
+        return measured
 
     async def housekeeping(self, work: Callable[[], None]) -> None:
         """Short blocking work outside any budget (releasing idle associations at shutdown)."""

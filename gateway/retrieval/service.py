@@ -106,6 +106,8 @@ class RetrievalService:
             settings, pacs, cache, spool, storage_scp, coordinator or LocalCoordinator(), patients
         )
         self.fetcher.on_failure = self.locator.forget
+        self.metadata_hits = 0     # series metadata answered from the cache (/metrics)
+        self.metadata_misses = 0   # series metadata built from the instances (or asked without cache)
 
     @property
     def retrievals_started(self) -> int:
@@ -214,7 +216,9 @@ class RetrievalService:
             if use_cache:
                 cached = await self.cache.get(meta_key)
                 if cached is not None:
+                    self.metadata_hits += 1
                     return Metadata(node, cached)
+            self.metadata_misses += 1
         _, manifests = await self._manifests([node], study, series)
         if instance is not None:
             manifests = [self._only(manifests[0], instance)]

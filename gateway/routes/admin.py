@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from gateway.errors import GatewayError
+from gateway.observability import Registry, family_lines
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -38,7 +39,8 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> PlainTextResponse:
-    """Prometheus text exposition of the gateway's counters and gauges."""
+    """Prometheus text exposition of the gateway's counters and gauges, then the app's registry
+    (HTTP routes, DIMSE operations, query associations; gateway/observability.py)."""
     state = request.app.state
     spool = state.spool
     scp = state.storage_scp
@@ -63,10 +65,22 @@ async def metrics(request: Request) -> PlainTextResponse:
     lines: list[str] = []
     for name, kind, help_text, value in values:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    lines += ["# HELP dwg_query_associations_opened_total query associations opened per node "
+              "(reuse shows as fewer than C-FINDs)", "# TYPE dwg_query_associations_opened_total counter"]
     for node in state.settings.nodes:
         opened = state.pacs.query_associations_opened(node)
         lines.append(f'dwg_query_associations_opened_total{{node="{node.name}"}} {opened}')
-    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    finder = state.search.finder
+    retrieval = state.retrieval
+    lines += family_lines("dwg_cache_lookups_total", "counter",
+                          "cache lookups by cache (qido: C-FIND results, series_metadata) and result", [
+                              ({"cache": "qido", "result": "hit"}, finder.hits),
+                              ({"cache": "qido", "result": "miss"}, finder.misses),
+                              ({"cache": "series_metadata", "result": "hit"}, retrieval.metadata_hits),
+                              ({"cache": "series_metadata", "result": "miss"}, retrieval.metadata_misses)])
+    registry: Registry | None = getattr(state, "observability", None)
+    text = "\n".join(lines) + "\n" + (registry.render() if registry is not None else "")
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 def routes() -> list[Route]:

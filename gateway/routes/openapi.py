@@ -1,9 +1,9 @@
 """``GET /openapi.json``: the OpenAPI 3.1 description of the HTTP API, the static ``gateway/openapi.json``.
 
 The document is kept in step with the routes by ``tests/unit/test_openapi.py`` and drives the fuzzing
-of the running gateway (``tests/integration/test_fuzz_api.py``). With ``auth.mode: api_key`` it needs
-a key like every other path outside the unauthenticated surface (docs/architecture.md, "HTTP edge").
-"""
+of the running gateway (``tests/integration/test_fuzz_api.py``). With authentication on it needs
+credentials like every path outside the unauthenticated surface (docs/architecture.md, "HTTP edge"):
+it names no node, but the surface stays the probes and CORS preflights."""
 
 from __future__ import annotations
 

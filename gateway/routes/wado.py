@@ -188,12 +188,15 @@ async def frames(request: Request) -> Response:
 # ---------------------------------------------------------------------- bulkdata
 
 
+# The tag paths of the BulkDataURIs the metadata emits: 8-hex tags, item indexes between them.
+_TAG_PATH = re.compile(r"[0-9A-Fa-f]{8}(?:\.[0-9]{1,9}\.[0-9A-Fa-f]{8})*")
+
+
 async def bulkdata(request: Request) -> Response:
     path_text = request.path_params["path"]
-    try:
-        path = [int(p, 16) if i % 2 == 0 else int(p) for i, p in enumerate(path_text.split("."))]
-    except ValueError:
-        raise BadRequest(f"bulkdata path {path_text!r} is not a tag path") from None
+    if not _TAG_PATH.fullmatch(path_text):   # int() alone took signs, "0x", "_" and tags past 32 bits
+        raise BadRequest(f"bulkdata path {path_text[:80]!r} is not a tag path")
+    path = [int(p, 16) if i % 2 == 0 else int(p) for i, p in enumerate(path_text.split("."))]
     if path != [0x7FE00010]:
         negotiate(request, "bulkdata", single_item=True)  # pixel data negotiates as frames below
     study, series, sop = instance_uids(request)

@@ -11,8 +11,8 @@ Checks, per response:
   the Store Instances Response of PS3.18 Annex I); a 499 is never seen by a client that waits;
 * the status code, Content-Type, documented headers and JSON bodies conform to the document.
 
-Bounded and reproducible: a few examples per operation, derandomized generation (the seed is
-derived from the operation), no example database. A fifth of the cases get identifiers the demo
+Bounded and reproducible: MAX_EXAMPLES cases per operation (about 1500 requests, 80 s here),
+derandomized generation (the seed is derived from the operation), no example database. A fifth of the cases get identifiers the demo
 PACS holds, so the requests reach retrieval, frames, bulk data and rendering, not only 404s.
 """
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+from io import BytesIO
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import hypothesis.strategies as st
 import pytest
@@ -47,7 +47,7 @@ DOCUMENT = Path(__file__).resolve().parents[2] / "gateway" / "openapi.json"
 DOWN = "down"
 # Per operation (62 of them): the whole test stays under 3 minutes on the 2-core machine. A deeper run,
 # still deterministic: DWG_FUZZ_EXAMPLES=200 .venv/bin/python -m pytest tests/integration/test_fuzz_api.py
-MAX_EXAMPLES = int(os.environ.get("DWG_FUZZ_EXAMPLES", "12"))
+MAX_EXAMPLES = int(os.environ.get("DWG_FUZZ_EXAMPLES", "25"))
 REQUEST_TIMEOUT = 20.0      # seconds; longer is a hang
 
 # (study, series, instance) of the first instance of every demo series: CT, MR (native and RLE), PET,
@@ -55,22 +55,26 @@ REQUEST_TIMEOUT = 20.0      # seconds; longer is a hang
 _REAL = [(s["study_uid"], se["series_uid"], se["sop_instance_uids"][0])
          for s in DEMO_STUDIES for se in s["series"]]
 FRAMES = ["1", "2", "12", "1,2", "2,1", "13", "1,12"]
+# Tag paths of the demo instances: pixel data, plain elements, through the SR's content items, one item
+# past the end, through an element that is no sequence.
 BULKDATA = ["7fe00010", "00280010", "00200032", "0040a730.0.0040a160", "0040a730.0.0040a043.0.00080100",
-            "00100010.0.00100010", "0040a730.99.0040a160"]
+            "0040a730.99.0040a160", "00100010.0.00100010", "00200032.1.00100010"]
 
 
 def fuzz_document() -> dict[str, Any]:
     """The document as shipped, with the one deployment-specific parameter, ``{node}``, drawn from
-    this deployment's names as well as from its documented pattern."""
+    this deployment's names and an unknown one (the invalid cases still break its pattern)."""
     doc = copy.deepcopy(json.loads(DOCUMENT.read_text()))
-    node = doc["components"]["parameters"]["node"]
-    node["schema"] = {"anyOf": [{"enum": ["demo", DOWN]}, node["schema"]]}
+    doc["components"]["parameters"]["node"]["schema"] = {"enum": ["demo", DOWN, "unknown"]}
     return doc
 
 
 CONFIG = schemathesis.Config.from_dict({
     "suppress-health-check": ["all"],
     "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
+    # No constants harvested from the project's source: the cases depend on the document alone (and a
+    # demo patient ID drawn into a URL path would end up in the access log).
+    "analysis": {"constants": {"enabled": False}},
     "phases": {"examples": {"enabled": True}, "coverage": {"enabled": False}, "fuzzing": {"enabled": True},
                "stateful": {"enabled": False}},
 })
@@ -125,8 +129,6 @@ _PART10: list[bytes] = []
 def _demo_part10() -> bytes:
     """One demo instance as a Part 10 file (STOW-RS of data the PACS already holds)."""
     if not _PART10:
-        from io import BytesIO
-
         ds = next(d for d in generate_demo_datasets() if d.Modality == "CR")
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
@@ -135,9 +137,16 @@ def _demo_part10() -> bytes:
 
 
 def _real_identifiers(case: Any, data: st.DataObject) -> None:
-    """Sometimes (a fifth of the cases) the path names what the demo PACS holds."""
+    """Sometimes (a fifth of the cases) the path names what the demo PACS holds, and half of those
+    leave the (mostly unacceptable) generated ``accept`` out, so the request gets past negotiation."""
     params = case.path_parameters or {}
-    if "study" not in params or not data.draw(st.integers(0, 4), label="real identifiers") == 0:
+    if not params or data.draw(st.integers(0, 4), label="real identifiers") != 0:
+        return
+    if case.query and "accept" in case.query and data.draw(st.booleans(), label="drop accept"):
+        del case.query["accept"]
+    if "node" in params:
+        params["node"] = "demo"
+    if "study" not in params:
         return
     study, series, instance = data.draw(st.sampled_from(_REAL), label="demo instance")
     params["study"] = study
@@ -149,8 +158,6 @@ def _real_identifiers(case: Any, data: st.DataObject) -> None:
         params["frames"] = data.draw(st.sampled_from(FRAMES), label="frames")
     if "path" in params:
         params["path"] = data.draw(st.sampled_from(BULKDATA), label="bulkdata path")
-    if "node" in params:
-        params["node"] = "demo"
 
 
 def _check_failure_semantics(case: Any, response: schemathesis.Response) -> None:
@@ -170,14 +177,6 @@ def _check_failure_semantics(case: Any, response: schemathesis.Response) -> None
         assert media == "application/json", f"{where}: {status} as {media!r}: {text}"
         assert isinstance(body, dict) and {"error", "detail", "node"} <= set(body) and body["detail"], (
             f"{where}: {status} without the JSON error body: {text}")
-
-
-def _unroutable(case: Any) -> bool:
-    """A path Starlette's router cannot match at all: a Mount matches the rest of the path with
-    ``.*``, which stops at a newline, so ``/dicom-web/studies/%0A`` never reaches a gateway route and
-    Starlette answers its own plain-text 404 (the app registers no handler for Starlette's
-    HTTPException). Remove this allowance once it does."""
-    return any("\n" in unquote(str(value)) for value in (case.path_parameters or {}).values())
 
 
 def _header(response: schemathesis.Response, name: str) -> str:
@@ -204,8 +203,6 @@ def test_fuzz_the_running_gateway(case, data, gateway_url):
         pytest.fail(f"{case.method} {case.formatted_path}: no answer within {REQUEST_TIMEOUT} s")
     except requests.RequestException as exc:   # reset, closed without an answer, a cut chunked body
         pytest.fail(f"{case.method} {case.formatted_path}: connection dropped ({exc!r})")
-    if response.status_code == 404 and _unroutable(case):
-        return   # KNOWN GAP, reported: Starlette's own plain-text 404, not the gateway's error body
     _check_failure_semantics(case, response)
     case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
                                              response_headers_conformance, response_schema_conformance])

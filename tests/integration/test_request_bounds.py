@@ -235,3 +235,26 @@ def test_values_outside_their_vrs_repertoire_are_400_not_500(url, pacs, query):
     assert_json_4xx(r, 400)
     assert dimse_calls(pacs) == before
     assert get(url, "/dicom-web/studies?PatientName=M%C3%BCller*").status_code in (200, 204)
+
+
+@pytest.mark.parametrize("path", ["-0000001", "1ffffffff", "0x7fe0010", "7fe0_0010", "+7fe00010",
+                                  "7fe00010.", "0040a730.%D9%A3.0040a160", "0040a730.-1.0040a160"])
+def test_bulkdata_paths_that_are_no_tag_path_are_400_before_any_dimse(url, pacs, path):
+    """A BulkDataURI's path is 8-hex tags with item indexes between them; int() alone took signs,
+    "0x", "_", non-ASCII digits and tags past 32 bits, and the request went on to a retrieval."""
+    before = dimse_calls(pacs)
+    assert_json_4xx(get(url, f"{INSTANCE}/bulkdata/{path}"), 400)
+    assert dimse_calls(pacs) == before
+
+
+@pytest.mark.parametrize("path", ["00100010.0.00100010", "00200032.1.00100010"])
+def test_a_bulkdata_path_through_an_element_that_is_no_sequence_is_404(url, path):
+    assert_json_4xx(get(url, f"{INSTANCE}/bulkdata/{path}"), 404)
+
+
+@pytest.mark.parametrize("path", ["/dicom-web/studies/%0A", "/dicom-web/nothing-here", "/nodes/demo/wado/x"])
+def test_unroutable_paths_get_the_json_error_body(url, path):
+    assert_json_4xx(get(url, path), 404)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.put("/dicom-web/studies")
+    assert r.status_code == 405 and r.json()["error"]

@@ -27,7 +27,8 @@ def test_schema_and_loader_know_the_same_keys():
 
     sections = {"gateway": s.GatewaySection, "http": s.HttpSection, "cache": s.CacheSection,
                 "spool": s.SpoolSection, "retrieval": s.RetrievalSection, "cluster": s.ClusterSection,
-                "auth": s.AuthSection, "limits": s.LimitsSection, "audit": s.AuditSection}
+                "auth": s.AuthSection, "limits": s.LimitsSection, "audit": s.AuditSection,
+                "logging": s.LoggingSection}
     assert set(schema["properties"]) == set(s.Settings.__dataclass_fields__)
     for name, cls in sections.items():
         assert set(schema["properties"][name]["properties"]) == set(cls.__dataclass_fields__), name
