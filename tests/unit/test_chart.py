@@ -277,3 +277,12 @@ def test_schema_rejects_bad_values(helm, option, where):
     assert result.returncode != 0, f"--set {option} was accepted"
     assert "don't meet the specifications of the schema" in result.stderr, result.stderr
     assert where in result.stderr, result.stderr
+
+
+def test_audit_enabled_gives_each_pod_its_own_audit_file(rendered):
+    [deployment] = [o for o in objects_of(rendered["production"].read_text()) if o["kind"] == "Deployment"]
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DWG_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["GATEWAY_AUDIT__FILE"]["value"].endswith("/$(DWG_POD_NAME).jsonl")
+    mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert any(env["GATEWAY_AUDIT__FILE"]["value"].startswith(m["mountPath"]) for m in mounts)
