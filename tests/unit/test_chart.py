@@ -143,7 +143,8 @@ def test_rendered_objects(rendered):
         "Service/dwg-dicomweb-gateway-dimse", "Service/dwg-dicomweb-gateway-internal"]
     # Production: every secret is an existing Secret of the namespace; the chart creates none.
     assert kinds["production"] == [
-        "ConfigMap/dwg-dicomweb-gateway", "Deployment/dwg-dicomweb-gateway",
+        "ConfigMap/dwg-dicomweb-gateway", "ConfigMap/dwg-dicomweb-gateway-dashboard",
+        "Deployment/dwg-dicomweb-gateway",
         "HorizontalPodAutoscaler/dwg-dicomweb-gateway", "Ingress/dwg-dicomweb-gateway",
         "NetworkPolicy/dwg-dicomweb-gateway", "PersistentVolumeClaim/dwg-dicomweb-gateway-audit",
         "PodDisruptionBudget/dwg-dicomweb-gateway", "Service/dwg-dicomweb-gateway",
@@ -187,7 +188,7 @@ def test_service_monitor_selects_the_http_service(rendered):
 def test_production_manifests_hold_no_secret(rendered):
     objects = objects_of(rendered["production"].read_text())
     assert not [o for o in objects if o["kind"] == "Secret"]
-    [configmap] = [o for o in objects if o["kind"] == "ConfigMap"]
+    [configmap] = [o for o in objects if o["kind"] == "ConfigMap" and "gateway.yaml" in o.get("data", {})]
     config = yaml.safe_load(configmap["data"]["gateway.yaml"])
     assert "api_keys" not in config["auth"] and "shared_secret" not in config["cluster"]
     assert "url" not in config.get("cache", {})
@@ -208,7 +209,7 @@ def test_rendered_config_is_a_valid_gateway_config(rendered, tmp_path):
 
     schema = json.loads((ROOT / "gateway" / "config.schema.json").read_text())
     for name, path in rendered.items():
-        [configmap] = [o for o in objects_of(path.read_text()) if o["kind"] == "ConfigMap"]
+        [configmap] = [o for o in objects_of(path.read_text()) if o["kind"] == "ConfigMap" and "gateway.yaml" in o.get("data", {})]
         config_file = tmp_path / f"{name}.yaml"
         config_file.write_text(configmap["data"]["gateway.yaml"])
         jsonschema.validate(yaml.safe_load(config_file.read_text()), schema)
@@ -286,3 +287,15 @@ def test_audit_enabled_gives_each_pod_its_own_audit_file(rendered):
     assert env["GATEWAY_AUDIT__FILE"]["value"].endswith("/$(DWG_POD_NAME).jsonl")
     mounts = deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert any(env["GATEWAY_AUDIT__FILE"]["value"].startswith(m["mountPath"]) for m in mounts)
+
+
+def test_the_dashboard_queries_only_metrics_the_gateway_exports(rendered):
+    [cm] = [o for o in objects_of(rendered["production"].read_text())
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["dicomweb-gateway.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bdwg_[a-z_]+", e)}
+    source = "".join(p.read_text() for p in (ROOT / "gateway").rglob("*.py"))
+    missing = sorted(m for m in used if m not in source)
+    assert used and not missing, f"the dashboard queries metrics nobody exports: {missing}"
