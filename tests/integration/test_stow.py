@@ -625,3 +625,30 @@ def test_nodes_route_stores_to_the_named_node(tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def test_one_bulk_part_named_by_many_elements_costs_its_size_once(gw):
+    """STOW amplification: an 8 MB bulk part named by 25 BulkDataURIs used to be read 25 times
+    (~200 MB). Now a part fills one element: the instance fails, and the request's peak Python
+    memory stays near the part's size (tracemalloc covers the in-process gateway's threads)."""
+    import tracemalloc
+
+    ds = fresh(1)[0]
+    obj = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda e: "")
+    uri = f"{gw.url}/bulk/big"
+    obj["7FE00010"] = {"vr": "OW", "BulkDataURI": uri}
+    for i in range(24):
+        obj[f"0009{0x1010 + i:04X}"] = {"vr": "OB", "BulkDataURI": uri}
+    big = b"\1" * (8 << 20)
+    body = multipart([json.dumps([obj]).encode(), big], types=[DICOM_JSON, "application/octet-stream"],
+                     extra=[{}, {"Content-Location": uri}])
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        r = gw.post(body, headers=ct_header(root=DICOM_JSON))
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 400 and reasons(r.json()) == {ds.SOPInstanceUID: 0xC002}
+    assert peak < 64 << 20, f"peak {peak >> 20} MB for an 8 MB upload"
