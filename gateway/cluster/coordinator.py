@@ -75,6 +75,15 @@ class ClusterCoordinator:
         try:
             while fetch.missing and not fetch.cancel.is_set():
                 rid = await self.cache.get(lease)
+                if rid is None and self.cache.degraded:
+                    # Not "no lease": Redis could not tell (an outage, or a read that timed out on
+                    # a busy event loop). Wait the blip out and read again; only a real outage
+                    # sends this replica its own way.
+                    if await self.patience.unsure():
+                        log.warning("Redis unavailable: retrieving a series without the cluster lease")
+                        await self._hold(fetch, self._new_id(), None, from_pacs)
+                        return
+                    continue
                 live = rid is not None
                 if rid is None:
                     rid = await self.cache.get(latest)

@@ -135,3 +135,48 @@ async def test_forged_arrivals_are_never_followed(tmp_path):
     await one.run(fetch, pacs_for(one, fetch, calls))
     assert one.client.copied == [], "no copy from an unsigned or badly signed announcement"
     assert calls == ["r1"] and fetch.missing == []
+
+
+class BlippyCache(MemoryCache):
+    """Reads of the lease time out (a miss, degraded) a few times, as on a starved event loop."""
+
+    def __init__(self, blips: int) -> None:
+        super().__init__()
+        self.blips = blips
+        self._blipping = False
+
+    @property
+    def degraded(self) -> bool:  # type: ignore[override]
+        return self._blipping
+
+    async def get(self, key: str) -> bytes | None:
+        if key.startswith("lease:") and self.blips > 0:
+            self.blips -= 1
+            self._blipping = True
+            return None
+        return await super().get(key)
+
+    async def ping(self) -> bool:
+        self._blipping = False
+        return True
+
+
+async def test_lease_reads_that_time_out_do_not_start_a_second_retrieval(tmp_path):
+    cache, spools, calls = BlippyCache(blips=0), {}, []
+    one, two = replica(tmp_path, "r1", cache, spools), replica(tmp_path, "r2", cache, spools)
+    loop = asyncio.get_running_loop()
+    f1, f2 = SeriesFetch(loop, manifest("a"), one.spool), SeriesFetch(loop, manifest("a"), two.spool)
+    f1.join()
+    f2.join()
+
+    async def slow_pacs(missing: list[str]) -> None:
+        await asyncio.sleep(0.3)                  # the holder is busy while r2's reads time out
+        await pacs_for(one, f1, calls)(missing)
+
+    first = asyncio.ensure_future(one.run(f1, slow_pacs))
+    await asyncio.sleep(0.02)                     # r1 holds the lease
+    cache.blips = 6                               # r2's next lease reads all time out
+    second = asyncio.ensure_future(two.run(f2, pacs_for(two, f2, calls)))
+    assert await asyncio.gather(first, second) == [None, None]
+    assert calls == ["r1"], "the follower waited the blips out and copied instead of retrieving again"
+    assert f2.missing == []
