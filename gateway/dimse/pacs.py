@@ -59,8 +59,6 @@ class PynetdicomPacs:
                                      ("node", "state"), self._pool_usage)
         self._pools: dict[str, AssociationPool] = {}
         self._msg_ids = find_op.MessageIds()
-        self._lock = threading.Lock()
-        self._store_associations = 0
         # Each TLS node's one context, built now: a certificate that does not load fails start-up.
         tls.prepare(settings.nodes)
 
@@ -79,11 +77,6 @@ class PynetdicomPacs:
             samples.append(((name, "in_use"), pool.in_use if pool is not None else 0))
             samples.append(((name, "idle"), pool.idle if pool is not None else 0))
         return samples
-
-    @property
-    def store_associations_opened(self) -> int:
-        """Store associations opened so far, all nodes (one per request and context batch)."""
-        return self._store_associations
 
     # ------------------------------------------------------------------ queries
 
@@ -132,8 +125,7 @@ class PynetdicomPacs:
         cancel = threading.Event()
 
         def work() -> list[StoreResult]:
-            return store_op.store_all(self._calling_ae, node, items, workdir, cancel,
-                                      opened=self._store_association_opened)
+            return store_op.store_all(self._calling_ae, node, items, workdir, cancel)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
                                        grace=_grace(node), node=node.name, operation="store")
@@ -151,10 +143,6 @@ class PynetdicomPacs:
         if pool is None:
             pool = self._pools[node.name] = AssociationPool(node, self._calling_ae, query_contexts())
         return pool
-
-    def _store_association_opened(self) -> None:
-        with self._lock:
-            self._store_associations += 1
 
 
 def _grace(node: PacsNode) -> float:

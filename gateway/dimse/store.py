@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 
 def store_all(calling_ae: str, node: PacsNode, items: Sequence[StoreItem], workdir: Path,
-              cancel: threading.Event, *, opened: Callable[[], None]) -> list[StoreResult]:
-    """C-STORE every item; one result per item, in order. ``opened`` is called per association."""
+              cancel: threading.Event) -> list[StoreResult]:
+    """C-STORE every item; one result per item, in order."""
     results: dict[int, StoreResult] = {}
     for contexts in store_batches(items):
         classes = {cls for cls, _ in contexts}
@@ -65,7 +65,6 @@ def store_all(calling_ae: str, node: PacsNode, items: Sequence[StoreItem], workd
             for i, _ in batch:
                 results[i] = outcomes.store_sop_class_refused()
             continue
-        opened()
         msg_id = 0
         try:
             for i, item in batch:
