@@ -52,8 +52,12 @@ echo "== supply chain (SBOM matches the lock; no fixable known vulnerability in 
 "$py" scripts/supply_chain.py sbom
 "$py" scripts/supply_chain.py audit
 echo "== pytest"
-# unit + integration (testpaths), then OHIF in a real headless Chromium (tests/e2e)
-"$py" -m pytest -p no:cacheprovider
+# unit + integration (testpaths); the API fuzz in a process of its own (CPython 3.11.7's ast can
+# raise "AST constructor recursion depth mismatch" when Hypothesis first describes a lambda deep in
+# a long session, gh-106905; alone it starts from a clean interpreter); then OHIF in Chromium.
+"$py" -m pytest -p no:cacheprovider --ignore=tests/integration/test_fuzz_api.py
+echo "== API fuzz (Schemathesis against the running gateway, tests/integration/test_fuzz_api.py)"
+"$py" -m pytest -p no:cacheprovider tests/integration/test_fuzz_api.py
 echo "== e2e (OHIF in headless Chromium)"
 "$py" -m pytest -p no:cacheprovider tests/e2e
 echo "== benchmark smoke (report-only figures: .venv/bin/python tests/bench/bench_*.py)"
