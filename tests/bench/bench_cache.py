@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 from gateway.demo_data import DEMO_STUDIES, UID_ROOT, DemoScale, write_demo_files  # noqa: E402
 from tests.bench import bench_qido as bq  # noqa: E402
 from tests.bench import bench_wado as bw  # noqa: E402
+from tests.bench.common import metrics_of  # noqa: E402
 from tests.integration.peers import OrthancPeer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache.md"
@@ -123,12 +124,14 @@ class CachedGateway(bw.GatewayProcess):
     TTLs are raised to an hour so that no cached answer expires in the middle of a measurement window.
     """
 
-    def __init__(self, peer: OrthancPeer, workdir: Path, tag: str, redis_url: str, prefix: str) -> None:
+    def __init__(self, peer: OrthancPeer, workdir: Path, tag: str, redis_url: str, prefix: str,
+                 **options: Any) -> None:
+        """``options``: passed to ``bench_wado.GatewayProcess`` (``node=``, ``gateway=`` overrides)."""
         self.prefix = prefix
         super().__init__(peer, workdir, tag, extra_config=(
             "cache:\n"
             f"  url: {json.dumps(redis_url)}\n  prefix: {json.dumps(prefix)}\n"
-            "  ttl: {study: 3600, series: 3600, instance: 3600, metadata: 3600}\n"))
+            "  ttl: {study: 3600, series: 3600, instance: 3600, metadata: 3600}\n"), **options)
 
     def warm_up_elsewhere(self) -> None:
         """One QIDO on another patient: imports done, C-FIND association open, nothing of study 1 known."""
@@ -138,14 +141,7 @@ class CachedGateway(bw.GatewayProcess):
             raise BenchError(f"gateway warm-up QIDO answered {r.status_code}: {r.text[:200]}")
 
     def metrics(self) -> dict[str, float]:
-        r = httpx.get(f"{self.root}/metrics", timeout=10)
-        out: dict[str, float] = {}
-        for line in r.text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(value)
-        return out
+        return metrics_of(self.root)
 
 
 # ------------------------------------------------------------------------ QIDO
@@ -310,8 +306,12 @@ class Burst:
     retrievals: int | None = None
 
 
-def burst(base: str, slices: int, connections: int, target: str, state: str) -> Burst:
+def burst(base: str, slices: int, connections: int, target: str, state: str, *, study: str = BURST_STUDY,
+          series_uid: str = BURST_SERIES, max_frames: int | None = None) -> Burst:
     """Series metadata, then every instance's frame 1 over ``connections`` keep-alive connections.
+
+    ``study``/``series_uid``: the series (default: demo study 1's axial CT, ``slices`` instances);
+    ``max_frames``: ask for that many instances' frames only, spread evenly over the series.
 
     The clients and their connections are open before the clock starts, as a viewer tab's would be
     (one request each that the server answers 404). Per-frame latency is the request's own time on
@@ -320,7 +320,7 @@ def burst(base: str, slices: int, connections: int, target: str, state: str) -> 
     """
     result = Burst(target, state, connections)
     clients = [httpx.Client(base_url=base, timeout=120) for _ in range(connections)]
-    series = f"/studies/{BURST_STUDY}/series/{BURST_SERIES}"
+    series = f"/studies/{study}/series/{series_uid}"
     lock = threading.Lock()
     go = threading.Event()
     work: dict[str, Any] = {"urls": [], "next": 0, "bytes": 0, "last": 0.0, "first": math.inf}
@@ -361,6 +361,9 @@ def burst(base: str, slices: int, connections: int, target: str, state: str) -> 
         if r.status_code != 200:
             raise BenchError(f"{target} series metadata answered {r.status_code}: {r.text[:200]}")
         uids, frame_bytes = metadata_uids(r.json(), slices)
+        if max_frames is not None and 0 < max_frames < len(uids):
+            last = len(uids) - 1
+            uids = [uids[round(i * last / max(1, max_frames - 1))] for i in range(max_frames)]
         work["urls"] = [f"{series}/instances/{uid}/frames/1" for uid in uids]
         work["bytes"] = frame_bytes
     finally:
@@ -372,8 +375,8 @@ def burst(base: str, slices: int, connections: int, target: str, state: str) -> 
     if result.frames:
         result.total_ms = (work["last"] - t0) * 1000
         result.first_frame_ms = (work["first"] - t0) * 1000
-    if len(result.frames) != slices:
-        result.errors.append(f"{len(result.frames)} of {slices} frames received")
+    if len(result.frames) != len(work["urls"]):
+        result.errors.append(f"{len(result.frames)} of {len(work['urls'])} frames received")
     return result
 
 

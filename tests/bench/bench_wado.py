@@ -268,8 +268,14 @@ def _proc_cpu(pid: int) -> float:
 class GatewayProcess:
     """``python -m gateway.cli serve`` on a free loopback port with its own config and spool."""
 
-    def __init__(self, peer: OrthancPeer, workdir: Path, tag: str, extra_config: str = "") -> None:
-        """``extra_config``: more top-level YAML sections (e.g. ``cache:``) appended to the config."""
+    def __init__(self, peer: Any, workdir: Path, tag: str, extra_config: str = "", *,
+                 node: dict[str, Any] | None = None, gateway: dict[str, Any] | None = None) -> None:
+        """``peer``: the PACS (its ``ae_title`` and ``dicom_port``: an OrthancPeer or DcmqrscpPeer).
+
+        ``extra_config``: more top-level YAML sections (e.g. ``cache:``) appended to the config;
+        ``node`` / ``gateway``: keys overriding the node's and the ``gateway:`` section's defaults
+        (e.g. ``{"retrieve": "move"}``, ``{"dimse_port": 11112}``).
+        """
         self.workdir = workdir / f"gw-{tag}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.spool = self.workdir / "spool"
@@ -277,15 +283,15 @@ class GatewayProcess:
         self.root = f"http://{HOST}:{self.port}"
         self.log_path = self.workdir / "gateway.log"
         config = self.workdir / "gateway.yaml"
-        config.write_text(
-            "gateway:\n"
-            f"  ae_title: {GW_AE}\n  dimse_host: {HOST}\n  dimse_port: {free_port()}\n"
-            "nodes:\n"
-            f"  - name: orthanc\n    ae_title: {peer.ae_title}\n    host: {HOST}\n    port: {peer.dicom_port}\n"
-            "    retrieve: get\n"
-            "    timeouts: {connect: 5, acse: 10, dimse: 30, network: 60}\n"
-            "spool:\n"
-            f"  path: {self.spool}\n  max_bytes: 20GiB\n"
+        gateway_section = {"ae_title": GW_AE, "dimse_host": HOST, "dimse_port": free_port(), **(gateway or {})}
+        node_section = {"name": "orthanc", "ae_title": peer.ae_title, "host": HOST, "port": peer.dicom_port,
+                        "retrieve": "get", "timeouts": {"connect": 5, "acse": 10, "dimse": 30, "network": 60},
+                        **(node or {})}
+        self.dimse_port = int(gateway_section["dimse_port"])
+        config.write_text(    # JSON flow mappings are YAML
+            f"gateway: {json.dumps(gateway_section)}\n"
+            f"nodes: [{json.dumps(node_section)}]\n"
+            f"spool: {json.dumps({'path': str(self.spool), 'max_bytes': '20GiB'})}\n"
             + extra_config
         )
         setpriv = shutil.which("setpriv")
@@ -955,13 +961,16 @@ def metadata_and_frames(peer: OrthancPeer, study: StudyFiles, workdir: Path, opt
 
 
 def rss_phase(peer: OrthancPeer, big: StudyFiles, workdir: Path, opts: argparse.Namespace,
-              deadline: Deadline) -> dict[str, Any]:
-    """Phase 5: peak RSS of the gateway streaming ``big`` to a slow client."""
+              deadline: Deadline, **gateway_options: Any) -> dict[str, Any]:
+    """Phase 5: peak RSS of the gateway streaming ``big`` to a slow client.
+
+    ``gateway_options``: passed to :class:`GatewayProcess` (``node=``, ``gateway=`` overrides).
+    """
     budget = deadline.left() - opts.reserve - 15
     rate = opts.slow_rate * 1e6
     if big.total_bytes / rate > budget:
         rate = big.total_bytes / max(budget, 5.0)   # read faster rather than overrun the budget
-    gw = GatewayProcess(peer, workdir, "rss")
+    gw = GatewayProcess(peer, workdir, "rss", **gateway_options)
     samples: list[tuple[float, int, int]] = []
     stop = threading.Event()
     try:

@@ -1,28 +1,37 @@
-"""CI smoke of the QIDO benchmark: a minimal run of ``bench_qido.main`` against a real Orthanc.
+"""CI smoke of the benchmarks: minimal runs of ``bench_qido.main`` and ``bench_cold.main`` against real peers.
 
 Not a performance gate (figures on a shared CI machine are noise): it checks that every row the
-benchmark reports was measured, with the right number of studies and no failed request, so the
-report-only benchmark cannot rot unnoticed. Run it with
+benchmarks report was measured, with the right answers and no failed request, so the report-only
+benchmarks cannot rot unnoticed. Run it with
 ``python3 -m pytest -p no:cacheprovider tests/bench/test_bench_smoke.py`` (not in the default
-testpaths). Takes about 10 s.
+testpaths). Takes about 10 s (QIDO) + 40 s (cold path).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# The integration suite's Redis: 127.0.0.1:6379/15 when it answers, else a private redis-server.
+from tests.integration.conftest import redis_url  # noqa: E402,F401
+
 BENCH = Path(__file__).with_name("bench_qido.py")
 
 
-def load_bench() -> ModuleType:
+def load_bench(path: Path = BENCH) -> ModuleType:
     # tests/bench is not a package: load the script by path.
-    spec = importlib.util.spec_from_file_location("bench_qido", BENCH)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -64,3 +73,38 @@ def test_quick_run_measures_every_row(tmp_path: Path) -> None:
 
     assert report.read_text() == result["markdown"]
     assert "| TCP_NODELAY=1 | `/studies?PatientID=DGW0001` | 2 | 5 |" in result["markdown"]
+
+
+COLD_ROWS = ("cget", "ttfb", "storm", "stow")
+
+
+@pytest.mark.bench
+@pytest.mark.integration
+@pytest.mark.timeout(180, method="thread")   # bench_cold's own watchdog uses SIGALRM
+def test_cold_path_tiny_run_measures_every_row(tmp_path: Path, redis_url: str) -> None:  # noqa: F811
+    bench = load_bench(Path(__file__).with_name("bench_cold.py"))
+    report = tmp_path / "cold_path.md"
+    result = bench.main(["--slices", "12", "--reps", "1", "--storm", "12", "--only", ",".join(COLD_ROWS),
+                         "--redis", redis_url, "--budget", "150", "--workdir", str(tmp_path),
+                         "--output", str(report)])
+
+    assert list(result["rows"]) == list(COLD_ROWS)
+    for key, row in result["rows"].items():
+        # A failed answer check (wrong instance count, bytes, Orthanc's count after STOW) is an error.
+        assert row["status"] == "measured" and row["errors"] == [], (key, row["errors"])
+        assert row["checks"], key
+        assert row["targets"], key
+        for target in row["targets"]:
+            assert target["gateway"] > 0 and target["anchor"] > 0 and target["ratio"] > 0, (key, target)
+            assert target["met"] in (True, False), (key, target)
+    # Every engine the gateway can select was measured, on every repetition, next to both anchors.
+    cget = result["rows"]["cget"]["table"]
+    gateways = [line for line in cget if line.startswith("| gateway, ")]
+    assert len(gateways) >= 1 and all(line.split("|")[2].strip() == "1" for line in gateways), cget
+    assert any(line.startswith("| DCMTK getscu | 1 |") for line in cget), cget
+    assert any(line.startswith("| raw pynetdicom C-GET | 1 |") for line in cget), cget
+
+    text = report.read_text()
+    assert text == result["markdown"]
+    assert "## Summary" in text and "not run" not in text
+    assert all(f"| {row['number']} | " in text for row in result["rows"].values())
