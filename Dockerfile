@@ -11,6 +11,13 @@
 # `serve --config /etc/dicomweb-gateway/gateway.yaml --allow-unauthenticated` to `docker run` only
 # behind an authenticating proxy. Change the port with GATEWAY_HTTP__PORT (or http.port), not
 # --port, so that the HEALTHCHECK probes the port the gateway serves.
+#
+# OpenTelemetry traces are off (the image carries the SDK; off, it is never imported). Turn them on
+# in the mounted config (`tracing.enabled: true`, `tracing.endpoint: http://collector:4318/v1/traces`)
+# or with `-e GATEWAY_TRACING__ENABLED=true -e GATEWAY_TRACING__ENDPOINT=...`; a collector's token
+# goes in a variable that `tracing.headers_env` names (e.g. `-e GATEWAY_TRACING__HEADERS_ENV=OTLP_HEADERS
+# -e OTLP_HEADERS=authorization=Bearer%20<token>`), never in the config file. No ENV default is set
+# here: an image variable would override the mounted config.
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -8,10 +8,12 @@
   *template* (``/dicom-web/studies/{study}/series/{series}/metadata``), method and status class.
   Labels never hold a path's UIDs or a query: their values are route templates, node names, fixed
   words and error class names only.
-* :class:`JsonFormatter` and :class:`RequestIdFilter`: one JSON object per log line, with the id of the
-  request being served (the audit trail's ``X-Request-ID``, gateway/audit.py) when there is one.
-  A log record carries what its message says and nothing else of the request: no query string, no
-  header (the operational log never holds patient data, docs/architecture.md, "HTTP edge").
+* :class:`JsonFormatter`, :class:`TextFormatter` and :class:`RequestIdFilter`: one JSON object (or
+  one text line, ``[req=...]``) per log record, with the id of the request being served (the audit
+  trail's ``X-Request-ID``, gateway/audit.py) when there is one. A log record carries what its
+  message says and nothing else of the request: no query string, no header (the operational log
+  never holds patient data, docs/architecture.md, "HTTP edge").
+* :func:`masked_path`: a request path as the access log and the trace spans may show it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import bisect
 import datetime as dt
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -277,6 +280,35 @@ def route_template(routes: Sequence[BaseRoute], path: str, prefix: str = "") -> 
     return None
 
 
+# Path segments a log line or a span may show: the API's own words, UIDs, frame lists, tag paths and
+# node names. Anything else (a malformed path may carry any text a client typed) is masked.
+_SAFE_SEGMENT = re.compile(r"[0-9.,]{1,130}|[0-9A-Fa-f.]{8,100}|[A-Za-z][A-Za-z0-9_.-]{0,63}")
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_UID_LIKE = re.compile(r"[0-9]+(?:\.[0-9]+)+")
+_API_WORDS = frozenset({"dicom-web", "nodes", "studies", "series", "instances", "metadata", "frames",
+                        "rendered", "thumbnail", "bulkdata", "pixeldata", "wado", "healthz", "readyz",
+                        "metrics", "openapi.json", "internal"})
+_UID_PARENTS = frozenset({"studies", "series", "instances"})
+MASK = "…"
+
+
+def masked_path(path: str, *, uids: bool = True) -> str:
+    """``path`` with every segment that is none of the API's words, UIDs, frame lists, tag paths or
+    node names replaced by ``…``. ``uids=False`` masks the UIDs too (what follows ``studies``,
+    ``series`` or ``instances``, and any dotted number): the trace spans leave every identifier out,
+    while the access log keeps UIDs for an operator to trace a request."""
+    segments = path.split("/")
+    out = []
+    for i, segment in enumerate(segments):
+        before = segments[i - 1] if i > 0 else ""
+        keep = segment == "" or (_SAFE_SEGMENT.fullmatch(segment) is not None and (
+            not _WORD.fullmatch(segment) or segment in _API_WORDS or before == "nodes"))
+        if keep and not uids and segment and (before in _UID_PARENTS or _UID_LIKE.fullmatch(segment)):
+            keep = False
+        out.append(segment if keep else MASK)
+    return "/".join(out)
+
+
 def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "5xx"
 
@@ -287,9 +319,18 @@ REQUEST_STATE: ContextVar[dict[str, Any] | None] = ContextVar("gateway_request_s
 
 
 def current_request_id() -> str | None:
+    return _state_str("request_id")
+
+
+def current_trace_id() -> str | None:
+    """The trace id of the request's span (gateway/tracing.py) when tracing is on and it is sampled."""
+    return _state_str("trace_id")
+
+
+def _state_str(key: str) -> str | None:
     state = REQUEST_STATE.get()
-    request_id = state.get("request_id") if state is not None else None
-    return request_id if isinstance(request_id, str) else None
+    value = state.get(key) if state is not None else None
+    return value if isinstance(value, str) else None
 
 
 class RequestMetrics:
@@ -338,18 +379,38 @@ class RequestMetrics:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` (None outside a request) to every record its handler sees; on a handler,
-    so records of every logger (uvicorn's access log, DIMSE worker threads) get it."""
+    """Adds ``request_id`` and ``trace_id`` (None outside a request, or untraced) to every record its
+    handler sees; on a handler, so records of every logger (uvicorn's access log, DIMSE worker
+    threads) get them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = current_request_id()
+        if getattr(record, "trace_id", None) is None:
+            record.trace_id = current_trace_id()
         return True
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``: ``<time> <LEVEL> <logger> [req=<id>]: <message>``, the ``[req=...]`` part only
+    while a request is served (its id was checked by the audit trail: no spaces, no newlines)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [req={request_id}]" if isinstance(request_id, str) else ""
+        return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
-    ``request_id`` when known, ``exception`` when the record has one. Nothing else of the record
+    ``request_id`` when known, ``trace_id`` when the request is traced, ``exception`` when the
+    record has one. Nothing else of the record
     or the request is added (no ``extra`` fields, no query strings, no headers)."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -363,6 +424,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if isinstance(request_id, str):
             entry["request_id"] = request_id
+        trace_id = getattr(record, "trace_id", None)
+        if isinstance(trace_id, str):
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:

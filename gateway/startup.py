@@ -9,16 +9,13 @@ logging alone).
 from __future__ import annotations
 
 import logging
-import re
 from typing import IO
 
 from pydicom import config as pydicom_config
 
 from gateway.dimse.process import configure_pynetdicom
-from gateway.observability import JsonFormatter, RequestIdFilter
+from gateway.observability import JsonFormatter, RequestIdFilter, TextFormatter, masked_path
 from gateway.settings import LoggingSection
-
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure_process() -> None:
@@ -41,13 +38,14 @@ def configure_process() -> None:
 def configure_logging(section: LoggingSection, stream: IO[str] | None = None) -> logging.Handler:
     """The process's one log handler, on ``stream`` (stderr), replacing the root logger's handlers.
 
-    ``logging.format``: ``text`` (``TEXT_FORMAT``) or ``json`` (:class:`JsonFormatter`: one object
-    per line with the request id, docs/architecture.md, "App"); ``logging.level`` for the root logger.
+    ``logging.format``: ``text`` (:class:`TextFormatter`: ``[req=<id>]`` while a request is served)
+    or ``json`` (:class:`JsonFormatter`: one object per line with the request id,
+    docs/architecture.md, "App"); ``logging.level`` for the root logger.
     uvicorn is then run without a log config of its own, so its lines (the access log, through
     :class:`NoQueryStrings`) come out of this handler in the same format.
     """
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if section.format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if section.format == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for previous in list(root.handlers):
@@ -55,26 +53,6 @@ def configure_logging(section: LoggingSection, stream: IO[str] | None = None) ->
     root.addHandler(handler)
     root.setLevel(section.level.upper())
     return handler
-
-
-# Path segments an access log line may show: the API's own words, UIDs, frame lists, tag paths and
-# node names. Anything else (a malformed path may carry any text a client typed) is masked.
-_SAFE_SEGMENT = re.compile(r"[0-9.,]{1,130}|[0-9A-Fa-f.]{8,100}|[A-Za-z][A-Za-z0-9_.-]{0,63}")
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
-_API_WORDS = frozenset({"dicom-web", "nodes", "studies", "series", "instances", "metadata", "frames",
-                        "rendered", "thumbnail", "bulkdata", "pixeldata", "wado", "healthz", "readyz",
-                        "metrics", "openapi.json", "internal"})
-
-
-def _masked(path: str) -> str:
-    segments = path.split("/")
-    out = []
-    for i, segment in enumerate(segments):
-        after_nodes = i > 0 and segments[i - 1] == "nodes"
-        keep = segment == "" or (_SAFE_SEGMENT.fullmatch(segment) is not None and (
-            not _WORD.fullmatch(segment) or segment in _API_WORDS or after_nodes))
-        out.append(segment if keep else "…")
-    return "/".join(out)
 
 
 class NoQueryStrings(logging.Filter):
@@ -87,5 +65,5 @@ class NoQueryStrings(logging.Filter):
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
             path, query = (args[2].split("?", 1) + [""])[:2]
-            record.args = (*args[:2], _masked(path) + ("?…" if query else ""), *args[3:])
+            record.args = (*args[:2], masked_path(path) + ("?…" if query else ""), *args[3:])
         return True

@@ -18,6 +18,9 @@ through :meth:`Workers.run`, which is where the :class:`gateway.pacs.Pacs` contr
   the caller's context, so its log records carry the request id (gateway/observability.py).
 * **Metrics** (docs/architecture.md, "App"): every operation is counted and timed by node, operation
   and outcome (``ok``, ``cancelled`` or the error's class name), and the wait for the budget is timed.
+* **Traces** (gateway/tracing.py, when ``tracing.enabled``): the same operation is a child span of the
+  request's span, begun and ended on its worker thread; its parent is captured here, on the loop,
+  and handed over explicitly. Tracing off, the hook is one context variable read.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TypeVar
 
 from gateway.observability import Registry
 from gateway.settings import PacsNode
+from gateway.tracing import DimseSpan, dimse_span
 
 T = TypeVar("T")
 
@@ -104,13 +108,17 @@ class Workers:
         operation is not measured.
         """
         loop = asyncio.get_running_loop()
-        measured = self._measured(work, cancel, node, operation) if node and operation else work
+        span = dimse_span(node, operation) if node and operation else None   # None unless traced
+        measured = self._measured(work, cancel, node, operation, span) if node and operation else work
         call = functools.partial(contextvars.copy_context().run, measured)
         waiting = time.perf_counter()
         async with budget:
             if node and operation:
                 kind = "query" if operation in QUERY_OPERATIONS else "transfer"
-                self.metrics.budget_wait.observe(time.perf_counter() - waiting, node=node, budget=kind)
+                waited = time.perf_counter() - waiting
+                self.metrics.budget_wait.observe(waited, node=node, budget=kind)
+                if span is not None:
+                    span.budget_wait = waited
             future = loop.run_in_executor(self._executor, call)
             try:
                 return await asyncio.shield(future)
@@ -122,23 +130,29 @@ class Workers:
                     pass
                 raise
 
-    def _measured(self, work: Callable[[], T], cancel: threading.Event, node: str, operation: str
-                  ) -> Callable[[], T]:
-        """``work`` timed on its thread: ``ok``, ``cancelled`` (it returned after a cancel) or the
-        class name of what it raised."""
+    def _measured(self, work: Callable[[], T], cancel: threading.Event, node: str, operation: str,
+                  span: DimseSpan | None = None) -> Callable[[], T]:
+        """``work`` timed (and traced, with ``span``) on its thread: ``ok``, ``cancelled`` (it returned
+        after a cancel) or the class name of what it raised."""
         def measured() -> T:
             started = time.perf_counter()
             outcome = "ok"
+            result: object = None
+            if span is not None:
+                span.begin()
             try:
-                result = work()
+                value = work()
+                result = value
                 if cancel.is_set():
                     outcome = "cancelled"
-                return result
+                return value
             except BaseException as exc:
                 outcome = type(exc).__name__
                 raise
             finally:
                 self.metrics.record(node, operation, outcome, time.perf_counter() - started)
+                if span is not None:
+                    span.end(outcome, result)
 
         return measured
 

@@ -199,6 +199,9 @@ def test_production_manifests_hold_no_secret(rendered):
     assert env["DWG_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "redis-password"}
     assert env["GATEWAY_CACHE__URL"]["value"] == \
         "redis://:$(DWG_REDIS_PASSWORD)@redis-master.redis.svc.cluster.local:6379/0"
+    # The trace exports' token: from a Secret, the ConfigMap naming only the variable.
+    assert env["DWG_TRACING_HEADERS"]["valueFrom"]["secretKeyRef"] == {"name": "dwg-otlp", "key": "otlp-headers"}
+    assert config["tracing"]["headers_env"] == "DWG_TRACING_HEADERS" and config["tracing"]["enabled"] is True
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
 
 
@@ -215,9 +218,33 @@ def test_rendered_config_is_a_valid_gateway_config(rendered, tmp_path):
         jsonschema.validate(yaml.safe_load(config_file.read_text()), schema)
         env = {"GATEWAY_AUTH__API_KEYS": '["an-api-key-from-the-secret"]',
                "GATEWAY_CLUSTER__SHARED_SECRET": "a-shared-secret-from-the-secret",
-               "GATEWAY_CACHE__URL": "redis://:pw@redis-master.redis.svc.cluster.local:6379/0"}
+               "GATEWAY_CACHE__URL": "redis://:pw@redis-master.redis.svc.cluster.local:6379/0",
+               "DWG_TRACING_HEADERS": "authorization=Bearer%20a-token-from-the-secret"}
         settings = load_settings(config_file, env)
         assert settings.http.host == "0.0.0.0" and settings.nodes
+        if name == "production":
+            assert settings.tracing.enabled and settings.tracing.sample_ratio == 0.1
+            assert settings.tracing.headers(env) == {"authorization": "Bearer a-token-from-the-secret"}
+        else:
+            assert not settings.tracing.enabled, "tracing is off unless configured"
+
+
+def test_tracing_collector_egress_only_with_tracing_on(rendered, helm):
+    """networkPolicy.tracing opens egress to the collector when config.tracing.enabled, not otherwise."""
+    def collector_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        [policy] = [o for o in objects if o["kind"] == "NetworkPolicy"]
+        return [r for r in policy["spec"]["egress"] if [p["port"] for p in r["ports"]] == [4318]]
+
+    on = collector_rules(objects_of(rendered["production"].read_text()))
+    assert on == [{"ports": [{"port": 4318, "protocol": "TCP"}],
+                   "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]}]
+    off = template(helm, "-f", str(VALUES_FILES["production"]), "--set", "config.tracing.enabled=false",
+                   "--set", "tracing.headersSecret=")
+    assert off.returncode == 0, off.stderr
+    objects = objects_of(off.stdout)
+    assert collector_rules(objects) == []
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    assert "DWG_TRACING_HEADERS" not in {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
 # ---------------------------------------------------------------- values.schema.json
@@ -272,6 +299,10 @@ def test_schema_describes_every_value_and_accepts_the_values_files():
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("redis.url=http://redis:6379", "/redis/url"),
     ("audit.path=relative/dir", "/audit/path"),
+    ("config.tracing.sample_ratio=2", "/config/tracing/sample_ratio"),
+    ("config.tracing.endpoint=collector:4318", "/config/tracing/endpoint"),
+    ("config.tracing.exporter=zipkin", "additional properties 'exporter' not allowed"),
+    ("tracing.headersSecret=Not_A_Name", "/tracing/headersSecret"),
 ])
 def test_schema_rejects_bad_values(helm, option, where):
     result = template(helm, "-f", str(VALUES_FILES["minimal"]), "--set", option)

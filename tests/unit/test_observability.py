@@ -354,3 +354,123 @@ def test_pool_reports_in_use_and_idle(monkeypatch):
     assert reused and (pool.in_use, pool.idle) == (1, 0)
     pool.release(again, reusable=False)
     assert (pool.in_use, pool.idle, pool.opened) == (0, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------- tracing
+
+
+def test_tracing_section_is_validated_and_off_by_default(tmp_path):
+    from gateway.settings import TracingSection, load_settings
+
+    assert settings_from_dict({}).tracing == TracingSection(enabled=False)
+    s = settings_from_dict({"tracing": {"enabled": True, "endpoint": "https://otel.example:4318/v1/traces",
+                                        "service_name": "dwg-a", "sample_ratio": 0.25,
+                                        "headers_env": "OTLP_HEADERS", "timeout": 3}})
+    assert s.tracing == TracingSection(True, "https://otel.example:4318/v1/traces", "dwg-a", 0.25,
+                                       "OTLP_HEADERS", 3.0)
+    for bad, key in [({"endpoint": "collector:4318"}, "tracing.endpoint"),
+                     ({"sample_ratio": 1.5}, "tracing.sample_ratio"),
+                     ({"sample_ratio": True}, "tracing.sample_ratio"),
+                     ({"headers_env": "not a name"}, "tracing.headers_env"),
+                     ({"enabled": "yes"}, "tracing.enabled"),
+                     ({"exporter": "zipkin"}, "tracing.exporter")]:          # unknown keys are refused
+        with pytest.raises(ConfigError, match=f"^{key}:"):
+            settings_from_dict({"tracing": bad})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tracing: {enabled: true, headers_env: OTLP_HEADERS}\n")
+    with pytest.raises(ConfigError, match="OTLP_HEADERS is not set"):
+        load_settings(cfg, env={})
+    with pytest.raises(ConfigError) as bad_headers:
+        load_settings(cfg, env={"OTLP_HEADERS": "Bearer s3cret"})
+    assert "s3cret" not in str(bad_headers.value)                 # a credential is never echoed
+    env = {"OTLP_HEADERS": "Authorization=Bearer%20s3cret, X-Scope-OrgID=imaging,"}
+    assert load_settings(cfg, env=env).tracing.headers(env) == {"authorization": "Bearer s3cret",
+                                                                 "x-scope-orgid": "imaging"}
+
+
+def _traced_app(tracing, log: logging.Logger, work) -> Starlette:
+    from gateway.tracing import TracingMiddleware
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        log.info("serving")
+        if request.path_params["study"] == "fail":
+            return PlainTextResponse("down", status_code=503)
+        await work()
+        return PlainTextResponse("ok")
+
+    sink = AuditSink(AuditSection(), "AE")
+    return Starlette(routes=[Route("/dicom-web/studies/{study}/work", endpoint, methods=["GET"])],
+                     middleware=[Middleware(TracingMiddleware, tracing=tracing),
+                                 Middleware(RequestMetrics, registry=Registry()),
+                                 Middleware(AuditTrail, sink=sink, gateway_ae="AE")])
+
+
+def test_spans_of_requests_and_dimse_work_and_the_json_log_carries_the_trace_id():
+    """A real SDK with an in-memory exporter: the server span (masked path, status, request id), a
+    DIMSE span per operation begun on its worker thread under the request's span, an error span
+    naming only the error's class, and the trace id in the JSON log lines of the request."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from gateway.settings import TracingSection
+    from gateway.tracing import ACTIVE, Tracing, dimse_span
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(TracingSection(enabled=True), {})
+    tracing.start(exporter=exporter)
+    workers = Workers(2, Registry())
+    log = logging.getLogger("gateway.test_tracing_unit")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+    def fails() -> int:
+        raise NodeUnreachable(f"study {STUDY} on node n", node="n")
+
+    async def main() -> None:
+        assert dimse_span("n", "find") is None            # no traced request: the hook does nothing
+        budget = asyncio.Semaphore(1)
+
+        async def work() -> None:   # the route's DIMSE work, in the request
+            assert ACTIVE.get() is tracing
+            await workers.run(lambda: 1, budget=budget, cancel=threading.Event(), grace=1,
+                              node="n", operation="find")
+            with pytest.raises(NodeUnreachable):
+                await workers.run(fails, budget=budget, cancel=threading.Event(), grace=1,
+                                  node="n", operation="get")
+
+        transport = httpx.ASGITransport(app=_traced_app(tracing, log, work))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            ok = await client.get(f"/dicom-web/studies/{STUDY}/work?PatientID=DGW0001",
+                                  headers={"X-Request-ID": "req-9"})
+            assert ok.status_code == 200
+            assert (await client.get("/dicom-web/studies/fail/work")).status_code == 503
+        await tracing.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        workers.shutdown()
+        log.removeHandler(handler)
+    spans = exporter.get_finished_spans()
+    (server,) = [s for s in spans if s.kind == SpanKind.SERVER and s.attributes["http.response.status_code"] == 200]
+    (failed,) = [s for s in spans if s.kind == SpanKind.SERVER and s is not server]
+    assert server.name == "GET /dicom-web/studies/{study}/work"   # the route's template
+    assert server.attributes["url.path"] == "/dicom-web/studies/…/…"   # "work" is no API word
+    assert server.attributes["gateway.request_id"] == "req-9"
+    assert failed.status.status_code == StatusCode.ERROR and failed.attributes["error.type"] == "503"
+    find, get = sorted((s for s in spans if s.kind == SpanKind.CLIENT), key=lambda s: s.name == "DIMSE C-GET")
+    assert find.name == "DIMSE C-FIND" and get.name == "DIMSE C-GET"
+    for child in (find, get):
+        assert child.parent.span_id == server.context.span_id and child.context.trace_id == server.context.trace_id
+    assert find.attributes["dimse.outcome"] == "ok" and find.status.status_code == StatusCode.UNSET
+    assert get.attributes["error.type"] == "NodeUnreachable" and get.status.status_code == StatusCode.ERROR
+    assert get.status.description is None and not get.events   # no message: it may name a UID
+    exported = repr([(s.name, dict(s.attributes), s.status.description) for s in spans])
+    assert STUDY not in exported and "DGW0001" not in exported
+    line = json.loads(stream.getvalue().splitlines()[0])
+    assert line["request_id"] == "req-9" and line["trace_id"] == format(server.context.trace_id, "032x")
+    assert not tracing.started

@@ -109,7 +109,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The config the pods read (the ConfigMap): .Values.config, with cache.url defaulting to a
      redis.url without a password, and without any secret: auth.api_keys, cluster.shared_secret and
-     a cache.url carrying a password reach the pods from Secrets as GATEWAY_* variables. */}}
+     a cache.url carrying a password reach the pods from Secrets as GATEWAY_* variables; with
+     tracing.headersSecret, tracing.headers_env names the variable the export headers come in. */}}
 {{- define "dicomweb-gateway.config" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $cache := get $config "cache" | default dict }}
@@ -121,6 +122,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if $cache }}{{ $_ := set $config "cache" $cache }}{{ end }}
 {{- with get $config "auth" }}{{ $_ := unset . "api_keys" }}{{ end }}
 {{- with get $config "cluster" }}{{ $_ := unset . "shared_secret" }}{{ end }}
+{{- if .Values.tracing.headersSecret }}
+{{- $tracing := get $config "tracing" | default dict }}
+{{- $_ := set $tracing "headers_env" "DWG_TRACING_HEADERS" }}
+{{- $_ := set $config "tracing" $tracing }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
