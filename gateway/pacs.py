@@ -24,7 +24,7 @@ Contract of every method:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -81,11 +81,33 @@ class StoreItem:
     transfer_syntax: str
 
 
+StoreItems = Sequence[StoreItem] | AsyncIterable[StoreItem]
+"""What :meth:`Pacs.store` takes: every item at once, or items as they become ready."""
+
+
 @dataclass(frozen=True)
 class StoreResult:
     status: int                      # the PACS's C-STORE status, or a gateway code (translators.stow)
     confirmed: bool                  # the PACS answered this C-STORE
     sent_syntax: str | None = None   # the transfer syntax it went in (differs when transcoded)
+
+
+ProbeContext = tuple[str, Sequence[str]]
+"""A presentation context to propose: (abstract syntax, [transfer syntax, ...])."""
+
+
+@dataclass(frozen=True)
+class AssociationFacts:
+    """What one A-ASSOCIATE exchange told about a PACS (PS3.8 §9.3.3, PS3.7 Annex D), for its profile
+    (docs/architecture.md, "PACS profiles"). No patient data."""
+
+    accepted: tuple[tuple[str, str, bool], ...]   # (abstract syntax, transfer syntax, we may be its SCP)
+    rejected: tuple[str, ...]                     # abstract syntaxes of the refused contexts
+    max_pdu: int | None                           # the largest PDU the PACS receives (0: unlimited)
+    implementation_class_uid: str                 # from the A-ASSOCIATE-AC user information
+    implementation_version_name: str
+    associate_seconds: float                      # TCP connect + A-ASSOCIATE round trip
+    untuned_find_seconds: tuple[float, ...] = ()  # ``timed_find`` without our quick ACKs (Nagle shows)
 
 
 class NotRequested(Exception):
@@ -153,13 +175,29 @@ class Pacs(Protocol):
         """C-MOVE to ``destination`` (the gateway's storage SCP, which routes the arrivals)."""
         ...
 
-    async def store(self, node: PacsNode, items: Sequence[StoreItem], workdir: Path) -> list[StoreResult]:
+    async def store(self, node: PacsNode, items: StoreItems, workdir: Path) -> list[StoreResult]:
         """C-STORE every item, one result per item in order; nothing unconfirmed is a success.
-        Transcoded copies (for a PACS that refused an item's syntax) go to ``workdir``."""
+
+        ``items`` may be all known (a sequence) or come one by one (an async iterable: STOW-RS hands
+        each instance over as soon as its part arrived). Each is stored as it comes, in order, over
+        one association as far as the presentation contexts allow; the transfer budget is taken when
+        the first item arrives and held until the iterable ends. If the iterable raises, the items
+        before are still stored, then the exception propagates. Transcoded copies (for a PACS that
+        refused an item's syntax) go to ``workdir``."""
         ...
 
     def query_associations_opened(self, node: PacsNode) -> int:
         """Query associations opened with the node so far (/metrics: reuse shows as few)."""
+        ...
+
+    async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
+                              scp_roles: Sequence[str] = (),
+                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
+        """Open one association proposing ``contexts`` (``scp_roles``: SOP classes whose SCP role we
+        offer, as for C-GET), report what was accepted and who answered, release it. With
+        ``timed_find`` (the C-FIND model's UID, an identifier matching a few entities) that C-FIND
+        runs three times without the gateway's TCP quick ACKs and is timed, so a PACS with Nagle on
+        shows its ~40 ms stalls. Holds a transfer association of the node's budget."""
         ...
 
     async def close(self) -> None: ...

@@ -56,6 +56,11 @@ echo "== pytest"
 # raise "AST constructor recursion depth mismatch" when Hypothesis first describes a lambda deep in
 # a long session, gh-106905; alone it starts from a clean interpreter); then OHIF in Chromium.
 "$py" -m pytest -p no:cacheprovider --ignore=tests/integration/test_fuzz_api.py
+echo "== integration suite again on the pynetdicom DIMSE engine (every node and the storage SCP)"
+# The default engine is the gateway's own (gateway/dimse/fast/); pynetdicom's stays a per-node
+# fallback, so every integration test must pass on both (docs/architecture.md, "DIMSE edge").
+GATEWAY_GATEWAY__DIMSE_ENGINE=pynetdicom "$py" -m pytest -p no:cacheprovider -q tests/integration \
+    --ignore=tests/integration/test_fuzz_api.py
 echo "== API fuzz (Schemathesis against the running gateway, tests/integration/test_fuzz_api.py)"
 "$py" -m pytest -p no:cacheprovider tests/integration/test_fuzz_api.py
 echo "== e2e (OHIF in headless Chromium)"

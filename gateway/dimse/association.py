@@ -31,7 +31,7 @@ from pynetdicom.association import Association
 
 from gateway.dimse import tls
 from gateway.dimse.contexts import Context
-from gateway.dimse.outcomes import association_failure
+from gateway.dimse.outcomes import association_failure, no_context_accepted
 from gateway.dimse.socket_tuning import guard_reactor, on_connection_open
 from gateway.settings import PacsNode
 
@@ -96,11 +96,14 @@ def open_association(calling_ae: str, node: PacsNode, contexts: Sequence[Context
         tls_args=secure.tls_args if secure is not None else None,
     )
     if not assoc.is_established:
-        if none_accepted_ok and assoc.rejected_contexts and not assoc.accepted_contexts:
-            return None
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            if none_accepted_ok:
+                return None
+            raise no_context_accepted(node.name, len(contexts))
         raise association_failure(assoc, node.name, connected=connected.is_set(), started=started,
                                   connect_timeout=node.timeouts.connect, tls_enabled=secure is not None,
-                                  tls_error=secure.error if secure is not None else None)
+                                  tls_error=secure.error if secure is not None else None,
+                                  acse_timeout=node.timeouts.acse)
     guard_reactor(assoc)
     return assoc
 

@@ -9,11 +9,13 @@ places the gateway negotiates storage contexts follow one policy, kept in this m
   (PS3.4 C.4.3, role selection PS3.7 D.3.3.4), so it proposes one context per (SOP class, transfer
   syntax): native first (Explicit before Implicit VR LE), then the compressed syntaxes breadth first,
   all within the 128-context limit; ``compressed_first`` flips the two halves for retries.
-* **C-STORE proposals** (:func:`store_batches`): contexts from the items' own syntaxes plus a native
-  fallback, SOP classes split over consecutive associations past 128 contexts;
+* **C-STORE proposals** (:func:`store_proposal`, the one plan every store engine uses): instances
+  arrive one by one (STOW-RS streams them), so an association proposes the classes and syntaxes of
+  the instances at hand plus the native syntaxes of the common storage classes, and a new one is
+  planned when an instance's (class, syntax) was not proposed (:func:`proposed_pairs`);
   :func:`store_fallback` picks the syntax to transcode to when the PACS refused an item's own.
-* **Storage SCP acceptance** (:func:`scp_contexts`): what the C-MOVE destination accepts, native or
-  compressed first.
+* **Storage SCP acceptance** (:func:`scp_contexts`, :func:`scp_verification`): what the C-MOVE
+  destination accepts, native or compressed first, and C-ECHO; both storage SCP engines use it.
 
 Pure functions over UIDs (``(SOP class, [transfer syntax])`` tuples); building pynetdicom objects
 from them is :mod:`gateway.dimse.association`'s job. Transfer syntax groupings come from
@@ -63,7 +65,8 @@ COMMON_STORAGE: tuple[str, ...] = (
     "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.88.59",
     "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.12.2", "1.2.840.10008.5.1.4.1.1.481.1",
 )
-"""Storage SOP classes a C-GET proposes when the C-FIND did not name any (dcmqrscp omits them)."""
+"""Common storage SOP classes: what a C-GET proposes when the C-FIND did not name any (dcmqrscp
+omits them), and what every C-STORE association offers besides the classes at hand."""
 
 
 def find_model(root: Root) -> str:
@@ -147,9 +150,61 @@ def get_storage_contexts(sop_classes: Iterable[str], reserved: int = 1,
 
 # --------------------------------------------------------------------------- C-STORE
 
+StorePair = tuple[str, str]
+"""(SOP class, transfer syntax) of an instance to store."""
+
+
+def store_proposal(wanted: Iterable[StorePair]) -> list[Context]:
+    """The presentation contexts of one C-STORE association, one transfer syntax each.
+
+    ``wanted``: the (SOP class, transfer syntax) pairs of the instances the association is for, most
+    important first: the instance about to be sent, then the ones sent before it (most recent
+    first), then any known to follow. Every store engine plans with this function; instances come
+    one by one (docs/architecture.md, "STOW-RS"), so an engine plans again, for a new association,
+    when an instance's pair is not among the :func:`proposed_pairs` of the open one.
+
+    1. Per SOP class of ``wanted``, in order of first appearance: a context for each of its
+       syntaxes that is not native, then Explicit VR LE and Implicit VR LE in contexts of their
+       own. The acceptor picks one syntax per context (PS3.8 §9.3.3.2), so separate contexts let an
+       instance go in its own syntax whenever the PACS takes it; every Storage SCP accepts Implicit
+       VR LE (PS3.4 B.2), so an instance whose syntax the PACS refused can be transcoded to a native
+       one (:func:`store_fallback`).
+    2. Explicit and Implicit VR LE for every class of :data:`COMMON_STORAGE` not named in 1, so an
+       instance of another common class arriving later goes on the same association.
+
+    Whole classes only, within the 128-context limit (PS3.8 §9.3.2.2): a class that no longer fits
+    is left out and gets an association of its own if an instance of it comes. The first class
+    always fits.
+    """
+    classes: dict[str, list[str]] = {}
+    for cls, ts in wanted:
+        own = classes.setdefault(cls, [])
+        if ts not in NATIVE and ts not in own:
+            own.append(ts)
+    for cls in COMMON_STORAGE:
+        classes.setdefault(cls, [])
+    contexts: list[Context] = []
+    for cls, own in classes.items():
+        group: list[Context] = [(cls, [ts]) for ts in (*own, *NATIVE)]
+        if not contexts:
+            contexts = group[:MAX_CONTEXTS]
+        elif len(contexts) + len(group) <= MAX_CONTEXTS:
+            contexts.extend(group)
+    return contexts
+
+
+def proposed_pairs(contexts: Iterable[Context]) -> frozenset[StorePair]:
+    """The (SOP class, transfer syntax) pairs a proposal offers: an instance whose pair is not among
+    them needs a new association (the PACS was never asked for it)."""
+    return frozenset((cls, ts) for cls, syntaxes in contexts for ts in syntaxes)
+
 
 def store_batches(items: Sequence[StoreItem]) -> list[list[Context]]:
     """Presentation contexts for the items, in batches of at most 128 (one association each).
+
+    Superseded by :func:`store_proposal`: no store engine uses it any more (instances are no longer
+    all known when the first association opens). Kept only for its unit tests in
+    tests/unit/test_dimse_contexts.py; remove both together.
 
     Per SOP class: one context per non-native transfer syntax of its items, then the native
     fallback ``[the items' native syntaxes first, then the other of Explicit/Implicit VR LE]`` (every
@@ -198,3 +253,8 @@ def scp_contexts(*, compressed_first: bool = False) -> list[Context]:
     compressed = [str(ts) for ts in ALL_TRANSFER_SYNTAXES if ts not in native + legacy]
     syntaxes = compressed + native + legacy if compressed_first else native + compressed + legacy
     return [(str(cx.abstract_syntax), list(syntaxes)) for cx in AllStoragePresentationContexts]
+
+
+def scp_verification() -> Context:
+    """C-ECHO at the storage SCP (PS3.7 9.1.5): how a PACS administrator checks the move destination."""
+    return VERIFICATION, list(NATIVE)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from pydicom.dataset import Dataset
@@ -102,28 +102,51 @@ def is_warning(code: int) -> bool:
 
 def association_failure(assoc: _Association, node: str, *, connected: bool, started: float,
                         connect_timeout: float | None, tls_enabled: bool = False,
-                        tls_error: OSError | None = None) -> GatewayError:
-    """The error for an association that did not become established.
+                        tls_error: OSError | None = None, rejection: str | None = None,
+                        acse_timeout: float | None = None) -> GatewayError:
+    """The error for an association that did not become established; the one rule for both engines
+    (the fast engine passes an object with the same two flags).
 
     ``tls_enabled``: the node is configured for DICOM TLS; ``tls_error``: what failed in its TLS layer
-    (the handshake, or the peer's alert on the first read), which decides the error.
+    (the handshake, or the peer's alert on the first read), which decides the error. ``rejection``:
+    the A-ASSOCIATE-RJ's result, source and reason in words (PS3.8 §9.3.4), when known.
+    ``acse_timeout``: the ARTIM timer (PS3.8 §9.1.5); a connected association that failed after it is
+    a peer that never answered (pynetdicom aborts it then, which must not read as the peer's abort).
     """
     if tls_error is not None:
         return tls_failure(node, tls_error, elapsed=time.monotonic() - started)
     if assoc.is_rejected:
-        return AssociationRejected(f"node {node} rejected the association (check AE titles and "
+        why = f": {rejection}" if rejection else ""
+        return AssociationRejected(f"node {node} rejected the association{why} (check AE titles and "
                                    f"the PACS's list of known peers)", node=node)
     if not connected:
         elapsed = time.monotonic() - started
         if connect_timeout is not None and elapsed >= connect_timeout * 0.95:
             return DimseTimeout(f"node {node}: TCP connect timed out after {elapsed:.1f} s", node=node)
         return NodeUnreachable(f"node {node} is unreachable (connection refused or no route)", node=node)
+    if acse_timeout is not None and time.monotonic() - started >= acse_timeout * 0.95:
+        return DimseTimeout(f"node {node} did not answer the association request in time", node=node)
     if assoc.is_aborted:
         hint = "" if tls_enabled else (f" (a node that requires DICOM TLS does this to a plain connection: "
                                        f"check nodes[{node}].tls)")
         return AssociationAborted(f"node {node} aborted the association request or closed the "
                                   f"connection{hint}", node=node)
     return DimseTimeout(f"node {node} did not answer the association request in time", node=node)
+
+
+def no_context_accepted(node: str, proposed: int) -> AssociationRejected:
+    """The node answered the association request but accepted none of the presentation contexts
+    (PS3.8 §9.3.3.2): it supports none of the proposed services or transfer syntaxes."""
+    return AssociationRejected(f"node {node} accepted none of the {proposed} presentation contexts proposed "
+                               f"(it supports none of these services in these transfer syntaxes)", node=node)
+
+
+def no_response(node: str, operation: str, *, timed_out: bool, elapsed: float) -> GatewayError:
+    """No response arrived: the DIMSE timeout passed (504), or the association was aborted or the
+    connection lost (502)."""
+    if timed_out:
+        return DimseTimeout(f"node {node}: {operation} timed out after {elapsed:.1f} s", node=node)
+    return AssociationAborted(f"node {node}: association aborted during {operation}", node=node)
 
 
 # OpenSSL's X509_V_ERR_* codes (x509_vfy.h) that call for another remedy than the CA bundle.
@@ -160,12 +183,17 @@ def tls_failure(node: str, error: OSError, *, elapsed: float) -> GatewayError:
 def status_error(status: Dataset, node: str, operation: str, *, started: float,
                  dimse_timeout: float | None) -> GatewayError | None:
     """None for success/pending/cancel/warning; otherwise the error for this DIMSE response status."""
-    code = status_code(status)
+    return code_error(status_code(status), node, operation, started=started, dimse_timeout=dimse_timeout)
+
+
+def code_error(code: int | None, node: str, operation: str, *, started: float,
+               dimse_timeout: float | None) -> GatewayError | None:
+    """:func:`status_error` for the status as a number (None: no response arrived), for an engine
+    that reads command sets without pydicom."""
     if code is None:
         elapsed = time.monotonic() - started
-        if dimse_timeout is not None and elapsed >= dimse_timeout * 0.95:
-            return DimseTimeout(f"node {node}: {operation} timed out after {elapsed:.1f} s", node=node)
-        return AssociationAborted(f"node {node}: association aborted during {operation}", node=node)
+        timed_out = dimse_timeout is not None and elapsed >= dimse_timeout * 0.95
+        return no_response(node, operation, timed_out=timed_out, elapsed=elapsed)
     if code in PENDING or code in (SUCCESS, CANCELLED) or is_warning(code):
         return None
     # The PACS's ErrorComment is free text that may name the patient or echo the identifier: it goes
@@ -191,6 +219,11 @@ def move_refused(node: str) -> DimseFailure:
     return DimseFailure(f"node {node} does not accept C-MOVE", node=node, status=NOT_SUPPORTED)
 
 
+def echo_refused(node: str) -> DimseFailure:
+    """The node accepted the query association but not the Verification SOP class."""
+    return DimseFailure(f"node {node} does not accept C-ECHO (Verification)", node=node, status=NOT_SUPPORTED)
+
+
 # --------------------------------------------------------------------------- C-GET / C-MOVE
 
 
@@ -203,13 +236,24 @@ def retrieve_response(status: Dataset, identifier: Dataset | None, outcome: Retr
     sub-operations failed) and A701/A702 (out of resources for sub-operations) are partial results the
     caller judges by what arrived; any other failure, and an empty status, raise.
     """
-    err = status_error(status, node, operation, started=started, dimse_timeout=dimse_timeout)
-    code = status_code(status)
-    for attr, keyword in _SUB_OPERATION_COUNTERS:
-        if keyword in status and status.get(keyword) is not None:
-            setattr(outcome, attr, int(status.get(keyword)))
-    if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
-        outcome.failed_uids = _uid_list(identifier.FailedSOPInstanceUIDList)
+    counters = {attr: int(status.get(keyword)) for attr, keyword in _SUB_OPERATION_COUNTERS
+                if keyword in status and status.get(keyword) is not None}
+    failed_uids = (_uid_list(identifier.FailedSOPInstanceUIDList)
+                   if identifier is not None and "FailedSOPInstanceUIDList" in identifier else None)
+    return retrieve_status(status_code(status), counters, failed_uids, outcome, node, operation,
+                           started=started, dimse_timeout=dimse_timeout)
+
+
+def retrieve_status(code: int | None, counters: Mapping[str, int], failed_uids: list[str] | None,
+                    outcome: RetrieveOutcome, node: str, operation: str, *, started: float,
+                    dimse_timeout: float | None) -> bool:
+    """:func:`retrieve_response` for values already read: ``counters`` by RetrieveOutcome attribute
+    (``completed``, ``failed``, ``warning``), the Failed SOP Instance UID List when one came."""
+    err = code_error(code, node, operation, started=started, dimse_timeout=dimse_timeout)
+    for attr, value in counters.items():
+        setattr(outcome, attr, value)
+    if failed_uids is not None:
+        outcome.failed_uids = failed_uids
     if code == CANCELLED:
         outcome.cancelled = True
     elif code is not None and (is_warning(code) or code in SUB_OPERATIONS_NOT_PERFORMED):

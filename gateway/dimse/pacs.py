@@ -10,6 +10,11 @@ This class only composes; each concern has one home (docs/architecture.md, "DIMS
 * :mod:`~gateway.dimse.find`, :mod:`~gateway.dimse.retrieve`, :mod:`~gateway.dimse.store`: the
   blocking operations.
 
+Two engines behind the one class, chosen per node (``engine``, default ``gateway.dimse_engine``):
+``fast`` runs C-ECHO, C-FIND, C-GET and C-MOVE on :mod:`gateway.dimse.fast.operations` and C-STORE on
+:mod:`gateway.dimse.fast.store` (plain sockets), ``pynetdicom`` on the modules above; both go through the
+same workers, budgets, metrics, contexts and outcomes.
+
 The SCP roles (:mod:`~gateway.dimse.storage_scp` for C-MOVE arrivals, :mod:`~gateway.dimse.demo_pacs`)
 are separate. pynetdicom's process-wide settings are applied by
 :func:`gateway.dimse.process.configure_pynetdicom` at start-up, not here.
@@ -18,26 +23,33 @@ are separate. pynetdicom's process-wide settings are applied by
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
 from gateway.dimse import find as find_op
+from gateway.dimse import probe as probe_op
 from gateway.dimse import retrieve as retrieve_op
 from gateway.dimse import store as store_op
 from gateway.dimse import tls
 from gateway.dimse.contexts import query_contexts
-from gateway.dimse.pool import AssociationPool
+from gateway.dimse.fast import operations as fast_op
+from gateway.dimse.fast import store as fast_store
+from gateway.dimse.pool import AssociationPool, Pool
 from gateway.dimse.threads import Budgets, Workers, threads_for
 from gateway.observability import Registry
 from gateway.pacs import (
+    AssociationFacts,
     FindResult,
     OnInstance,
+    ProbeContext,
     QueryModel,
     RetrieveOutcome,
     RetrieveRequest,
     StoreItem,
+    StoreItems,
     StoreResult,
 )
 from gateway.settings import PacsNode, Settings
@@ -57,7 +69,7 @@ class PynetdicomPacs:
         self._node_names = [n.name for n in settings.nodes]
         self.registry.gauge_callback("dwg_query_associations", "query associations per node, in use or idle",
                                      ("node", "state"), self._pool_usage)
-        self._pools: dict[str, AssociationPool] = {}
+        self._pools: dict[str, Pool[Any]] = {}   # AssociationPool, or the fast engine's pool
         self._msg_ids = find_op.MessageIds()
         # Each TLS node's one context, built now: a certificate that does not load fails start-up.
         tls.prepare(settings.nodes)
@@ -82,9 +94,14 @@ class PynetdicomPacs:
 
     async def echo(self, node: PacsNode) -> float:
         pool = self._pool(node)
-        return await self._workers.run(lambda: find_op.echo(pool, node), budget=self._budgets.query(node),
-                                       cancel=threading.Event(), grace=_grace(node), node=node.name,
-                                       operation="echo")
+
+        def work() -> float:
+            if node.engine == "fast":
+                return fast_op.echo(pool, node, self._msg_ids.next)
+            return find_op.echo(pool, node)
+
+        return await self._workers.run(work, budget=self._budgets.query(node), cancel=threading.Event(),
+                                       grace=_grace(node), node=node.name, operation="echo")
 
     async def find(self, node: PacsNode, identifier: Dataset, *, model: QueryModel | None = None,
                    max_results: int | None = None) -> FindResult:
@@ -94,6 +111,9 @@ class PynetdicomPacs:
         cap = max_results or node.max_results
 
         def work() -> FindResult:
+            if node.engine == "fast":
+                return fast_op.find(pool, node, identifier, root=root, cap=cap, cancel=cancel,
+                                    msg_ids=self._msg_ids.next)
             return find_op.find(pool, node, identifier, root=root, cap=cap, cancel=cancel,
                                 msg_ids=self._msg_ids)
 
@@ -105,6 +125,8 @@ class PynetdicomPacs:
     async def get(self, node: PacsNode, request: RetrieveRequest, on_instance: OnInstance,
                   cancel: threading.Event) -> RetrieveOutcome:
         def work() -> RetrieveOutcome:
+            if node.engine == "fast":
+                return fast_op.get(self._calling_ae, node, request, on_instance, cancel)
             return retrieve_op.get(self._calling_ae, node, request, on_instance, cancel)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
@@ -113,22 +135,39 @@ class PynetdicomPacs:
     async def move(self, node: PacsNode, request: RetrieveRequest, *, destination: str, msg_id: int,
                    cancel: threading.Event) -> RetrieveOutcome:
         def work() -> RetrieveOutcome:
+            if node.engine == "fast":
+                return fast_op.move(self._calling_ae, node, request, destination=destination, msg_id=msg_id,
+                                    cancel=cancel)
             return retrieve_op.move(self._calling_ae, node, request, destination=destination, msg_id=msg_id,
                                     cancel=cancel)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
                                        grace=_grace(node), node=node.name, operation="move")
 
-    async def store(self, node: PacsNode, items: Sequence[StoreItem], workdir: Path) -> list[StoreResult]:
-        if not items:
-            return []
-        cancel = threading.Event()
+    async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
+                              scp_roles: Sequence[str] = (),
+                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
+        """One association for the node's PACS profile (gateway/dimse/probe.py), pynetdicom on every
+        engine; on the transfer budget, as it proposes storage contexts like a C-GET."""
+        def work() -> AssociationFacts:
+            return probe_op.associate_probe(self._calling_ae, node, contexts, scp_roles, timed_find)
 
-        def work() -> list[StoreResult]:
-            return store_op.store_all(self._calling_ae, node, items, workdir, cancel)
+        return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=threading.Event(),
+                                       grace=_grace(node), node=node.name, operation="associate")
 
-        return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
-                                       grace=_grace(node), node=node.name, operation="store")
+    async def store(self, node: PacsNode, items: StoreItems, workdir: Path) -> list[StoreResult]:
+        # Items that come one by one reach the worker through a feed; the budget is taken when the
+        # first one has arrived (gateway/dimse/store.py, docs/architecture.md "STOW-RS").
+        async def engine(feed: Iterable[StoreItem], cancel: threading.Event) -> list[StoreResult]:
+            def work() -> list[StoreResult]:
+                if node.engine == "fast":
+                    return fast_store.store_all(self._calling_ae, node, feed, workdir, cancel)
+                return store_op.store_all(self._calling_ae, node, feed, workdir, cancel)
+
+            return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
+                                           grace=_grace(node), node=node.name, operation="store")
+
+        return await store_op.store_streamed(items, engine)
 
     async def close(self) -> None:
         for pool in list(self._pools.values()):
@@ -137,11 +176,15 @@ class PynetdicomPacs:
 
     # ------------------------------------------------------------------ internals
 
-    def _pool(self, node: PacsNode) -> AssociationPool:
-        """The node's query pool (event loop only: created on first use)."""
+    def _pool(self, node: PacsNode) -> Any:
+        """The node's query pool for its engine (event loop only: created on first use)."""
         pool = self._pools.get(node.name)
         if pool is None:
-            pool = self._pools[node.name] = AssociationPool(node, self._calling_ae, query_contexts())
+            if node.engine == "fast":
+                pool = fast_op.query_pool(node, self._calling_ae, query_contexts())
+            else:
+                pool = AssociationPool(node, self._calling_ae, query_contexts())
+            self._pools[node.name] = pool
         return pool
 
 

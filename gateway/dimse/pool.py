@@ -13,6 +13,10 @@ one (transfers do not: each C-GET/C-MOVE/C-STORE proposes its own contexts).
   even when idle (~7 % of a core per idle association, measured in tests/bench).
 * An association that saw a cancel, an abort or a timeout is never put back.
 
+Engine-agnostic: :class:`Pool` holds any association with ``is_established`` and is given how to
+open and close one; :class:`AssociationPool` is the pynetdicom engine's, the fast engine builds a
+``Pool`` over :func:`gateway.dimse.fast.association.request`.
+
 Runs on worker threads (docs/architecture.md, "DIMSE edge").
 """
 
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from pynetdicom.association import Association
 
@@ -29,14 +34,25 @@ from gateway.dimse.contexts import Context
 from gateway.settings import PacsNode
 
 
-class AssociationPool:
-    def __init__(self, node: PacsNode, calling_ae: str, contexts: Sequence[Context],
+class Reusable(Protocol):
+    @property
+    def is_established(self) -> bool: ...
+
+
+A = TypeVar("A", bound=Reusable)
+
+
+class Pool(Generic[A]):
+    """Idle associations of one node; ``opener`` opens a new one (raising the error tree),
+    ``closer`` releases one and never raises."""
+
+    def __init__(self, node: PacsNode, opener: Callable[[], A], closer: Callable[[A], None],
                  idle_seconds: float = 5.0) -> None:
         self.node = node
-        self.calling_ae = calling_ae
-        self.contexts = list(contexts)
+        self._open = opener
+        self._close = closer
         self.idle_seconds = idle_seconds
-        self._idle: list[tuple[float, Association]] = []
+        self._idle: list[tuple[float, A]] = []
         self._lock = threading.Lock()
         self.opened = 0  # associations opened over the pool's life (reuse shows as opened < requests)
         self._in_use = 0  # handed out by acquire and not released yet
@@ -53,11 +69,11 @@ class AssociationPool:
         with self._lock:
             return len(self._idle)
 
-    def acquire(self) -> tuple[Association, bool]:
+    def acquire(self) -> tuple[A, bool]:
         """An established association and whether it was reused from the idle list."""
         now = time.monotonic()
-        stale: list[Association] = []
-        chosen: Association | None = None
+        stale: list[A] = []
+        chosen: A | None = None
         with self._lock:
             while self._idle:
                 since, assoc = self._idle.pop()
@@ -67,17 +83,17 @@ class AssociationPool:
                     stale.append(assoc)
             if chosen is not None:
                 self._in_use += 1
-        for assoc in stale:
-            close_association(assoc)
+        for old in stale:
+            self._close(old)
         if chosen is not None:
             return chosen, True
-        assoc = open_association(self.calling_ae, self.node, self.contexts)
+        assoc = self._open()
         with self._lock:
             self.opened += 1
             self._in_use += 1
         return assoc, False
 
-    def release(self, assoc: Association, *, reusable: bool) -> None:
+    def release(self, assoc: A, *, reusable: bool) -> None:
         """Give back what :meth:`acquire` handed out (exactly once per acquire)."""
         with self._lock:
             self._in_use -= 1
@@ -88,7 +104,7 @@ class AssociationPool:
             timer.daemon = True
             timer.start()
             return
-        close_association(assoc)
+        self._close(assoc)
 
     def reap(self) -> None:
         """Close idle associations older than ``idle_seconds``."""
@@ -97,10 +113,21 @@ class AssociationPool:
             stale = [a for since, a in self._idle if now - since >= self.idle_seconds]
             self._idle = [(since, a) for since, a in self._idle if now - since < self.idle_seconds]
         for assoc in stale:
-            close_association(assoc)
+            self._close(assoc)
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for _, assoc in idle:
-            close_association(assoc)
+            self._close(assoc)
+
+
+class AssociationPool(Pool[Association]):
+    """The pynetdicom engine's query pool: associations proposing ``contexts``."""
+
+    def __init__(self, node: PacsNode, calling_ae: str, contexts: Sequence[Context],
+                 idle_seconds: float = 5.0) -> None:
+        self.calling_ae = calling_ae
+        self.contexts = list(contexts)
+        super().__init__(node, lambda: open_association(calling_ae, node, self.contexts), close_association,
+                         idle_seconds)

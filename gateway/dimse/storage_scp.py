@@ -1,34 +1,27 @@
-"""The gateway's storage SCP: where C-MOVE sub-operations arrive.
+"""The gateway's storage SCP on pynetdicom: where C-MOVE sub-operations arrive (``scp_engine: pynetdicom``).
 
-Each arriving C-STORE is routed to its pending move by Move Originator Message ID (+ our AE title
-as the originator); PACS that omit them are matched by the SOP Instance UIDs the move expects, then
-by study/series. The C-STORE is answered only after ``on_instance`` returned, i.e. after the atomic
-rename into the spool, so the final C-MOVE response proves the data is on disk (docs/architecture.md,
-"DIMSE edge").
-Instances matching no pending move are refused (``retrieval.reject_unexpected_stores``), so nobody
-can inject data into the spool.
+pynetdicom's AE server does the association (PS3.8) and C-STORE/C-ECHO (PS3.7 9.1.1, 9.1.5) work;
+each C-STORE becomes an :class:`~gateway.dimse.arrivals_routing.Arrival` and
+:class:`~gateway.dimse.arrivals_routing.ArrivalRouter` decides where it goes (by Move Originator
+Message ID, expected UIDs, study/series, another replica's move) and the status to answer with: the
+same rule as the plain-socket engine, :mod:`gateway.dimse.fast.acceptor` (docs/architecture.md,
+"C-MOVE"). The handler runs on a pynetdicom thread and answers only after the instance is in the
+spool. Instances matching no pending move are refused, so nobody can inject data into the spool.
 
-With replicas (:mod:`gateway.cluster`), all of them share one AE title, so the PACS may deliver a
-sub-operation for a C-MOVE another replica issued. A C-STORE matching no local move is then looked up
-by its Move Originator Message ID among the cluster's pending moves (UIDs cross-checked); when found,
-it is spooled here and announced to the originator, and only then answered. The handler runs on a
-pynetdicom thread: the lookup and the announcement run on the event loop
-(``asyncio.run_coroutine_threadsafe``), the spool write stays on this thread.
+Who may associate: the called AE title must be ours and, with ``calling_ae_titles``, the calling
+AE title one of the configured PACS (PS3.8 9.3.4, A-ASSOCIATE-RJ reasons 7 and 3).
 
 With ``gateway.dimse_tls`` enabled it accepts DICOM TLS only (PS3.15 Annex B.1; the context, and
 whether a PACS must present a client certificate, come from :func:`gateway.dimse.tls.server_context`).
 
-Which presentation contexts it accepts (every storage SOP class, native or compressed syntaxes first)
-is :func:`gateway.dimse.contexts.scp_contexts`'s decision.
+Which presentation contexts it accepts (every storage SOP class, native or compressed syntaxes first,
+and Verification) is :func:`gateway.dimse.contexts.scp_contexts`'s decision.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar, cast
+from typing import cast
 
 from pynetdicom import AE, build_context, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -36,57 +29,67 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.dimse import tls as dimse_tls
-from gateway.dimse.contexts import Context, scp_contexts
+from gateway.dimse.arrivals_routing import Arrival, ArrivalRouter, CompressedPreference
+from gateway.dimse.contexts import Context, scp_contexts, scp_verification
+from gateway.dimse.fast.acceptor import FastStorageScp
+from gateway.dimse.retrieve import encoded_part10
 from gateway.dimse.socket_tuning import on_connection_open
-from gateway.pacs import LookupMove, NotRequested, PendingMove, RemoteMove
-from gateway.settings import DimseTls
+from gateway.pacs import LookupMove, PendingMove
+from gateway.settings import DimseTls, Settings
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-REFUSED_NOT_AUTHORISED = 0x0124
-REFUSED_OUT_OF_RESOURCES = 0xA700
+MAX_ASSOCIATIONS = 64
 
 
 class StorageScp:
     def __init__(self, ae_title: str, host: str, port: int, *, reject_unexpected: bool = True,
                  max_pdu: int = 0, calling_ae_titles: tuple[str, ...] = (),
-                 tls: DimseTls | None = None) -> None:
+                 tls: DimseTls | None = None, acse_timeout: float = 30.0,
+                 network_timeout: float = 60.0, max_associations: int = MAX_ASSOCIATIONS) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
-        self.reject_unexpected = reject_unexpected
+        self.router = ArrivalRouter(reject_unexpected=reject_unexpected)
         ae = AE(ae_title=ae_title)
+        ae.require_called_aet = True
         if calling_ae_titles:
             # Only the configured PACS may open an association (PS3.8 A-ASSOCIATE-RJ, "calling AE
             # title not recognized"): a stranger cannot even try Move Originator Message IDs.
             ae.require_calling_aet = list(calling_ae_titles)
         ae.maximum_pdu_size = max_pdu
-        ae.maximum_associations = 64
+        ae.maximum_associations = max_associations
+        ae.acse_timeout = acse_timeout           # also the ARTIM timer (PS3.8 9.1.5)
+        ae.network_timeout = network_timeout
         # A retry of what a native-first attempt could not deliver flips the order (prefer_compressed).
         native_first = scp_contexts(compressed_first=False)
-        for cls, syntaxes in native_first:
+        for cls, syntaxes in [*native_first, scp_verification()]:
             ae.add_supported_context(cls, syntaxes)
-        self._native_first = _built(native_first)
-        self._compressed_first = _built(scp_contexts(compressed_first=True))
+        self._native_first = _built([*native_first, scp_verification()])
+        self._compressed_first = _built([*scp_contexts(compressed_first=True), scp_verification()])
         self._ae = ae
-        self._compressed_users = 0
+        self._contexts = self._native_first
+        self._preference = CompressedPreference(self._apply_preference)
         self._server: ThreadedAssociationServer | None = None
-        self._pending: dict[int, PendingMove] = {}
-        self._lock = threading.Lock()
-        self.unexpected = 0
-        self.remote_stores = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lookup: LookupMove | None = None
-        self._bridge_timeout = 5.0
         # Built now, so a certificate that does not load fails start-up (gateway.settings.ConfigError).
         self._ssl_context = dimse_tls.server_context(tls) if tls is not None else None
+
+    @property
+    def reject_unexpected(self) -> bool:
+        return self.router.reject_unexpected
+
+    @property
+    def unexpected(self) -> int:
+        return self.router.unexpected
+
+    @property
+    def remote_stores(self) -> int:
+        return self.router.remote_stores
 
     def start(self) -> None:
         server = self._ae.start_server(
             (self.host, self.port), block=False, ssl_context=self._ssl_context,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, on_connection_open)])
         assert server is not None   # block=False: the server runs in its own thread
+        server.contexts = self._contexts
         self._server = server
         self.port = int(server.server_address[1])
 
@@ -97,120 +100,58 @@ class StorageScp:
 
     def prefer_compressed(self, on: bool) -> None:
         """Counted switch: while any retry asks for it, new associations accept compressed syntaxes first."""
-        with self._lock:
-            self._compressed_users += 1 if on else -1
-            if self._server is not None:
-                self._server.contexts = (self._compressed_first if self._compressed_users > 0
-                                         else self._native_first)
+        self._preference.set(on)
+
+    def _apply_preference(self, compressed_first: bool) -> None:
+        self._contexts = self._compressed_first if compressed_first else self._native_first
+        if self._server is not None:
+            self._server.contexts = self._contexts
 
     def is_pending(self, msg_id: int) -> bool:
-        with self._lock:
-            return msg_id in self._pending
+        return self.router.is_pending(msg_id)
 
     def attach_cluster(self, loop: asyncio.AbstractEventLoop, lookup: LookupMove) -> None:
         """Route C-STOREs for other replicas' moves through ``lookup`` (run on ``loop``)."""
-        self._loop = loop
-        self._lookup = lookup
+        self.router.attach_cluster(loop, lookup)
 
     def register(self, move: PendingMove) -> None:
-        with self._lock:
-            self._pending[move.msg_id] = move
+        self.router.register(move)
 
     def unregister(self, msg_id: int) -> None:
-        with self._lock:
-            self._pending.pop(msg_id, None)
-
-    def _route(self, event: evt.Event, sop_uid: str) -> PendingMove | None:
-        req = cast(C_STORE, event.request)
-        msg_id = getattr(req, "MoveOriginatorMessageID", None)
-        with self._lock:
-            if msg_id is not None and msg_id in self._pending:
-                move = self._pending[msg_id]
-                if move.expected is None or sop_uid in move.expected:
-                    return move
-            # Fallback for PACS that omit the originator fields (or IDs that wrapped): UIDs.
-            candidates = [m for m in self._pending.values() if m.expected and sop_uid in m.expected
-                          and sop_uid not in m.received]
-            if len(candidates) >= 1:
-                return candidates[0]
-            open_moves = [m for m in self._pending.values() if m.expected is None]
-        if not open_moves:
-            return None
-        ds = event.dataset   # decode only when the cheap routes failed
-        study = str(ds.get("StudyInstanceUID", ""))
-        series = str(ds.get("SeriesInstanceUID", ""))
-        for move in open_moves:
-            if move.study == study and (move.series is None or move.series == series):
-                return move
-        return None
+        self.router.unregister(msg_id)
 
     def _on_store(self, event: evt.Event) -> int:
         req = cast(C_STORE, event.request)
-        sop_uid = str(req.AffectedSOPInstanceUID)
-        move = self._route(event, sop_uid)
-        if move is None:
-            remote = self._remote(event, sop_uid)
-            if remote is not None:
-                return self._store_remote(remote, event, sop_uid)
-            self.unexpected += 1
-            log.warning("C-STORE from %s matched no pending C-MOVE", event.assoc.requestor.ae_title)
-            if self.reject_unexpected:
-                return REFUSED_NOT_AUTHORISED
-            return REFUSED_OUT_OF_RESOURCES
-        with self._lock:
-            duplicate = sop_uid in move.received
-        if duplicate:
-            self.unexpected += 1      # a second C-STORE of a received instance never replaces it
-            return REFUSED_NOT_AUTHORISED
-        try:
-            move.on_instance(event.encoded_dataset(include_meta=True), sop_uid,
-                             str(req.AffectedSOPClassUID), str(event.context.transfer_syntax))
-        except NotRequested:
-            self.unexpected += 1
-            return REFUSED_NOT_AUTHORISED
-        except Exception:  # noqa: BLE001 - the PACS learns it failed; the move reports it missing
-            log.exception("storing a C-MOVE sub-operation failed")
-            return REFUSED_OUT_OF_RESOURCES
-        with self._lock:
-            move.received.add(sop_uid)
-        return 0x0000
-
-    def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(self._bridge_timeout)
-        except BaseException:
-            future.cancel()
-            raise
-
-    def _remote(self, event: evt.Event, sop_uid: str) -> RemoteMove | None:
-        req = cast(C_STORE, event.request)
+        sop, cls = str(req.AffectedSOPInstanceUID), str(req.AffectedSOPClassUID)
+        ts = str(event.context.transfer_syntax)
         msg_id = getattr(req, "MoveOriginatorMessageID", None)
-        # The originator AE title is not checked: every replica has the same one, and pynetdicom's
-        # C-MOVE SCP sends its own title there. The UID cross-check is what guards the spool.
-        if self._lookup is None or msg_id is None:
-            return None
-        try:
-            return self._on_loop(self._lookup(int(msg_id), sop_uid))
-        except Exception:  # noqa: BLE001 - no answer in time: treated as matching nothing
-            log.warning("looking up a C-MOVE of another replica failed", exc_info=True)
-            return None
 
-    def _store_remote(self, remote: RemoteMove, event: evt.Event, sop_uid: str) -> int:
-        req = cast(C_STORE, event.request)
-        cls, ts = str(req.AffectedSOPClassUID), str(event.context.transfer_syntax)
-        try:
-            remote.write(event.encoded_dataset(include_meta=True), sop_uid, cls, ts)
-            # Answer only once the originator can learn about it (same ordering as a local move).
-            self._on_loop(remote.announce(sop_uid, cls, ts))
-        except Exception:  # noqa: BLE001 - the PACS learns it failed; the originator retries it
-            log.exception("storing a C-MOVE sub-operation for another replica failed")
-            return REFUSED_OUT_OF_RESOURCES
-        with self._lock:
-            self.remote_stores += 1
-        return 0x0000
+        def study_series() -> tuple[str, str]:
+            ds = event.dataset
+            return str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+
+        return self.router.store(Arrival(
+            sop_instance=sop, sop_class=cls, transfer_syntax=ts,
+            move_msg_id=int(msg_id) if msg_id is not None else None,
+            calling_ae=str(event.assoc.requestor.ae_title),
+            part10=lambda: encoded_part10(event, cls, sop, ts), study_series=study_series))
 
 
 def _built(contexts: list[Context]) -> list[PresentationContext]:
     return [build_context(cls, syntaxes) for cls, syntaxes in contexts]
+
+
+AnyStorageScp = StorageScp | FastStorageScp
+
+
+def storage_scp(settings: Settings) -> AnyStorageScp:
+    """The storage SCP ``gateway.scp_engine`` names, configured from the settings (not started).
+
+    With ``retrieval.reject_unexpected_stores`` only the configured nodes' AE titles may associate.
+    """
+    g = settings.gateway
+    strict = settings.retrieval.reject_unexpected_stores
+    calling = tuple(dict.fromkeys(n.ae_title for n in settings.nodes)) if strict else ()
+    engine = FastStorageScp if g.scp_engine == "fast" else StorageScp
+    return engine(g.ae_title, g.dimse_host, g.dimse_port, reject_unexpected=strict, calling_ae_titles=calling,
+                  tls=g.dimse_tls)

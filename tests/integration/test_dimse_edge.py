@@ -115,7 +115,9 @@ def test_wrong_called_ae_title_is_rejected_cleanly(pacs):
 
 
 def test_associations_are_reused_and_bounded(pacs):
-    settings = settings_from_dict({"nodes": [node("a", pacs, max_query_associations=2)]})
+    settings = settings_from_dict({"nodes": [node("a", pacs, max_query_associations=2)],
+                                   # the probe's associations would be counted
+                                   "profiling": {"enabled": False}})
     with running_gateway(settings) as url:
         for _ in range(5):
             assert get(url, "/dicom-web/studies", PatientID="DGW0001").status_code == 200
@@ -145,7 +147,9 @@ def test_associations_are_reused_and_bounded(pacs):
 def test_c_cancel_when_result_cap_is_hit(datasets):
     # A little delay per response lets the C-CANCEL reach the PACS before it has sent everything.
     with DemoPacs(datasets, ae_title="CAP", find_delay=0.05) as capped:
-        settings = settings_from_dict({"nodes": [node("cap", capped, max_results=3)]})
+        settings = settings_from_dict({"nodes": [node("cap", capped, max_results=3)],
+                                       # a probe's capped C-FIND would be counted
+                                       "profiling": {"enabled": False}})
         with running_gateway(settings) as url:
             r = get(url, "/dicom-web/studies")
             assert r.status_code == 200
@@ -157,7 +161,9 @@ def test_c_cancel_when_result_cap_is_hit(datasets):
 def test_c_cancel_when_the_client_goes_away(datasets):
     with DemoPacs(datasets, ae_title="SLOWISH", find_delay=0.4) as slowish:
         settings = settings_from_dict({"nodes": [node("s", slowish, timeouts={"dimse": 20, "connect": 2,
-                                                                               "acse": 3, "network": 30})]})
+                                                                               "acse": 3, "network": 30})],
+                                       # a probe's capped C-FIND would be counted
+                                       "profiling": {"enabled": False}})
         with running_gateway(settings) as url:
             with pytest.raises(httpx.ReadTimeout):
                 httpx.get(url + "/dicom-web/studies", timeout=0.6)
@@ -194,7 +200,11 @@ def test_patient_root_only_pacs(datasets):
 
 
 def test_identifiers_the_pacs_received(pacs):
-    settings = settings_from_dict({"nodes": [node("a", pacs)]})
+    # Configured as a fact: unknown, ModalitiesInStudy is matched locally (docs/architecture.md,
+    # "PACS profiles"), and this test is about the identifiers sent when the PACS matches it.
+    settings = settings_from_dict({"nodes": [node("a", pacs, quirks={"modalities_in_study_matching": True})],
+                                   # the probe's identifiers would be received too
+                                   "profiling": {"enabled": False}})
     with running_gateway(settings) as url:
         pacs.received_identifiers.clear()
         assert get(url, "/dicom-web/studies", ModalitiesInStudy="CT,MR").status_code == 200
@@ -227,7 +237,9 @@ def test_counts_computed_when_the_pacs_omits_them(datasets):
 
 def test_emulation_budget_is_enforced_with_a_warning(datasets):
     with DemoPacs(datasets, ae_title="NOCOUNT", return_counts=False) as nc:
-        settings = settings_from_dict({"nodes": [node("nc", nc)], "limits": {"max_emulation_queries": 2}})
+        settings = settings_from_dict({"nodes": [node("nc", nc)], "limits": {"max_emulation_queries": 2},
+                                       # the probe's C-FINDs would be counted
+                                       "profiling": {"enabled": False}})
         with running_gateway(settings) as url:
             r = get(url, "/dicom-web/studies")
             assert r.status_code == 200 and len(r.json()) == len(DEMO_STUDIES)
@@ -236,7 +248,9 @@ def test_emulation_budget_is_enforced_with_a_warning(datasets):
 
 
 def test_idle_associations_are_closed(pacs):
-    settings = settings_from_dict({"nodes": [node("a", pacs)]})
+    settings = settings_from_dict({"nodes": [node("a", pacs)],
+                                   # the probe's associations would be counted
+                                   "profiling": {"enabled": False}})
     with running_gateway(settings) as url:
         assert get(url, "/dicom-web/studies", PatientID="DGW0001").status_code == 200
         time.sleep(6)   # past the pool's idle time (pynetdicom threads poll while an association idles)

@@ -1,0 +1,107 @@
+"""The association probe behind :meth:`gateway.pacs.Pacs.associate_probe` (blocking; run by
+:mod:`gateway.dimse.threads` under the node's transfer budget).
+
+One association proposing what the PACS profile asks about (docs/architecture.md, "PACS
+profiles"): which presentation contexts the PACS accepts (PS3.8 §9.3.3.2), in which role
+(SCP/SCU role selection, PS3.7 D.3.3.4: the storage contexts it would send C-GET sub-operations
+on), the largest PDU it receives, and who answered: the Implementation Class UID and Version Name
+of the A-ASSOCIATE-AC's user information (PS3.7 D.3.3.2, D.3.3.2.3), which change when the PACS is
+upgraded.
+
+Optionally it times a small C-FIND *without* the gateway's TCP quick ACKs
+(:mod:`gateway.dimse.socket_tuning` re-arms TCP_QUICKACK before every read; undone here for this one
+association). A PACS with Nagle's algorithm on sends the second write of each response (command
+set, then data set) only after the peer's ACK, which a delayed ACK holds back ~40 ms: measured
+untuned, the stall other clients suffer shows; measured tuned, it does not.
+
+The association is opened by :func:`gateway.dimse.association.open_association` like every other
+(timeouts, TLS, failures mapped to the error tree) and released at once; it is never pooled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom.association import Association
+
+from gateway.dimse import outcomes
+from gateway.dimse.association import accepts, close_association, open_association
+from gateway.dimse.contexts import Context
+from gateway.dimse.socket_tuning import busy
+from gateway.pacs import AssociationFacts, ProbeContext
+from gateway.settings import PacsNode
+
+TIMED_FINDS = 3
+
+
+def associate_probe(calling_ae: str, node: PacsNode, contexts: Sequence[ProbeContext],
+                    scp_roles: Sequence[str] = (),
+                    timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
+    """Associate, read the facts, optionally time ``timed_find``, release; see the module docstring.
+
+    Raises the error tree (502/504 naming the node) when no association comes about; a PACS that
+    accepts the association but none of the contexts is reported with nothing accepted."""
+    proposed: list[Context] = [(cls, list(syntaxes)) for cls, syntaxes in contexts]
+    started = time.monotonic()
+    assoc = open_association(calling_ae, node, proposed, scp_roles=scp_roles, none_accepted_ok=True)
+    took = time.monotonic() - started
+    if assoc is None:
+        return AssociationFacts(accepted=(), rejected=tuple(dict.fromkeys(c for c, _ in proposed)),
+                                max_pdu=None, implementation_class_uid="", implementation_version_name="",
+                                associate_seconds=took)
+    clean = True
+    try:
+        acceptor: Any = assoc.acceptor
+        accepted = tuple((str(cx.abstract_syntax), str(cx.transfer_syntax[0]), bool(cx.as_scp))
+                         for cx in assoc.accepted_contexts)
+        taken = {a for a, _, _ in accepted}
+        rejected = tuple(dict.fromkeys(str(cx.abstract_syntax) for cx in assoc.rejected_contexts
+                                       if str(cx.abstract_syntax) not in taken))
+        timings: tuple[float, ...] = ()
+        if timed_find is not None and accepts(assoc, timed_find[0]):
+            clean = False
+            timings = _timed_finds(assoc, node, *timed_find)
+            clean = True
+        return AssociationFacts(
+            accepted=accepted, rejected=rejected,
+            max_pdu=_int_or_none(acceptor.maximum_length),
+            implementation_class_uid=str(acceptor.implementation_class_uid or ""),
+            implementation_version_name=str(acceptor.implementation_version_name or ""),
+            associate_seconds=took, untuned_find_seconds=timings)
+    finally:
+        close_association(assoc, clean=clean)
+
+
+def _timed_finds(assoc: Association, node: PacsNode, model: str, identifier: Dataset) -> tuple[float, ...]:
+    """``identifier`` C-FIND, TIMED_FINDS times, each timed from request to final response."""
+    _without_quick_acks(assoc)
+    timings: list[float] = []
+    for msg_id in range(1, TIMED_FINDS + 1):
+        started = time.monotonic()
+        with busy(assoc):
+            for status, _ in assoc.send_c_find(identifier, model, msg_id=msg_id):
+                err = outcomes.status_error(status, node.name, "C-FIND", started=started,
+                                            dimse_timeout=node.timeouts.dimse)
+                if err is not None:
+                    raise err
+        timings.append(time.monotonic() - started)
+    return tuple(timings)
+
+
+def _without_quick_acks(assoc: Association) -> None:
+    """Undo the quick-ACK re-arming :func:`gateway.dimse.socket_tuning.on_connection_open` installs as
+    an instance attribute over the transport's ``recv`` (TCP_NODELAY on our side stays: it is the
+    PACS's writes that are measured)."""
+    transport: Any = getattr(assoc.dul, "socket", None)
+    if transport is not None and "recv" in vars(transport):
+        del transport.recv
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
