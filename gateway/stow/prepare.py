@@ -1,14 +1,17 @@
 """Received STOW-RS parts -> Part-10 instances ready for C-STORE, or their failure codes (blocking: run
 it in a thread).
 
-* ``application/dicom`` parts (PS3.18 §10.5.1.4.1): only the header is read (``stop_before_pixels``)
-  for SOP class/instance, transfer syntax, study and series; files that are not proper Part-10 are
-  repaired (:func:`read_header`).
-* ``application/dicom+json`` parts (PS3.18 §10.5.1.4.2): each dataset becomes an instance, with the
-  bulk data parts its BulkDataURIs name (matched by Content-Location), written as Part 10.
+* ``application/dicom`` parts (PS3.18 §10.5.1.4.1), one at a time as each arrives
+  (:func:`prepare_instance`): only the header is read (``stop_before_pixels``) for SOP
+  class/instance, transfer syntax, study and series; files that are not proper Part-10 are repaired
+  (:func:`read_header`).
+* Everything else once the body has ended (:func:`prepare_rest`): ``application/dicom+json`` parts
+  (PS3.18 §10.5.1.4.2), each dataset an instance with the bulk data parts its BulkDataURIs name
+  (matched by Content-Location, and a bulk part may come after its metadata), written as Part 10;
+  parts of other types (bulk data, or not DICOM); the part the body ended in.
 
-The result keeps one entry per instance of the request, in request order, so that the response
-(Annex I) lists them as sent. Failure codes are those of :mod:`translators.stow`.
+Each part gives its entries (one per instance, or none for a bulk data part), so that the response
+(Annex I) lists them in request order. Failure codes are those of :mod:`translators.stow`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -68,9 +72,11 @@ class Entry:
     status: int | None = None
 
 
-@dataclass
 class Prepared:
-    entries: list[Entry] = field(default_factory=list)
+    """The entries of one part, in the order of its instances."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
 
     def fail(self, header: Header | None, status: int) -> None:
         self.entries.append(Entry(header, status=status))
@@ -78,34 +84,44 @@ class Prepared:
     def store(self, header: Header, item: StoreItem) -> None:
         self.entries.append(Entry(header, item=item))
 
-    @property
-    def items(self) -> list[StoreItem]:
-        return [e.item for e in self.entries if e.item is not None]
+
+def media_of(part: Part, root: str) -> str:
+    """The part's media type; ``root`` (the request's ``type`` parameter, one of :data:`ROOT_TYPES`)
+    for a part without a Content-Type."""
+    return part.media_type or root or DICOM
 
 
-def prepare(received: Received, root: str, study: str | None, workdir: Path) -> Prepared:
-    """Every received part -> entries. ``root``: the request's ``type`` parameter (one of
-    :data:`ROOT_TYPES`), the media type of parts without a Content-Type; ``study``: the study of
-    ``POST /studies/{study}`` (instances of any other study fail with 0xA900)."""
+def prepare_instance(part: Part, study: str | None, workdir: Path) -> list[Entry]:
+    """A complete ``application/dicom`` part -> its entry. ``study``: the study of
+    ``POST /studies/{study}`` (an instance of any other study fails with 0xA900)."""
     prepared = Prepared()
+    _prepare_instance(prepared, part, study, workdir)
+    return prepared.entries
+
+
+def prepare_rest(received: Received, deferred: Sequence[Part], root: str, study: str | None,
+                 workdir: Path) -> tuple[dict[int, list[Entry]], list[Entry]]:
+    """Once the body has ended: the entries of the ``deferred`` parts (every complete part that is
+    not ``application/dicom``, in request order) and of the part the body ended in, by part index;
+    and the entries that belong to no part (a part whose header block was cut off)."""
     parts = received.parts
     metadata_form = root == DICOM_JSON or any(p.media_type in METADATA_TYPES for p in parts)
     bulk = _BulkParts([p for p in parts if p.complete and p.media_type not in (DICOM, *METADATA_TYPES)])
-    for part in parts:
-        media = part.media_type or root or DICOM
-        if not part.complete:
-            # The body ended inside this part: report it, with its UIDs when its header arrived.
-            header = _header_or_none(part.path) if media == DICOM else None
-            prepared.fail(header, st.TRUNCATED)
-        elif media == DICOM:
-            _prepare_instance(prepared, part, study, workdir)
-        elif media in METADATA_TYPES:
+    by_part: dict[int, list[Entry]] = {}
+    for part in deferred:
+        prepared = Prepared()
+        if media_of(part, root) in METADATA_TYPES:
             _prepare_metadata(prepared, part, bulk, study, workdir)
         elif not metadata_form:
             prepared.fail(None, st.NOT_DICOM)   # e.g. text/plain among application/dicom parts
-    if received.truncated_headers:
-        prepared.fail(None, st.TRUNCATED)
-    return prepared
+        by_part[part.index] = prepared.entries
+    for part in parts:
+        if not part.complete:
+            # The body ended inside this part: report it, with its UIDs when its header arrived.
+            header = _header_or_none(part.path) if media_of(part, root) == DICOM else None
+            by_part[part.index] = [Entry(header, status=st.TRUNCATED)]
+    trailing = [Entry(None, status=st.TRUNCATED)] if received.truncated_headers else []
+    return by_part, trailing
 
 
 # ----------------------------------------------------------------------------- application/dicom

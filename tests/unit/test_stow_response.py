@@ -1,20 +1,16 @@
 """translators.stow: Store Instances Response (PS3.18 Annex I), Table 10.5.3-1 statuses, and the
-metadata + bulk data form; plus the C-STORE presentation-context plan (gateway.dimse.contexts)."""
+metadata + bulk data form. (The C-STORE presentation-context plan: test_stow_planning.py.)"""
 
 from __future__ import annotations
 
 import json
 from io import BytesIO
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
-from gateway.dimse.contexts import MAX_CONTEXTS
-from gateway.dimse.contexts import store_batches as storage_contexts
-from gateway.pacs import StoreItem
 from translators import stow as st
 
 BASE = "http://gw/dicom-web"
@@ -159,27 +155,3 @@ def test_instance_from_json_failures(obj, lookup, status):
     with pytest.raises(st.MetadataError) as info:
         st.instance_from_json(obj, lookup)
     assert info.value.status == status
-
-
-# ----------------------------------------------------------------------------- presentation contexts
-
-
-def item(cls, ts, n=0):
-    return StoreItem(Path(f"/x/{n}"), cls, f"1.2.{n}", ts)
-
-
-def test_contexts_from_the_parts_with_native_fallback():
-    plan = storage_contexts([item(CT, EXPLICIT), item(CT, RLE), item(MR, IMPLICIT), item(CT, EXPLICIT)])
-    assert plan == [[(CT, [RLE]), (CT, [EXPLICIT, IMPLICIT]), (MR, [IMPLICIT, EXPLICIT])]]
-
-
-def test_both_native_syntaxes_get_exact_contexts():
-    assert storage_contexts([item(CT, IMPLICIT), item(CT, EXPLICIT)]) == [
-        [(CT, [IMPLICIT, EXPLICIT]), (CT, [EXPLICIT])]]
-
-
-def test_more_than_128_contexts_split_into_batches():
-    items = [item(f"1.2.840.10008.5.1.4.1.1.{n}", EXPLICIT, n) for n in range(200)]
-    plan = storage_contexts(items)
-    assert [len(b) for b in plan] == [MAX_CONTEXTS, 200 - MAX_CONTEXTS]
-    assert {c for b in plan for c, _ in b} == {i.sop_class_uid for i in items}

@@ -18,7 +18,7 @@ from pydicom.uid import UID, generate_uid
 from cache import keys
 from cache.memory import MemoryCache
 from cache.spool import Spool
-from gateway.errors import BadRequest, NodeUnreachable
+from gateway.errors import BadRequest, NodeUnreachable, PayloadTooLarge
 from gateway.pacs import StoreItem, StoreResult
 from gateway.settings import settings_from_dict
 from gateway.stow.service import StowService
@@ -38,11 +38,14 @@ DICOM_JSON = "application/dicom+json"
 
 class FakePacs:
     """Implements Pacs.store only: records each call (and that its files were there), answers
-    ``statuses[SOP Instance UID]`` (default success), unconfirmed for ``unconfirmed`` UIDs."""
+    ``statuses[SOP Instance UID]`` (default success), unconfirmed for ``unconfirmed`` UIDs. Items that
+    come one by one are read as they come; ``log`` (shared with the body, when given) records each
+    item's arrival as ``("stored", SOP Instance UID)``."""
 
     def __init__(self, statuses: dict[str, int] | None = None, *, unconfirmed: frozenset[str] = frozenset(),
-                 short: int = 0, error: Exception | None = None) -> None:
+                 short: int = 0, error: Exception | None = None, log: list | None = None) -> None:
         self.statuses = statuses or {}
+        self.log = log if log is not None else []
         self.unconfirmed = unconfirmed
         self.short = short            # answer this many results fewer than items (a broken facade)
         self.error = error
@@ -50,10 +53,14 @@ class FakePacs:
         self.files: dict[str, bytes] = {}   # SOP Instance UID -> the file as it was at store time
 
     async def store(self, node, items, workdir):
-        self.calls.append((node.name, list(items), workdir))
-        for item in items:
+        received: list[StoreItem] = []
+        self.calls.append((node.name, received, workdir))
+        async for item in each(items):
             assert item.path.is_relative_to(workdir)
             self.files[item.sop_instance_uid] = item.path.read_bytes()
+            self.log.append(("stored", item.sop_instance_uid))
+            received.append(item)
+        items = received
         if self.error is not None:
             raise self.error
         results = [StoreResult(self.statuses.get(i.sop_instance_uid, 0x0000),
@@ -75,6 +82,15 @@ class FakePacs:
 
     async def close(self):
         pass
+
+
+async def each(items):
+    if isinstance(items, list):
+        for item in items:
+            yield item
+    else:
+        async for item in items:
+            yield item
 
 
 class RecordingCache(MemoryCache):
@@ -280,11 +296,26 @@ def test_temp_files_are_gone_after_success_and_after_a_pacs_error(env):
         keys.generations_changed_by_store("n", [d.StudyInstanceUID for d in sent]))
 
 
-def test_client_leaving_during_the_upload_stores_nothing(env):
+def test_client_leaving_during_the_upload_stores_the_complete_parts(env):
+    """The first half of the body holds the first part whole and the second cut off: the first is
+    stored (and its study's generations bumped) before the client's exception propagates."""
     settings, spool, cache = env
+    sent = [instance(generate_uid()) for _ in range(3)]
     pacs = FakePacs()
     with pytest.raises(ConnectionResetError):
-        run(env, pacs, leaving(body_of([(DICOM, part10(instance(generate_uid()))) for _ in range(3)])))
+        run(env, pacs, leaving(body_of([(DICOM, part10(d)) for d in sent])))
+    assert set(pacs.files) == {sent[0].SOPInstanceUID}
+    assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [sent[0].StudyInstanceUID]))
+    assert locations(cache, sent[0].StudyInstanceUID) == {"n"}
+    assert incoming(env) == []
+
+
+def test_client_leaving_before_any_part_is_complete_stores_nothing(env):
+    settings, spool, cache = env
+    data = part10(instance(generate_uid()))
+    pacs = FakePacs()
+    with pytest.raises(ConnectionResetError):
+        run(env, pacs, leaving(body_of([(DICOM, data)])))
     assert pacs.calls == [] and cache.incremented == [] and incoming(env) == []
 
 
@@ -352,3 +383,116 @@ def test_a_bulk_part_fills_at_most_one_element(tmp_path):
     first = bulk("http://x/bulk/1")
     assert first is not None and len(first[0]) == 1 << 20
     assert bulk("http://x/bulk/1") is None and bulk("/bulk/1") is None, "a second reference gets nothing"
+
+
+# ----------------------------------------------------------------------------- stored as the parts arrive
+
+
+def part_chunks(data: list[bytes]) -> list[bytes]:
+    """One chunk per part: its bytes and the delimiter that ends it (so the part is complete on arrival)."""
+    headers = [mp.part_header(BOUNDARY, DICOM, first=i == 0) for i in range(len(data))]
+    return [(headers[0] if i == 0 else b"") + d + (headers[i + 1] if i + 1 < len(data) else mp.closing(BOUNDARY))
+            for i, d in enumerate(data)]
+
+
+async def slow(chunks_: list[bytes], log: list, *, leave_after: int | None = None) -> AsyncIterator[bytes]:
+    """A client sending one part at a time and waiting (bounded) until the PACS has the part before
+    sending the next; ``leave_after``: it disconnects after that many parts, half-way into the next."""
+    for i, chunk in enumerate(chunks_):
+        if leave_after is not None and i == leave_after:
+            yield chunk[:len(chunk) // 2]
+            raise ConnectionResetError("client left")
+        log.append(("sent", i))
+        yield chunk
+        for _ in range(1000):
+            if sum(1 for e in log if e[0] == "stored") > i:
+                break
+            await asyncio.sleep(0.01)
+
+
+def test_each_instance_reaches_the_pacs_before_the_next_part_is_sent(env):
+    sent = [instance(generate_uid()) for _ in range(4)]
+    log: list = []
+    pacs = FakePacs(log=log)
+    outcomes = run(env, pacs, slow(part_chunks([part10(d) for d in sent]), log))
+    assert [o.status for o in outcomes] == [0] * 4
+    for i, ds in enumerate(sent[:-1]):
+        assert log.index(("stored", ds.SOPInstanceUID)) < log.index(("sent", i + 1))
+    assert len(pacs.calls) == 1, "one store call, fed as the parts came"
+
+
+def test_metadata_waits_for_bulk_data_sent_after_it(env):
+    """application/dicom parts go at once; a metadata part is prepared at the end of the body, when the
+    bulk data it names (sent later) is in. Outcomes stay in request order."""
+    first, described = instance(generate_uid()), instance(generate_uid())
+    obj = described.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda e: "")
+    obj["7FE00010"] = {"vr": "OW", "BulkDataURI": "/bulk/0"}
+    body = body_of([(DICOM_JSON, json.dumps([obj]).encode()), (DICOM, part10(first)),
+                    ("application/octet-stream", described.PixelData)], locations=[None, None, "/bulk/0"])
+    log: list = []
+    pacs = FakePacs(log=log)
+    outcomes = run(env, pacs, body, root=DICOM_JSON)
+    assert [o.sop_instance_uid for o in outcomes] == [described.SOPInstanceUID, first.SOPInstanceUID]
+    assert [o.status for o in outcomes] == [0, 0]
+    assert log == [("stored", first.SOPInstanceUID), ("stored", described.SOPInstanceUID)]
+    assert pydicom.dcmread(BytesIO(pacs.files[described.SOPInstanceUID])).PixelData == described.PixelData
+
+
+def test_client_leaving_after_some_parts_stores_exactly_the_complete_ones(env):
+    settings, spool, cache = env
+    study = generate_uid()
+    sent = [instance(study) for _ in range(5)]
+    log: list = []
+    pacs = FakePacs(log=log)
+    with pytest.raises(ConnectionResetError):
+        run(env, pacs, slow(part_chunks([part10(d) for d in sent]), log, leave_after=3))
+    assert list(pacs.files) == [d.SOPInstanceUID for d in sent[:3]]
+    assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [study]))
+    assert incoming(env) == []
+
+
+def test_a_limit_hit_after_stored_parts_is_413_naming_how_many_were_stored(tmp_path):
+    settings = settings_from_dict({"spool": {"path": str(tmp_path / "spool")}, "limits": {"max_stow_parts": 2},
+                                   "nodes": [{"name": "n", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}]})
+    spool = Spool(settings.spool.path, settings.spool.max_bytes)
+    cache = RecordingCache()
+    study = generate_uid()
+    sent = [instance(study) for _ in range(3)]
+    pacs = FakePacs()
+    try:
+        with pytest.raises(PayloadTooLarge) as info:
+            run((settings, spool, cache), pacs, body_of([(DICOM, part10(d)) for d in sent]))
+        assert "2 instance(s) received before that were stored" in info.value.detail
+        assert list(pacs.files) == [d.SOPInstanceUID for d in sent[:2]], "the third part is never stored"
+        assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [study]))
+        assert list(spool.tmp.rglob("*")) == []
+    finally:
+        spool.close()
+
+
+def test_cancelled_request_stops_the_store_and_invalidates_what_was_handed_over(env):
+    settings, spool, cache = env
+    first = instance(generate_uid())
+    log: list = []
+    pacs = FakePacs(log=log)
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield part_chunks([part10(first), part10(instance(generate_uid()))])[0]
+        await asyncio.Event().wait()   # the second part never comes
+
+    async def main() -> None:
+        service = StowService(settings, pacs, cache, spool)
+        task = asyncio.create_task(service.store(settings.nodes[0], root_type=DICOM, boundary=BOUNDARY,
+                                                 body=stalled()))
+        for _ in range(1000):
+            if log:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert log == [("stored", first.SOPInstanceUID)]
+    assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [first.StudyInstanceUID]))
+    assert incoming(env) == []
