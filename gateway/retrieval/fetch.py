@@ -4,6 +4,14 @@ A :class:`SeriesFetch` is the single-flight unit (docs/architecture.md, "Retriev
 that wants (part of) a series on a node joins the one fetch of it, and reads arrivals from the spool
 at its own pace.
 
+**Manifest known later**: a fetch may start before its manifest (the IMAGE-level C-FIND) has
+answered, knowing only its (node, study, series) and, for one instance, its SOP Instance UID
+(:meth:`SeriesFetch.unlisted`). Until :meth:`SeriesFetch.take_manifest` gives it the manifest,
+what arrives is streamed as it comes; completeness is judged only once the manifest is known.
+Arrivals the manifest does not list were in the series when it was retrieved (their headers say
+so, see :mod:`gateway.retrieval.membership`): they are kept and served too
+(:attr:`SeriesFetch.extras`).
+
 **Pins** (the eviction rule): every instance the fetch has made available is pinned in the spool on
 the fetch's behalf, from the moment it is committed (or found already spooled) until the fetch is
 finished and has no waiter left. So a stream can never see an instance announced and then find its
@@ -74,12 +82,22 @@ class RetrievalFailed(PacsError):
 
 
 class SeriesFetch:
-    """Loop-thread object; the PACS side reaches it through ``loop.call_soon_threadsafe``."""
+    """Loop-thread object; the PACS side reaches it through ``loop.call_soon_threadsafe``.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, manifest: Manifest, spool: Spool) -> None:
+    ``listed`` tells whether :attr:`manifest` is the series' real manifest; before that it is a
+    placeholder naming no instance, or only the one instance a single-instance fetch (``only``) wants.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, manifest: Manifest, spool: Spool, *, listed: bool = True
+    ) -> None:
         self.loop = loop
         self.manifest = manifest
         self.spool = spool
+        self.listed = listed
+        self.only: str | None = None  # a single-instance fetch: the instance it wants
+        # Read by the PACS threads (on_instance): replaced, never mutated, once the manifest is known.
+        self.listed_uids: frozenset[str] = frozenset(manifest.uids) if listed else frozenset()
         self.arrived: list[str] = []
         self._held: dict[str, SpoolEntry] = {}  # pinned on the fetch's behalf
         self.done = False
@@ -90,12 +108,58 @@ class SeriesFetch:
         self.task: asyncio.Future[None] | None = None
         self.retrieval_id: str | None = None  # cluster: the id while this replica holds the lease
 
+    @classmethod
+    def unlisted(
+        cls, loop: asyncio.AbstractEventLoop, series: SeriesId, spool: Spool, only: str | None = None
+    ) -> SeriesFetch:
+        """A fetch of ``series`` (or of its instance ``only``) whose manifest is not known yet."""
+        wanted = [InstanceRef(only, "", float("inf"))] if only is not None else []
+        fetch = cls(loop, Manifest(series, wanted, complete=only is None), spool, listed=False)
+        fetch.only = only
+        return fetch
+
+    @property
+    def id(self) -> SeriesId:
+        return self.manifest.id
+
+    def take_manifest(self, manifest: Manifest) -> None:
+        """The manifest is known: from now on completeness is judged against it. A single-instance
+        fetch keeps only its instance (NotFound when the manifest does not list it and it has not
+        arrived: an arrival proved its membership by its header)."""
+        if self.only is not None:
+            if self.only in manifest.uids:
+                manifest = manifest.subset({self.only})
+            elif self.has(self.only):
+                manifest = self.manifest
+            else:
+                raise NotFound(
+                    f"instance {self.only} was not found in series {manifest.series}", node=manifest.node
+                )
+        self.manifest = manifest
+        self.listed_uids = frozenset(manifest.uids)
+        self.listed = True
+        self.adopt_spooled()
+        self._notify()
+
+    def lists(self, sop_uid: str) -> bool:
+        """The manifest is known and names the instance (any thread)."""
+        return sop_uid in self.listed_uids
+
+    @property
+    def extras(self) -> list[str]:
+        """Arrivals the manifest does not list (they were in the series when retrieved)."""
+        if not self.listed:
+            return []
+        return [u for u in self.arrived if u not in self.listed_uids]
+
     # ------------------------------------------------------------------ arrivals (loop thread)
 
     def adopt_spooled(self) -> list[str]:
         """Pin what the spool already holds of the manifest; return the SOP UIDs still missing."""
         missing = []
         for uid in self.manifest.uids:
+            if self.has(uid):
+                continue
             entry = self.spool.pin(self.manifest.node, uid)
             if (
                 entry is not None
@@ -112,9 +176,11 @@ class SeriesFetch:
     def arrive(self, sop_uid: str, entry: SpoolEntry) -> None:
         """``entry`` comes pinned once for this fetch (``Spool.commit(pin=True)`` or ``Spool.pin``)."""
         old = self._held.get(sop_uid)
+        if old is entry:
+            self.spool.unpin(entry)  # adopted from the spool while its arrival was on its way here
+            return
         if old is not None:
-            if old is not entry:
-                self.spool.unpin(old)
+            self.spool.unpin(old)
         else:
             self.arrived.append(sop_uid)
         self._held[sop_uid] = entry
@@ -169,10 +235,12 @@ class SeriesFetch:
             await self.changed()
 
     async def wait_for(self, sop_uid: str) -> SpoolEntry:
+        """The instance once it is here; NotFound as soon as the manifest is known without it
+        (and it has not arrived), or when the fetch ended without it."""
         while not self.has(sop_uid):
-            if self.done:
-                if self.error is not None:
-                    raise self.error
+            if self.done and self.error is not None:
+                raise self.error
+            if self.done or (self.listed and not self.lists(sop_uid)):
                 raise NotFound(
                     f"instance {sop_uid} was not found in series {self.manifest.series}",
                     node=self.manifest.node,

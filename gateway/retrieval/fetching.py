@@ -1,16 +1,30 @@
-"""Fetching series from their node: single-flight, priority, retries, completeness.
+"""Fetching series from their node: single-flight, early start, priority, retries, completeness.
 
-* **Single-flight**: one :class:`SeriesFetch` per (node, study, series) (or per subset of it) at a
-  time; every request joins it. Through the :class:`~gateway.retrieval.coordinator.Coordinator` the
-  same holds across replicas.
-* **Priority**: the instance a request asked for is retrieved first (one IMAGE-level retrieval),
-  then the rest of the series.
+* **Single-flight**: one :class:`SeriesFetch` per (node, study, series) (or per instance of it) at a
+  time; every request joins it, and a request that joins asks the PACS nothing itself (the fetch
+  lists the manifest once). Through the :class:`~gateway.retrieval.coordinator.Coordinator` the same
+  holds across replicas.
+* **Early start** (:meth:`Fetcher.open`): the retrieval does not wait for the manifest. The C-GET or
+  C-MOVE is issued at once, by the study and series UIDs of the URL, while the IMAGE-level C-FIND
+  lists the manifest; the first instance is streamed as soon as it is spooled. Only when this
+  process retrieves alone (``LocalCoordinator``): a cluster fetch hands the manifest's UIDs to its
+  followers, so it lists first. And only when nothing of the series is known to be spooled (else
+  the manifest tells what is still missing, and nothing is retrieved twice).
+* **Priority**: the instance a request asked for is retrieved first (one IMAGE-level retrieval,
+  issued at once), then the rest of the series by UID once the manifest is known (so nothing is
+  sent twice). Without a priority instance the whole series is one SERIES-level retrieval, issued
+  at once.
+* **Membership**: an arrival the manifest lists is the series'. One it does not list (yet) is
+  accepted only when its header names the URL's study and series (:mod:`.membership`); it is then
+  served like the others (it was in the series when retrieved). IMAGE-level retrievals accept only
+  the instances they named.
 * **Cancel**: when the last waiter leaves before the fetch is done, it is cancelled (C-CANCEL,
   association dropped). What already arrived stays in the spool.
-* **Completeness**: after the retrieval every manifest UID must have arrived; missing ones are
-  retried (compressed syntaxes first, then native: DCMTK-based PACS fail sub-operations they cannot
-  convert to the one syntax agreed per SOP class), then reported as an error (streams abort without
-  their closing delimiter; nothing is silently lost).
+* **Completeness**: once the retrieval is over and the manifest known, every manifest UID must have
+  arrived; missing ones are retried (compressed syntaxes first, then native: DCMTK-based PACS fail
+  sub-operations they cannot convert to the one syntax agreed per SOP class), then reported as an
+  error (streams abort without their closing delimiter; nothing is silently lost). A manifest that
+  cannot be listed (404, 502) fails the fetch, whatever arrived.
 """
 
 from __future__ import annotations
@@ -22,16 +36,34 @@ from collections.abc import Callable
 from cache import keys
 from cache.base import Cache
 from cache.spool import Spool
-from gateway.errors import GatewayError, PacsError
+from gateway.errors import DimseTimeout, GatewayError, PacsError
 from gateway.pacs import MoveDestination, NotRequested, OnInstance, Pacs, PendingMove, RetrieveRequest
 from gateway.patients import PatientIds
-from gateway.retrieval.coordinator import Coordinator
-from gateway.retrieval.fetch import Manifest, RetrievalFailed, SeriesFetch
+from gateway.retrieval.coordinator import Coordinator, LocalCoordinator
+from gateway.retrieval.fetch import InstanceRef, Manifest, RetrievalFailed, SeriesFetch
+from gateway.retrieval.locating import Locator
+from gateway.retrieval.membership import belongs
 from gateway.settings import PacsNode, Settings
-from translators.uids import SeriesId
+from translators.uids import InstanceId, SeriesId
 
 log = logging.getLogger(__name__)
 UID_LIST_CHUNK = 500
+BLIND_CLASSES: tuple[str, ...] = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image, For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image, For Presentation
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+    "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography Image
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+)
+"""The SOP classes a C-GET issued before the manifest is known proposes storage contexts for. Ten
+classes, so each gets every syntax a C-GET proposes (2 native + 10 compressed contexts each, within
+the 128-context limit): the stored bytes come as they are, exactly as with the manifest's classes.
+A series of another class is retrieved once the manifest names it (its sub-operations failed)."""
 FetchKey = tuple[SeriesId, str]
 
 
@@ -45,6 +77,7 @@ class Fetcher:
         storage_scp: MoveDestination | None,
         coordinator: Coordinator,
         patients: PatientIds,
+        locator: Locator,
     ) -> None:
         self.settings = settings
         self.pacs = pacs
@@ -53,12 +86,34 @@ class Fetcher:
         self.scp = storage_scp
         self.coordinator = coordinator
         self.patients = patients
+        self.locator = locator
         self._fetches: dict[FetchKey, SeriesFetch] = {}
         # Called with the series of a failed fetch: its manifest may be stale (instances removed
         # on the PACS), so the next request lists it again.
         self.on_failure: Callable[[SeriesId], None] = lambda series: None
         self.retrievals_started = 0
         self.incomplete = 0
+
+    # ------------------------------------------------------------------ joining
+
+    def open(
+        self, node: PacsNode, series: SeriesId, *, only: str | None = None, priority: str | None = None
+    ) -> SeriesFetch:
+        """The in-flight fetch of ``series`` (or of its instance ``only``), or a new one started
+        without waiting for the manifest, with the caller joined as a waiter."""
+        fetch_key = (series, only or "")
+        current = self._fetches.get(fetch_key)
+        if current is not None and not current.done:
+            current.join()
+            return current
+        fetch = SeriesFetch.unlisted(asyncio.get_running_loop(), series, self.spool, only)
+        fetch.join()
+        if only is not None and not fetch.adopt_spooled():
+            fetch.finish()  # spooled under this study and series: no manifest needed to serve it
+            return fetch
+        self._fetches[fetch_key] = fetch
+        fetch.task = asyncio.ensure_future(self._run(node, fetch, priority or only, fetch_key))
+        return fetch
 
     def join(self, node: PacsNode, manifest: Manifest, priority: str | None = None) -> SeriesFetch:
         """The in-flight fetch of this manifest, or a new one, with the caller joined as a waiter
@@ -79,26 +134,30 @@ class Fetcher:
         fetch.task = asyncio.ensure_future(self._run(node, fetch, priority, fetch_key))
         return fetch
 
+    # ------------------------------------------------------------------ one fetch
+
     async def _run(
         self, node: PacsNode, fetch: SeriesFetch, priority: str | None, fetch_key: FetchKey
     ) -> None:
-        manifest = fetch.manifest
+        listing: asyncio.Future[None] | None = None
         try:
-            await self.coordinator.run(fetch, lambda wanted: self._from_pacs(node, fetch, wanted, priority))
-            still = fetch.missing
-            if fetch.cancel.is_set() and still:
-                fetch.finish(RetrievalFailed("retrieval cancelled: every client left", node=node.name))
-            elif still:
-                self.incomplete += 1  # reported to the clients and counted (/metrics), never silent
-                fetch.finish(
-                    RetrievalFailed(
-                        f"node {node.name} did not deliver {len(still)} of "
-                        f"{len(manifest.uids)} instances of series {manifest.series}",
-                        node=node.name,
-                    )
+            if not fetch.listed:
+                memo = await self.locator.memo(fetch.id)
+                if memo is not None:
+                    fetch.take_manifest(memo)
+            early = False
+            if not fetch.listed:
+                listing = asyncio.ensure_future(self._list(node, fetch))
+                early = self._may_start_early(fetch)
+                if early:
+                    await self._early(node, fetch, priority, listing)
+                else:
+                    await listing
+            if not early and fetch.missing and not fetch.cancel.is_set():
+                await self.coordinator.run(
+                    fetch, lambda wanted: self._from_pacs(node, fetch, wanted, priority)
                 )
-            else:
-                fetch.finish()
+            self._judge(node, fetch)
         except GatewayError as exc:
             fetch.finish(exc)
         except Exception as exc:  # noqa: BLE001 - a fetch must always finish, or waiters hang
@@ -107,22 +166,113 @@ class Fetcher:
                 PacsError(f"retrieval from node {node.name} failed: {type(exc).__name__}", node=node.name)
             )
         finally:
+            if listing is not None:
+                # A fetch its clients left lets its manifest C-FIND finish (the C-GET/C-MOVE is
+                # what gets cancelled): the answer is memoised for the next request, and the query
+                # costs the PACS little next to the retrieval.
+                listing.add_done_callback(_consume)
             self._fetches.pop(fetch_key, None)
             if fetch.error is not None:
-                self.on_failure(manifest.id)
+                self.on_failure(fetch.id)
+
+    def _judge(self, node: PacsNode, fetch: SeriesFetch) -> None:
+        """Completeness against the manifest, once the retrieval is over."""
+        still = fetch.missing
+        if fetch.cancel.is_set() and (still or not fetch.listed):
+            fetch.finish(RetrievalFailed("retrieval cancelled: every client left", node=node.name))
+        elif still:
+            self.incomplete += 1  # reported to the clients and counted (/metrics), never silent
+            fetch.finish(
+                RetrievalFailed(
+                    f"node {node.name} did not deliver {len(still)} of "
+                    f"{len(fetch.manifest.uids)} instances of series {fetch.id.series}",
+                    node=node.name,
+                )
+            )
+        else:
+            extras = fetch.extras
+            if extras and fetch.manifest.complete:
+                self.locator.add_arrivals(
+                    fetch.manifest,
+                    [InstanceRef(u, fetch.entry(u).sop_class_uid, float("inf")) for u in extras],
+                )
+            fetch.finish()
+
+    async def _list(self, node: PacsNode, fetch: SeriesFetch) -> None:
+        """The manifest, for the fetch; when it cannot be had (404, 502), the retrieval stops."""
+        try:
+            manifest = await self.locator.manifest(node, fetch.id.study, fetch.id.series)
+            fetch.take_manifest(manifest)
+        except BaseException:
+            fetch.cancel.set()
+            raise
+
+    def _may_start_early(self, fetch: SeriesFetch) -> bool:
+        if not isinstance(self.coordinator, LocalCoordinator):
+            return False  # the cluster's lease and arrivals stream work on a known manifest
+        if fetch.only is not None:
+            return True  # one instance, not in the spool (Fetcher.open looked)
+        hint = self.locator.hint(fetch.id)
+        if hint is None:
+            return True
+        # Some of the series may be spooled: list first and retrieve only what is missing.
+        sid = fetch.id
+        for uid in hint.uids:
+            entry = self.spool.get(sid.node, uid)
+            if entry is not None and (entry.study_uid, entry.series_uid) == (sid.study, sid.series):
+                return False
+        return True
+
+    async def _early(
+        self, node: PacsNode, fetch: SeriesFetch, priority: str | None, listing: asyncio.Future[None]
+    ) -> None:
+        """Retrieve while the manifest is being listed; then what the manifest says is missing."""
+        self.retrievals_started += 1
+        blind = True  # the retrieve under way proposes contexts without the manifest's SOP classes
+        failed = False
+        try:
+            if priority is not None:
+                blind = not fetch.listed
+                await self._retrieve(node, fetch, [priority])
+            elif fetch.only is None and not fetch.cancel.is_set():
+                blind = not fetch.listed
+                await self._retrieve(node, fetch, None)  # SERIES level: needs no manifest
+        except GatewayError as exc:
+            # Some PACS fail a retrieve naming a series that is not in the study: the manifest's
+            # verdict (404) is the answer then. Others abort a C-GET when no proposed context suits
+            # an instance (a SOP class outside BLIND_CLASSES): retrieved below with the manifest's.
+            await listing
+            if not blind or not isinstance(exc, PacsError) or isinstance(exc, DimseTimeout):
+                raise
+            log.warning("a retrieval from %s without the manifest failed (%s); again with it", node.name, exc)
+            failed = True
+        if fetch.cancel.is_set() and not listing.done():
+            return  # every client left (a failed listing sets cancel as it ends: awaited below)
+        await listing
+        if (fetch.only is None and priority is not None) or failed or _blind_missed(fetch):
+            # The rest of the series after its asked-for instance, by UID (nothing is sent twice);
+            # or what a retrieval without the manifest's SOP classes could not bring, with them.
+            await self._rest(node, fetch)
+        await self._retry_missing(node, fetch)
 
     async def _from_pacs(
         self, node: PacsNode, fetch: SeriesFetch, missing: list[str], priority: str | None
     ) -> None:
         """Retrieve ``missing`` from the PACS: the asked-for instance first, then the rest, then retries."""
-        manifest = fetch.manifest
         self.retrievals_started += 1
         if priority in missing and len(missing) > 1:
             await self._retrieve(node, fetch, [priority])
-            missing = [u for u in missing if not fetch.has(u)]
+        await self._rest(node, fetch, missing)
+        await self._retry_missing(node, fetch)
+
+    async def _rest(self, node: PacsNode, fetch: SeriesFetch, among: list[str] | None = None) -> None:
+        manifest = fetch.manifest
+        missing = [u for u in (manifest.uids if among is None else among) if not fetch.has(u)]
         if missing and not fetch.cancel.is_set():
             whole = manifest.complete and len(missing) == len(manifest.uids)
             await self._retrieve(node, fetch, None if whole else missing)
+
+    async def _retry_missing(self, node: PacsNode, fetch: SeriesFetch) -> None:
         for compressed_first in (True, False):
             still = fetch.missing
             if not still or fetch.cancel.is_set():
@@ -130,28 +280,44 @@ class Fetcher:
             log.warning("retrying %d missing instances of a series on %s", len(still), node.name)
             await self._retrieve(node, fetch, still, compressed_first=compressed_first)
 
+    # ------------------------------------------------------------------ one retrieve
+
     async def _retrieve(
         self, node: PacsNode, fetch: SeriesFetch, sops: list[str] | None, compressed_first: bool = False
     ) -> None:
+        """One C-GET/C-MOVE: SERIES level (``sops`` None) or IMAGE level in UID lists."""
         loop = asyncio.get_running_loop()
-        manifest = fetch.manifest
-        wanted = set(manifest.uids)
-        classes = tuple(sorted({i.sop_class_uid for i in manifest.instances if i.sop_class_uid}))
+        sid = fetch.id
+        requested = frozenset(sops) if sops is not None else None
+        classes = (
+            tuple(sorted({i.sop_class_uid for i in fetch.manifest.instances if i.sop_class_uid}))
+            if fetch.listed
+            else BLIND_CLASSES
+        )
 
         def on_instance(data: bytes, sop: str, cls: str, ts: str) -> None:
-            # On the association's thread: write and signal, nothing slow. Only what the manifest
-            # lists is accepted: anything else is refused, never spooled (nobody can push objects
-            # into a series through a retrieval), and an instance already received is not replaced.
-            if sop not in wanted or fetch.has(sop):
+            # On the association's thread: write and signal, nothing slow. Refused, never spooled
+            # (nobody can push objects into a series through a retrieval): what an IMAGE-level
+            # retrieve did not name, and what no manifest lists unless its header proves it is the
+            # URL's study and series. One already here is acknowledged, not replaced.
+            if requested is not None and sop not in requested:
+                raise NotRequested(sop)
+            if fetch.has(sop):
+                return  # a PACS that sends one twice: the copy we hold stays
+            if not fetch.lists(sop) and not belongs(data, sid.study, sid.series):
                 raise NotRequested(sop)
             entry = self.spool.write(
-                data, manifest.instance_id(sop), sop_class_uid=cls, transfer_syntax=ts, pin=True
+                data,
+                InstanceId(sid.node, sid.study, sid.series, sop),
+                sop_class_uid=cls,
+                transfer_syntax=ts,
+                pin=True,
             )
             loop.call_soon_threadsafe(fetch.arrive, sop, entry)
 
         pid = None
         if node.query_model == "patient":
-            pid = await self.patients.for_study(node, manifest.study)
+            pid = await self.patients.for_study(node, sid.study)
         chunks: list[list[str] | None] = (
             [None]
             if sops is None
@@ -162,8 +328,8 @@ class Fetcher:
                 return
             request = RetrieveRequest(
                 "SERIES" if chunk is None else "IMAGE",
-                manifest.study,
-                manifest.series,
+                sid.study,
+                sid.series,
                 tuple(chunk) if chunk is not None else None,
                 pid,
                 classes,
@@ -183,16 +349,21 @@ class Fetcher:
                 node=node.name,
             )
         msg_id = await self._move_msg_id(self.scp)
-        expected = set(request.sops) if request.sops is not None else set(fetch.manifest.uids)
-        self.scp.register(
-            PendingMove(msg_id, fetch.manifest.study, fetch.manifest.series, expected, on_instance)
+        # A SERIES-level move issued before the manifest is known expects no particular UIDs: the
+        # storage SCP routes its sub-operations by Move Originator Message ID (or study/series),
+        # and on_instance checks each one. Once the manifest is known the move names its UIDs.
+        expected: set[str] | None = (
+            set(request.sops)
+            if request.sops is not None
+            else set(fetch.manifest.uids) if fetch.listed else None
         )
+        self.scp.register(PendingMove(msg_id, fetch.id.study, fetch.id.series, expected, on_instance))
         if request.compressed_first:
             self.scp.prefer_compressed(True)
         try:
             # With replicas, the PACS may deliver to another replica's storage SCP (one AE title behind
             # one Service): the coordinator publishes the move and copies in what that replica announces.
-            async with self.coordinator.move_scope(msg_id, fetch, expected):
+            async with self.coordinator.move_scope(msg_id, fetch, expected or set()):
                 await self.pacs.move(
                     node,
                     request,
@@ -222,3 +393,17 @@ class Fetcher:
         tasks = [f.task for f in fetches if f.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+
+
+def _blind_missed(fetch: SeriesFetch) -> bool:
+    """Some missing instance is of a SOP class (or of one the manifest does not name) that a
+    retrieval proposing only BLIND_CLASSES could not bring."""
+    missing = set(fetch.missing)
+    classes = {i.sop_class_uid for i in fetch.manifest.instances if i.sop_instance_uid in missing}
+    return not classes <= set(BLIND_CLASSES)
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    """A listing nobody awaits any more: its failure was the fetch's (or nobody's) concern."""
+    if not task.cancelled():
+        task.exception()

@@ -7,7 +7,13 @@
   series' instances (404 when empty, never a silent empty 200). A wrong study UID with a right
   series UID therefore finds nothing. Manifests are memoised per (node, study, series) for
   ``MANIFEST_TTL`` seconds and only under the study generation they were listed at (cache.keys,
-  freshness): a STOW into the study on any replica makes every replica list it again.
+  freshness): a STOW into the study on any replica makes every replica list it again. Instances a
+  retrieval delivered that the C-FIND did not list are added to the memo (:meth:`Locator.add_arrivals`).
+  A retrieval no longer waits for the manifest (gateway.retrieval.fetching: early start); the last
+  manifest listed, fresh or not, tells it whether some of the series may already be spooled.
+* **Once per question**: concurrent requests for the same locate, manifest or series list share one
+  C-FIND (:class:`~gateway.retrieval.inflight.InFlight`): a burst of frame requests on a cold
+  series asks the PACS once, not once per request.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from gateway.errors import GatewayError, NotFound
 from gateway.pacs import Pacs
 from gateway.patients import PatientIds
 from gateway.retrieval.fetch import InstanceRef, Manifest
+from gateway.retrieval.inflight import InFlight
 from gateway.settings import PacsNode, Settings
 from translators.uids import SeriesId, StudyId
 
@@ -37,11 +44,18 @@ class Locator:
         self.cache = cache
         self.patients = patients
         self._manifests: dict[SeriesId, Manifest] = {}
+        self._locating: InFlight[tuple[str, tuple[str, ...]], PacsNode] = InFlight()
+        self._listing: InFlight[tuple[SeriesId, int], Manifest] = InFlight()
+        self._series: InFlight[tuple[str, str], list[str]] = InFlight()
 
     async def locate(self, study: str, nodes: Sequence[PacsNode]) -> PacsNode:
         """The first node (config order) holding the study; the only node when one is named."""
         if len(nodes) == 1:
             return nodes[0]
+        key = (study, tuple(n.name for n in nodes))
+        return await self._locating.run(key, lambda: self._locate(study, nodes))
+
+    async def _locate(self, study: str, nodes: Sequence[PacsNode]) -> PacsNode:
         known = await self.cache.smembers(keys.study_locations(study))
         for node in nodes:
             if node.name in known:
@@ -64,9 +78,12 @@ class Locator:
     async def generation(self, study: StudyId) -> int:
         return await self.cache.get_int(keys.study_generation(study))
 
-    async def manifest(self, node: PacsNode, study: str, series: str) -> Manifest:
-        sid = SeriesId(node.name, study, series)
-        generation = await self.generation(sid.study_id)
+    async def memo(self, sid: SeriesId) -> Manifest | None:
+        """The memoised manifest while it is fresh (listed under the current study generation, less
+        than ``MANIFEST_TTL`` ago); None when it would have to be listed again."""
+        return self._fresh(sid, await self.generation(sid.study_id))
+
+    def _fresh(self, sid: SeriesId, generation: int) -> Manifest | None:
         memo = self._manifests.get(sid)
         if (
             memo is not None
@@ -74,6 +91,22 @@ class Locator:
             and time.monotonic() - memo.fetched < MANIFEST_TTL
         ):
             return memo
+        return None
+
+    def hint(self, sid: SeriesId) -> Manifest | None:
+        """The last manifest listed for the series, fresh or not (what may be in the spool)."""
+        return self._manifests.get(sid)
+
+    async def manifest(self, node: PacsNode, study: str, series: str) -> Manifest:
+        sid = SeriesId(node.name, study, series)
+        generation = await self.generation(sid.study_id)
+        memo = self._fresh(sid, generation)
+        if memo is not None:
+            return memo
+        return await self._listing.run((sid, generation), lambda: self._list(node, sid, generation))
+
+    async def _list(self, node: PacsNode, sid: SeriesId, generation: int) -> Manifest:
+        study, series = sid.study, sid.series
         ident = Dataset()
         ident.QueryRetrieveLevel = "IMAGE"
         ident.StudyInstanceUID = study
@@ -111,11 +144,24 @@ class Locator:
         self._manifests[sid] = manifest
         return manifest
 
+    def add_arrivals(self, listed: Manifest, extras: list[InstanceRef]) -> None:
+        """Instances a retrieval delivered that ``listed`` did not name (stored on the PACS after the
+        C-FIND; their headers proved them the series'): the memo names them too, after the others,
+        so later requests serve the series as it was delivered."""
+        if self._manifests.get(listed.id) is listed and extras:
+            self._manifests[listed.id] = Manifest(
+                listed.id, [*listed.instances, *extras], generation=listed.generation, fetched=listed.fetched
+            )
+
     def forget(self, series: SeriesId) -> None:
         """Drop a memo a failed retrieval suggests is stale (instances removed on the PACS)."""
         self._manifests.pop(series, None)
 
-    async def series_list(self, node: PacsNode, study: str) -> list[Manifest]:
+    async def series_uids(self, node: PacsNode, study: str) -> list[str]:
+        """The study's series on the node, by SeriesNumber (404 when it has none)."""
+        return await self._series.run((node.name, study), lambda: self._series_uids(node, study))
+
+    async def _series_uids(self, node: PacsNode, study: str) -> list[str]:
         ident = Dataset()
         ident.QueryRetrieveLevel = "SERIES"
         ident.StudyInstanceUID = study
@@ -132,7 +178,7 @@ class Locator:
         if not series:
             raise NotFound(f"study {study} was not found on node {node.name}", node=node.name)
         series.sort(key=lambda d: (_num(d.get("SeriesNumber")), str(d.SeriesInstanceUID)))
-        return [await self.manifest(node, study, str(s.SeriesInstanceUID)) for s in series]
+        return list(dict.fromkeys(str(s.SeriesInstanceUID) for s in series))
 
     async def _patient_key(self, node: PacsNode, study: str, ident: Dataset) -> None:
         if node.query_model != "patient":

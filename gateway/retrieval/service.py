@@ -14,6 +14,7 @@ with both, and a spooled entry filed under another study or series is not used.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from gateway.instances import InstanceReader
 from gateway.pacs import MoveDestination, Pacs
 from gateway.patients import PatientIds
 from gateway.retrieval.coordinator import Coordinator, LocalCoordinator
-from gateway.retrieval.fetch import Manifest, SeriesFetch
+from gateway.retrieval.fetch import SeriesFetch
 from gateway.retrieval.fetching import Fetcher
 from gateway.retrieval.locating import Locator
 from gateway.settings import PacsNode, Settings
@@ -35,6 +36,7 @@ from translators import media
 from translators.uids import SeriesId
 
 log = logging.getLogger(__name__)
+METADATA_WINDOW = 4  # instances whose JSON one series metadata request builds at a time
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class RetrievalService:
         )
         self.locator = Locator(settings, pacs, cache, patients)
         self.fetcher = Fetcher(
-            settings, pacs, cache, spool, storage_scp, coordinator or LocalCoordinator(), patients
+            settings, pacs, cache, spool, storage_scp, coordinator or LocalCoordinator(), patients,
+            self.locator,
         )
         self.fetcher.on_failure = self.locator.forget
         self.metadata_hits = 0     # series metadata answered from the cache (/metrics)
@@ -122,19 +125,14 @@ class RetrievalService:
 
     # ------------------------------------------------------------------ resolution
 
-    async def _manifests(
+    async def _series(
         self, nodes: Sequence[PacsNode], study: str, series: str | None
-    ) -> tuple[PacsNode, list[Manifest]]:
+    ) -> tuple[PacsNode, list[SeriesId]]:
+        """The node, and the series a URL names: its own, or every series of its study (one
+        SERIES-level C-FIND). No manifest: each fetch lists its own while it retrieves."""
         node = await self.locator.locate(study, nodes)
-        if series is None:
-            return node, await self.locator.series_list(node, study)
-        return node, [await self.locator.manifest(node, study, series)]
-
-    @staticmethod
-    def _only(manifest: Manifest, sop: str) -> Manifest:
-        if sop not in manifest.uids:
-            raise NotFound(f"instance {sop} was not found in series {manifest.series}", node=manifest.node)
-        return manifest.subset({sop})
+        uids = [series] if series is not None else await self.locator.series_uids(node, study)
+        return node, [SeriesId(node.name, study, uid) for uid in uids]
 
     # ------------------------------------------------------------------ instances (multipart)
 
@@ -147,26 +145,23 @@ class RetrievalService:
         selection: media.Selection,
     ) -> PartStream:
         """The instances as they arrive, each in the syntax :func:`translators.media.instance_syntax`
-        picks for it; the first part is in hand when this returns."""
-        node, manifests = await self._manifests(nodes, study, series)
-        if instance is not None:
-            manifests = [self._only(manifests[0], instance)]
+        picks for it; the first part is in hand when this returns. The retrieval starts at once; the
+        stream ends (closing delimiter) only once the manifest is known and complete."""
+        node, sids = await self._series(nodes, study, series)
         fetches: list[SeriesFetch] = []
 
         def start(i: int) -> SeriesFetch:
-            fetch = self.fetcher.join(node, manifests[i], priority=instance)
+            fetch = self.fetcher.open(node, sids[i], only=instance, priority=instance)
             fetches.append(fetch)
             return fetch
 
         async def parts() -> AsyncGenerator[Part, None]:
             # One series after the other; the next series is fetched while this one streams.
             current = start(0)
-            for i in range(len(manifests)):
-                nxt = start(i + 1) if i + 1 < len(manifests) else None
-                wanted = set(manifests[i].uids)
+            for i in range(len(sids)):
+                nxt = start(i + 1) if i + 1 < len(sids) else None
                 async for uid in current.arrivals():
-                    if uid in wanted:
-                        yield await self._part(current.entry(uid), selection)
+                    yield await self._part(current.entry(uid), selection)
                 if nxt is not None:
                     current = nxt
 
@@ -219,17 +214,19 @@ class RetrievalService:
                     self.metadata_hits += 1
                     return Metadata(node, cached)
             self.metadata_misses += 1
-        _, manifests = await self._manifests([node], study, series)
-        if instance is not None:
-            manifests = [self._only(manifests[0], instance)]
+        _, sids = await self._series([node], study, series)
         keep = self.settings.retrieval.series_for_frames
         parts: list[bytes] = []
-        fetches = [self.fetcher.join(node, m, priority=instance) for m in manifests]
+        only = None if keep else instance
+        fetches = [self.fetcher.open(node, sid, only=only, priority=instance) for sid in sids]
         answered = False
         try:
-            for manifest, fetch in zip(manifests, fetches, strict=True):
-                for uid in manifest.uids:
-                    parts.append(await self.reader.metadata(await fetch.wait_for(uid)))
+            if instance is not None:
+                parts.append(await self.reader.metadata(await fetches[0].wait_for(instance)))
+            else:
+                # Every series at once; each instance's JSON is built as it arrives.
+                for built in await asyncio.gather(*(self._series_json(f) for f in fetches)):
+                    parts.extend(built)
             answered = True
         finally:
             for fetch in fetches:
@@ -240,6 +237,34 @@ class RetrievalService:
         if meta_key is not None:
             await self.cache.set(meta_key, raw, self.settings.cache.ttl.metadata)
         return Metadata(node, raw)
+
+    async def _series_json(self, fetch: SeriesFetch) -> list[bytes]:
+        """The JSON of every instance of a fetch, in manifest order (then what it did not list).
+
+        Built while the series arrives (a few instances at a time, so frame requests running
+        beside it still get the reader's threads), answered once the fetch is complete.
+        """
+        built: dict[str, bytes] = {}
+        window = asyncio.Semaphore(METADATA_WINDOW)
+        tasks: list[asyncio.Future[None]] = []
+
+        async def build(uid: str, entry: SpoolEntry) -> None:
+            try:
+                built[uid] = await self.reader.metadata(entry)
+            finally:
+                window.release()
+
+        try:
+            async for uid in fetch.arrivals():
+                await window.acquire()
+                tasks.append(asyncio.ensure_future(build(uid, fetch.entry(uid))))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # the first failure was raised
+        order = [*fetch.manifest.uids, *fetch.extras]
+        return [built[uid] for uid in order if uid in built]
 
     # ------------------------------------------------------------------ one instance
 
@@ -256,18 +281,17 @@ class RetrievalService:
             self.spool.unpin(entry)
             entry = None
         if entry is None:
-            entry = await self._retrieve_one(node, await self.locator.manifest(node, study, series), sop)
+            entry = await self._retrieve_one(node, SeriesId(node.name, study, series), sop)
         try:
             yield entry
         finally:
             self.spool.unpin(entry)
 
-    async def _retrieve_one(self, node: PacsNode, manifest: Manifest, sop: str) -> SpoolEntry:
-        """Retrieve (or join the retrieval of) ``sop``; the entry comes back pinned for the caller."""
-        if sop not in manifest.uids:
-            raise NotFound(f"instance {sop} was not found in series {manifest.series}", node=node.name)
+    async def _retrieve_one(self, node: PacsNode, series: SeriesId, sop: str) -> SpoolEntry:
+        """Retrieve (or join the retrieval of) ``sop``, first of its series and without waiting for
+        the manifest; the entry comes back pinned for the caller."""
         keep = self.settings.retrieval.series_for_frames
-        fetch = self.fetcher.join(node, manifest if keep else manifest.subset({sop}), priority=sop)
+        fetch = self.fetcher.open(node, series, only=None if keep else sop, priority=sop)
         try:
             entry = await fetch.wait_for(sop)
             pinned = self.spool.pin(node.name, sop)
@@ -284,10 +308,11 @@ class RetrievalService:
         self, nodes: Sequence[PacsNode], study: str, series: str | None
     ) -> AsyncIterator[SpoolEntry]:
         """The instance a study or series thumbnail shows (the middle one of the first series),
-        pinned for the ``async with`` body; the rest of its series keeps coming (viewers open it next)."""
-        node, manifests = await self._manifests(nodes, study, series)
-        manifest = next((m for m in manifests if m.instances), None)
-        if manifest is None:
+        pinned for the ``async with`` body; the rest of its series keeps coming (viewers open it next).
+        The manifest comes first here: it names the middle instance, which is then retrieved first."""
+        node, sids = await self._series(nodes, study, series)
+        manifest = await self.locator.manifest(node, sids[0].study, sids[0].series)
+        if not manifest.instances:
             raise NotFound("no instances to render", node=node.name)
         uid = manifest.uids[(len(manifest.uids) - 1) // 2]
         fetch = self.fetcher.join(node, manifest, priority=uid)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -21,12 +21,16 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from gateway.errors import NodeUnreachable
 from gateway.pacs import (
+    AssociationFacts,
     FindResult,
+    NotRequested,
     OnInstance,
+    ProbeContext,
     QueryModel,
     RetrieveOutcome,
     RetrieveRequest,
     StoreItem,
+    StoreItems,
     StoreResult,
 )
 from gateway.settings import PacsNode
@@ -53,6 +57,15 @@ def part10(study: str, series: str, sop: str, *, marker: str = "", number: int =
     return buf.getvalue()
 
 
+async def _each(items: StoreItems) -> AsyncIterator[StoreItem]:
+    if isinstance(items, Sequence):
+        for item in items:
+            yield item
+    else:
+        async for item in items:
+            yield item
+
+
 def _patient(node: str) -> Dataset:
     ds = Dataset()
     ds.PatientID = f"PID-{node}"
@@ -65,6 +78,13 @@ class FakePacs:
     down: set[str] = field(default_factory=set)
     calls: Counter[str] = field(default_factory=Counter)
     gate: asyncio.Event | None = None          # when set, get waits for it (to observe in-flight state)
+    find_delay: float = 0.0                    # seconds every C-FIND takes (requests pile up behind it)
+    finds: Counter[str] = field(default_factory=Counter)   # C-FINDs by query level
+    retrieves: list[RetrieveRequest] = field(default_factory=list)   # every get, in order
+    by_level_key_only: bool = False            # get ignores the keys above the level (as Orthanc does)
+    refused: list[str] = field(default_factory=list)   # SOP UIDs whose delivery on_instance refused
+    manifest_gate: asyncio.Event | None = None  # when set, IMAGE-level C-FINDs wait for it
+    unlisted: set[str] = field(default_factory=set)   # SOP UIDs C-FINDs do not report (stored later)
 
     def add(self, node: str, study: str, series: str, sop: str, **kw: object) -> bytes:
         data = part10(study, series, sop, **kw)  # type: ignore[arg-type]
@@ -85,6 +105,11 @@ class FakePacs:
         self.calls["find"] += 1
         held = self._check(node)
         level = identifier.QueryRetrieveLevel
+        self.finds[str(level)] += 1
+        if self.find_delay:
+            await asyncio.sleep(self.find_delay)
+        if level == "IMAGE" and self.manifest_gate is not None:
+            await self.manifest_gate.wait()
         if level == "PATIENT":
             return FindResult(node.name, [_patient(node.name)] if held else [])
         study = str(identifier.get("StudyInstanceUID", "") or "")
@@ -94,6 +119,8 @@ class FakePacs:
             if study and st != study:
                 continue
             if level in ("SERIES", "IMAGE") and series and se != series:
+                continue
+            if level == "IMAGE" and sop in self.unlisted:
                 continue
             ds = Dataset()
             ds.StudyInstanceUID = st
@@ -111,12 +138,18 @@ class FakePacs:
     async def get(self, node: PacsNode, request: RetrieveRequest, on_instance: OnInstance,
                   cancel: threading.Event) -> RetrieveOutcome:
         self.calls["get"] += 1
+        self.retrieves.append(request)
         held = self._check(node)
         if self.gate is not None:
             await self.gate.wait()
         wanted = [(k, v) for k, v in sorted(held.items()) if k[0] == request.study
                   and (request.series is None or k[1] == request.series)
                   and (request.sops is None or k[2] in request.sops)]
+        if self.by_level_key_only:
+            wanted = [(k, v) for k, v in sorted(held.items())
+                      if (k[2] in request.sops if request.sops is not None
+                          else k[1] == request.series if request.series is not None
+                          else k[0] == request.study)]
         outcome = RetrieveOutcome()
 
         def deliver() -> None:
@@ -124,7 +157,12 @@ class FakePacs:
                 if cancel.is_set():
                     outcome.cancelled = True
                     return
-                on_instance(data, sop, CT, ExplicitVRLittleEndian)
+                try:
+                    on_instance(data, sop, CT, ExplicitVRLittleEndian)
+                except NotRequested:     # the DIMSE edge answers it with a refusal (PS3.4 C.4.3)
+                    self.refused.append(sop)
+                    outcome.failed += 1
+                    continue
                 outcome.completed += 1
 
         await asyncio.to_thread(deliver)
@@ -134,11 +172,12 @@ class FakePacs:
                    cancel: threading.Event) -> RetrieveOutcome:
         raise NotImplementedError
 
-    async def store(self, node: PacsNode, items: Sequence[StoreItem], workdir: Path) -> list[StoreResult]:
+    async def store(self, node: PacsNode, items: StoreItems, workdir: Path) -> list[StoreResult]:
         self.calls["store"] += 1
         self._check(node)
         results = []
-        for item in items:
+        # Items that come one by one (STOW-RS) are stored as they come, like the real edge does.
+        async for item in _each(items):
             data = item.path.read_bytes()
             ds = dcmread(BytesIO(data))
             self.nodes.setdefault(node.name, {})[(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
@@ -148,6 +187,17 @@ class FakePacs:
 
     def query_associations_opened(self, node: PacsNode) -> int:
         return 0
+
+    async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
+                              scp_roles: Sequence[str] = (),
+                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
+        """A PACS that accepts every proposed context (the first syntax of each), in every role."""
+        self.calls["associate_probe"] += 1
+        self._check(node)
+        return AssociationFacts(accepted=tuple((cls, syntaxes[0], cls in scp_roles) for cls, syntaxes in contexts),
+                                rejected=(), max_pdu=16384, implementation_class_uid="1.2.3.4.5",
+                                implementation_version_name="FAKEPACS_1", associate_seconds=0.001,
+                                untuned_find_seconds=(0.001,) * 3 if timed_find else ())
 
     async def close(self) -> None:
         pass

@@ -1,7 +1,8 @@
 """The retrieval service's decisions, with an in-memory PACS behind the Pacs interface.
 
 Identity (a node's data only for that node), freshness (manifests and metadata under the study
-generation), pins (nothing evicted under a reader), single-flight, wrong-study 404, completeness.
+generation), pins (nothing evicted under a reader), single-flight, wrong-study 404, completeness;
+first bytes before the manifest, one locate and one manifest C-FIND per burst, unlisted arrivals.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from io import BytesIO
 
+import orjson
 import pytest
 from pydicom import dcmread
 
@@ -18,6 +20,7 @@ from cache.spool import Spool
 from gateway.errors import NotFound, PacsError
 from gateway.instances import InstanceReader
 from gateway.retrieval.fetch import RetrievalFailed
+from gateway.retrieval.inflight import InFlight
 from gateway.retrieval.service import RetrievalService
 from gateway.settings import settings_from_dict
 from tests.support.fake_pacs import FakePacs
@@ -226,3 +229,122 @@ def test_instance_syntax_rule(anyio_backend):
     assert media.instance_syntax(im, None, explicit=False) == ex
     assert media.instance_syntax(ex, jpeg, explicit=True) is None, "no lossy encoding on request (406)"
     assert media.instance_syntax(ex, jpeg, explicit=False) == ex
+
+
+# ----------------------------------------------------------------------------- first bytes at once
+
+
+async def test_the_first_part_is_in_hand_before_the_manifest_is_listed(tmp_path, two_nodes_same_uids):
+    pacs = two_nodes_same_uids
+    settings, cache, spool, reader, service = make(tmp_path, pacs)
+    a = settings.node("a")
+    pacs.manifest_gate = asyncio.Event()
+    stream = await asyncio.wait_for(service.parts([a], STUDY, SERIES, None, ANY), 10)
+    assert pacs.finds["IMAGE"] == 1 and not pacs.manifest_gate.is_set(), "the manifest is still being listed"
+    assert [r.level for r in pacs.retrieves] == ["SERIES"], "the retrieval did not wait for it"
+    collecting = asyncio.ensure_future(collect(stream))
+    await asyncio.sleep(0.1)
+    assert not collecting.done(), "the stream does not end before completeness is judged"
+    pacs.manifest_gate.set()
+    assert [marker(d) for d in await asyncio.wait_for(collecting, 10)] == ["from a"] * 3
+    reader.close()
+
+
+async def test_a_frame_storm_on_a_cold_series_asks_the_pacs_once(tmp_path):
+    pacs = FakePacs(find_delay=0.1)
+    for i in range(1, 41):
+        pacs.add("a", STUDY, SERIES, sop(i), marker="from a")
+    settings, cache, spool, reader, service = make(tmp_path, pacs)
+    nodes = list(settings.nodes)  # federated: the study must be located first
+
+    async def frame(i: int) -> str:
+        async with service.instance(nodes, STUDY, SERIES, sop(i)) as entry:
+            return entry.sop_instance_uid
+
+    assert await asyncio.gather(*(frame(i) for i in range(1, 41))) == [sop(i) for i in range(1, 41)]
+    assert pacs.finds == {"STUDY": 1, "IMAGE": 1}, "one locate and one manifest for 40 requests"
+    assert service.retrievals_started == 1
+    assert pacs.retrieves[0].level == "IMAGE" and len(pacs.retrieves) <= 2, "the first asked-for, then the rest"
+    reader.close()
+
+
+async def test_a_wrong_study_is_not_found_on_a_pacs_that_ignores_the_study_key(tmp_path, two_nodes_same_uids):
+    pacs = two_nodes_same_uids
+    pacs.by_level_key_only = True   # as Orthanc: a SERIES-level C-GET by series UID, IMAGE-level by SOP UID
+    settings, cache, spool, reader, service = make(tmp_path, pacs)
+    a = settings.node("a")
+    wrong = "9.9.9"
+    for warm in (False, True):
+        if warm:
+            assert len(await collect(await service.parts([a], STUDY, SERIES, None, ANY))) == 3
+        with pytest.raises(NotFound):
+            await service.parts([a], wrong, SERIES, None, ANY)
+        with pytest.raises(NotFound):
+            async with service.instance([a], wrong, SERIES, sop(1)):
+                pass
+        with pytest.raises(NotFound):
+            await service.metadata([a], wrong, SERIES, None)
+        assert pacs.refused, "the PACS delivered the real series; its headers named another study"
+        assert all(spool.get("a", sop(i)) is None or spool.get("a", sop(i)).study_uid == STUDY
+                   for i in (1, 2, 3)), "nothing was filed under the wrong study"
+    reader.close()
+
+
+async def test_an_instance_the_manifest_does_not_list_is_served_after_the_listed_ones(tmp_path, two_nodes_same_uids):
+    pacs = two_nodes_same_uids
+    pacs.unlisted = {sop(2)}      # stored on the PACS after the C-FIND answered, before the C-GET
+    settings, cache, spool, reader, service = make(tmp_path, pacs)
+    a = settings.node("a")
+    got = await collect(await service.parts([a], STUDY, SERIES, None, ANY))
+    assert sorted(str(dcmread(BytesIO(d)).SOPInstanceUID) for d in got) == [sop(1), sop(2), sop(3)]
+    meta = await service.metadata([a], STUDY, SERIES, None, use_cache=False)
+    order = [item["00080018"]["Value"][0] for item in orjson.loads(meta.json)]
+    assert order == [sop(1), sop(3), sop(2)], "manifest order, then what it did not list"
+    reader.close()
+
+
+async def test_frames_beside_a_cold_metadata_request_are_answered_as_their_instances_arrive(
+        tmp_path, two_nodes_same_uids):
+    pacs = two_nodes_same_uids
+    settings, cache, spool, reader, service = make(tmp_path, pacs)
+    a = settings.node("a")
+    pacs.manifest_gate = asyncio.Event()
+    metadata = asyncio.ensure_future(service.metadata([a], STUDY, SERIES, None))
+    await asyncio.sleep(0.01)
+    for i in (3, 1, 2):   # joined to the metadata request's fetch; none waits for it
+        async with service.instance([a], STUDY, SERIES, sop(i)) as entry:
+            assert entry.sop_instance_uid == sop(i)
+    assert not metadata.done(), "metadata waits for the manifest (completeness), frames did not"
+    pacs.manifest_gate.set()
+    assert (await asyncio.wait_for(metadata, 10)).json.count(b'"00080018"') == 3
+    assert pacs.calls["get"] == 1 and pacs.finds["IMAGE"] == 1
+    reader.close()
+
+
+async def test_one_call_in_flight_is_shared_and_cancelled_only_when_its_last_caller_leaves():
+    calls: list[asyncio.Event] = []
+
+    async def slow() -> int:
+        done = asyncio.Event()
+        calls.append(done)
+        try:
+            await asyncio.sleep(10)
+        finally:
+            done.set()
+        return 1
+
+    shared: InFlight[str, int] = InFlight()
+    first = asyncio.ensure_future(shared.run("k", slow))
+    second = asyncio.ensure_future(shared.run("k", slow))
+    await asyncio.sleep(0.01)
+    assert len(calls) == 1, "one call for two callers"
+    first.cancel()
+    await asyncio.sleep(0.01)
+    assert not calls[0].is_set(), "the other caller still waits for it"
+    second.cancel()
+    await asyncio.sleep(0.01)
+    assert calls[0].is_set(), "the last caller left: the call is cancelled"
+    third = asyncio.ensure_future(shared.run("k", slow))
+    await asyncio.sleep(0.01)
+    assert len(calls) == 2, "a caller after that starts a new call"
+    third.cancel()
