@@ -17,15 +17,43 @@ there); no patient data ever appears in a key name.
 Counters are the one exception to "TTL everywhere": expiring one would reset it and could make an
 old generation current again. Their number is bounded by nodes + studies written through STOW.
 Counters are read with :meth:`Cache.get_int` only (the in-process cache keeps them apart from
-plain values).
+plain values), or together with the value they version by :meth:`Cache.get_versioned`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 StrSet = set[str]
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class VersionedKey:
+    """A key whose name carries the generations its value was computed under (docs/architecture.md,
+    "Freshness"): ``head`` + the counters' values joined by ``.`` + ``tail``. Built by
+    :mod:`cache.keys`; read with :meth:`Cache.get_versioned`, which reads the counters and the
+    value in one round trip."""
+
+    counters: tuple[str, ...]
+    head: str
+    tail: str
+
+    def at(self, generations: Sequence[int]) -> str:
+        """The bare key under ``generations`` (one per counter, in order)."""
+        return self.head + ".".join(str(g) for g in generations) + self.tail
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """What :meth:`Cache.get_versioned` read: the value under the current generations, and the key
+    to write a freshly computed value to (None when the counters could not be read: then nothing
+    may be written, since the generations it would be filed under are unknown)."""
+
+    value: bytes | None
+    key: str | None
 
 
 class Cache(Protocol):
@@ -43,6 +71,16 @@ class Cache(Protocol):
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         """Store a value for ``ttl`` seconds (``ttl <= 0``: nothing is stored)."""
+        ...
+
+    async def get_versioned(self, key: VersionedKey) -> Versioned:
+        """The counters of ``key`` and the value under their current values, in one round trip.
+
+        A counter that is absent counts as 0. The store unreachable, or a counter that is not an
+        integer: ``Versioned(None, None)``. A value of another type: ``value`` None, ``key`` set.
+        A caller that misses computes the value and writes it to ``key``: a generation bumped
+        meanwhile files it under the old generation, where no later reader looks.
+        """
         ...
 
     async def delete(self, *keys: str) -> None: ...

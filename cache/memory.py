@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from cache.base import StreamEntry, StrSet
+from cache.base import StreamEntry, StrSet, Versioned, VersionedKey
 
 StreamId = tuple[int, int]
 
@@ -104,6 +104,11 @@ class MemoryCache:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         if ttl > 0:
             self._store(self._k(key), value, ttl)
+
+    async def get_versioned(self, key: VersionedKey) -> Versioned:
+        generations = [self._counters.get(self._k(c), 0) for c in key.counters]
+        bare = key.at(generations)
+        return Versioned(await self.get(bare), bare)
 
     async def delete(self, *keys: str) -> None:
         for k in keys:

@@ -45,7 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cache.base import StreamEntry, StrSet
+from cache.base import StreamEntry, StrSet, Versioned, VersionedKey
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,32 @@ if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == 
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+# KEYS = the counters, ARGV[1] = the value key's head, ARGV[2] = its tail (cache.base.VersionedKey).
+# The value's key is composed here from the counters, so counters and value cost one round trip
+# (docs/architecture.md, "Cache"). That key is not declared in KEYS: right for one Redis (what the
+# gateway supports), not for Redis Cluster. Replies: {1, value or false, counter, ...};
+# {0, counter, ...} for a value of another type; {-1} for a counter that is not a canonical integer
+# (its key would not be the one Python composes). An absent counter is 0, as for INCR.
+_GET_VERSIONED = """
+local gens = {}
+for i, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k).ok
+  if t == 'none' then
+    gens[i] = '0'
+  elseif t == 'string' then
+    local v = redis.call('GET', k)
+    if v ~= '0' and not string.match(v, '^[1-9]%d*$') then return {-1} end
+    gens[i] = v
+  else
+    return {-1}
+  end
+end
+local key = ARGV[1] .. table.concat(gens, '.') .. ARGV[2]
+local t = redis.call('TYPE', key).ok
+if t == 'string' then return {1, redis.call('GET', key), unpack(gens)} end
+if t == 'none' then return {1, false, unpack(gens)} end
+return {0, unpack(gens)}
 """
 
 # Error replies that mean "this key holds something we did not write" (or the caller passed a stream
@@ -119,6 +145,7 @@ class RedisCache:
         self._client: Redis = Redis.from_pool(self._pool)
         self._extend_if = self._client.register_script(_EXTEND_IF)
         self._delete_if = self._client.register_script(_DELETE_IF)
+        self._get_versioned = self._client.register_script(_GET_VERSIONED)
         kw = self._pool.connection_kwargs
         # For log lines: never the URL itself, which may carry a password.
         scheme = "rediss" if secure else "redis"
@@ -213,6 +240,23 @@ class RedisCache:
         async def op() -> None:
             await self._client.set(self._k(key), value, px=_ms(ttl))
         await self._call(op, None)
+
+    async def get_versioned(self, key: VersionedKey) -> Versioned:
+        async def op() -> Versioned:
+            reply = await self._get_versioned(keys=[self._k(c) for c in key.counters],
+                                              args=[self._k(key.head), key.tail])
+            try:
+                status, rest = int(reply[0]), list(reply[1:])
+                if status < 0:
+                    raise _Foreign("a generation counter holds a non-integer")
+                value = rest.pop(0) if status == 1 else None
+                bare = key.at([int(g) for g in rest])
+            except (TypeError, ValueError, IndexError):
+                raise _Foreign("unexpected reply to the versioned read") from None
+            if status == 0:
+                self._foreign("a versioned value of another type")
+            return Versioned(value if isinstance(value, bytes) else None, bare)
+        return await self._call(op, Versioned(None, None))
 
     async def delete(self, *keys: str) -> None:
         if not keys:

@@ -29,10 +29,20 @@ from pydicom.dataset import Dataset
 
 from cache import keys
 from cache.base import Cache
+from cache.spool import Spool
 from gateway.errors import BadRequest, GatewayError, NotFound, PacsError
 from gateway.pacs import FindResult, Pacs
 from gateway.patients import PatientIds
-from gateway.query_cache import BYPASS, CachedFinder
+from gateway.profile.decide import safe_node
+from gateway.query_cache import (
+    BASE_PLACEHOLDER,
+    BYPASS,
+    Answer,
+    AnswerTemplate,
+    CachedFinder,
+    Lookups,
+    ResponseCache,
+)
 from gateway.settings import PacsNode, Settings
 from translators import qido as q
 from translators.matching import dataset_matches
@@ -40,18 +50,22 @@ from translators.uids import StudyId
 
 log = logging.getLogger(__name__)
 
+SOP_CLASS = 0x00080016
+
 
 @dataclass
 class SearchOutcome:
     datasets: list[Dataset]
     warnings: list[str] = field(default_factory=list)
     failed_nodes: list[GatewayError] = field(default_factory=list)
+    cacheable: bool = True      # every node answered and no emulation C-FIND failed
 
 
 class _Budget:
     def __init__(self, limit: int) -> None:
         self.left = limit
         self.exhausted = False
+        self.emulation_failed = False   # an emulated value is missing because its C-FIND failed
 
     def take(self, n: int = 1) -> bool:
         if self.left < n:
@@ -66,11 +80,45 @@ class SearchService:
         self.settings = settings
         self.pacs = pacs
         self.cache = cache
-        self.finder = CachedFinder(settings, pacs, cache)
+        self.spool: Spool | None = None    # set by the app: SOPClassUIDs from spooled headers
+        lookups = Lookups()
+        self.finder = CachedFinder(settings, pacs, cache, lookups)
+        self.responses = ResponseCache(settings, cache, lookups)
         self.patients = PatientIds(lambda node, ident, model: self.finder.find(node, ident, model=model),
                                    cache, settings.cache.ttl.location)
 
     # ------------------------------------------------------------------ entry point
+
+    async def respond(self, query: q.QidoQuery, nodes: Sequence[PacsNode], base_url: str, *,
+                      use_cache: bool = True) -> Answer:
+        """The QIDO-RS answer as DICOM JSON bytes with RetrieveURLs under ``base_url``.
+
+        A cached answer of the same normalised request over the same nodes costs one cache round
+        trip and no decoding (gateway/query_cache.py); otherwise it is computed against a
+        placeholder base and cached when every node answered. ``use_cache=False``
+        (Cache-Control: no-cache) skips the cached answer and the cached C-FIND results, but still
+        joins a C-FIND in flight (gateway/coalescing.py) and caches what it computed."""
+        versioned = await self.cache.get_versioned(self.responses.key(query, nodes))
+        cached = self.responses.hit(versioned.value) if use_cache else None
+        if cached is not None:
+            return cached.answer(base_url, query.warnings)
+        located = await self._located(query, nodes)
+        # Against the placeholder base, without the request's parse warnings: both are per request.
+        outcome = await self.search(replace(query, warnings=()), located, BASE_PLACEHOLDER,
+                                    use_cache=use_cache)
+        template = AnswerTemplate.render(outcome.datasets, outcome.warnings)
+        if outcome.cacheable:
+            await self.responses.store(versioned.key, template)
+        return template.answer(base_url, query.warnings)
+
+    async def _located(self, query: q.QidoQuery, nodes: Sequence[PacsNode]) -> Sequence[PacsNode]:
+        """A federated search within one study asks only the nodes the location index names, when
+        it names any (the answer is cached under every node it could have asked)."""
+        if len(nodes) > 1 and query.study_uid:
+            known = set(await self.study_nodes(query.study_uid))
+            if known:
+                return [n for n in nodes if n.name in known] or nodes
+        return nodes
 
     async def search(self, query: q.QidoQuery, nodes: Sequence[PacsNode], base_url: str, *,
                      use_cache: bool = True) -> SearchOutcome:
@@ -82,6 +130,9 @@ class SearchService:
             BYPASS.reset(token)
 
     async def _search(self, query: q.QidoQuery, nodes: Sequence[PacsNode], base_url: str) -> SearchOutcome:
+        # Quirks a node leaves open take their safe values; nodes from the routes are effective
+        # already (docs/architecture.md, "PACS profiles"), and stay as they are.
+        nodes = [safe_node(n) for n in nodes]
         budget = _Budget(self.settings.limits.max_emulation_queries)
         warnings = list(query.warnings)
         tasks = [self._search_node(node, query, budget) for node in nodes]
@@ -127,7 +178,8 @@ class SearchService:
             url = q.retrieve_url(base_url, query.level, ds)
             if url:
                 ds.add(DataElement(q.RETRIEVE_URL, "UR", url))
-        return SearchOutcome(datasets=paged.datasets, warnings=warnings, failed_nodes=failures)
+        return SearchOutcome(datasets=paged.datasets, warnings=warnings, failed_nodes=failures,
+                             cacheable=not failures and not budget.emulation_failed)
 
     # ------------------------------------------------------------------ one node
 
@@ -139,9 +191,10 @@ class SearchService:
         return await self._find_plan(node, query, budget)
 
     def _caps(self, node: PacsNode) -> q.NodeCapabilities:
-        return q.NodeCapabilities(case_sensitive_pn=node.quirks.case_sensitive_pn,
-                                  modalities_in_study_matching=node.quirks.modalities_in_study_matching,
-                                  or_multiple_values=node.quirks.or_multiple_modalities)
+        quirks = safe_node(node).quirks     # concrete values (docs/architecture.md, "PACS profiles")
+        return q.NodeCapabilities(case_sensitive_pn=bool(quirks.case_sensitive_pn),
+                                  modalities_in_study_matching=bool(quirks.modalities_in_study_matching),
+                                  or_multiple_values=bool(quirks.or_multiple_modalities))
 
     async def _find_plan(self, node: PacsNode, query: q.QidoQuery, budget: _Budget,
                          extra: Dataset | None = None) -> FindResult:
@@ -267,6 +320,20 @@ class SearchService:
                 await self._fill_study_details(node, items, budget, need_counts=True)
             elif query.level == "series" and node.quirks.compute_counts:
                 await self._fill_series_counts(node, items, budget)
+            elif query.level == "instance":
+                self._fill_sop_classes(name, items)
+
+    def _fill_sop_classes(self, node: str, instances: list[Dataset]) -> None:
+        """SOPClassUID (PS3.18 Table 10.6.3-5) where the PACS left it out (dcmqrscp does), from the
+        spooled header of an instance retrieved before; never a C-FIND (docs/architecture.md,
+        "PACS profiles": attributes a PACS never returns)."""
+        if self.spool is None:
+            return
+        for ds in instances:
+            if q.missing(ds, SOP_CLASS):
+                entry = self.spool.get(node, q.text_value(ds, q.SOP_UID))
+                if entry is not None and entry.sop_class_uid:
+                    ds.add(DataElement(SOP_CLASS, "UI", entry.sop_class_uid))
 
     async def _fill_study_details(self, node: PacsNode, studies: list[Dataset], budget: _Budget,
                                   *, need_counts: bool) -> None:
@@ -338,6 +405,7 @@ class SearchService:
             return await self.finder.find(node, ident, model=node.query_model)
         except GatewayError as exc:
             log.warning("an emulation C-FIND on %s failed: %s", node.name, type(exc).__name__)
+            budget.emulation_failed = True    # this answer lacks a value it should have: not cached
             return None
 
     async def _patient_key(self, node: PacsNode, study_uid: str, budget: _Budget) -> str | bool | None:

@@ -1,4 +1,4 @@
-"""QIDO-RS routes (PS3.18 §10.6): parse -> SearchService -> DICOM JSON."""
+"""QIDO-RS routes (PS3.18 §10.6): parse -> SearchService.respond -> the DICOM JSON bytes it made."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from gateway.http import (
 )
 from gateway.search import SearchService
 from translators import qido as q
-from translators.dicom_json import datasets_to_json_bytes
 from translators.media import DICOM_JSON
 
 
@@ -32,21 +31,15 @@ async def _search(request: Request, level: q.Level, *, relational: bool = False)
     except q.QueryError as exc:
         raise BadRequest(str(exc)) from None
     nodes, pinned = target_nodes(request, settings, "search")
-    if pinned is None and query.study_uid:
-        # The location index tells which nodes hold the study: ask only those.
-        known = set(await service.study_nodes(query.study_uid))
-        if known:
-            nodes = [n for n in nodes if n.name in known] or nodes
     try:
-        outcome = await unless_client_leaves(
-            request, service.search(query, nodes, dicomweb_base(request, settings, pinned),
-                                    use_cache="no-cache" not in request.headers.get("cache-control", "")))
+        answer = await unless_client_leaves(
+            request, service.respond(query, nodes, dicomweb_base(request, settings, pinned),
+                                     use_cache="no-cache" not in request.headers.get("cache-control", "")))
     except ClientGone:
         return Response(status_code=499)
-    if not outcome.datasets:
-        return with_warnings(Response(status_code=204), outcome.warnings)
-    body = datasets_to_json_bytes(outcome.datasets)
-    return with_warnings(Response(body, media_type=DICOM_JSON), outcome.warnings)
+    if answer.body is None:
+        return with_warnings(Response(status_code=204), answer.warnings)
+    return with_warnings(Response(answer.body, media_type=DICOM_JSON), answer.warnings)
 
 
 async def studies(request: Request) -> Response:
