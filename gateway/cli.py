@@ -1,4 +1,4 @@
-"""``dicomweb-gateway``: serve | echo | demo."""
+"""``dicomweb-gateway``: serve | echo | probe | demo | pull."""
 
 from __future__ import annotations
 
@@ -99,6 +99,56 @@ def cmd_echo(args: argparse.Namespace) -> int:
                     print(f"FAIL  {label}  {type(exc).__name__}: {exc.detail}")
         finally:
             await client.close()
+        return 1 if failures else 0
+
+    return asyncio.run(run())
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Profile the configured nodes' PACS now and print each profile (docs/architecture.md, "PACS
+    profiles"): a table, or with ``--json`` the admin endpoint's JSON. Read-only; C-MOVE is not
+    tested here (the running gateway's storage SCP owns the port). Names found while probing are
+    never printed. Exit codes: 0 profiled, 1 a node could not be profiled, 2 usage."""
+    from cache.memory import MemoryCache
+    from gateway.dimse.pacs import PynetdicomPacs
+    from gateway.profile import report
+    from gateway.profile.service import NodeProfiles
+    from gateway.startup import configure_process
+
+    settings = load_settings(args.config)
+    nodes: Sequence[PacsNode] = settings.nodes
+    if args.node:
+        node = settings.node(args.node)
+        if node is None:
+            print(f"no node named {args.node!r}; configured: {', '.join(n.name for n in nodes) or 'none'}",
+                  file=sys.stderr)
+            return 2
+        nodes = [node]
+    if not nodes:
+        print("no nodes configured", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        configure_process()
+        client = PynetdicomPacs(settings)
+        profiles = NodeProfiles(settings, client, MemoryCache())
+        failures = 0
+        reports = []
+        try:
+            for node in nodes:
+                profile = await profiles.reprobe(node.name)
+                failures += profile is None
+                resolution = profiles.resolution(node.name)
+                assert resolution is not None
+                reports.append(report.as_json(node, profiles.state(node.name), profiles.error(node.name),
+                                              profile, resolution))
+        finally:
+            await profiles.close()
+            await client.close()
+        if args.json:
+            print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        else:
+            print("\n".join(report.as_text(r) for r in reports), end="")
         return 1 if failures else 0
 
     return asyncio.run(run())
@@ -278,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("node", nargs="?")
     echo.add_argument("--config")
     echo.set_defaults(func=cmd_echo)
+
+    probe = sub.add_parser("probe", help="profile the nodes' PACS (read-only) and print what was learned",
+                           description="Probe each configured node's PACS with read-only operations "
+                                       "(association, C-FIND, C-GET of one instance, timings) and print, "
+                                       "per fact, how it was tested, the result, the behaviour the gateway "
+                                       "chooses from it and whether the configuration overrides it. Exit "
+                                       "codes: 0 profiled, 1 a node could not be reached, 2 usage.")
+    probe.add_argument("node", nargs="?", help="one node's name (default: every node)")
+    probe.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+    probe.add_argument("--json", action="store_true", help="the admin endpoint's JSON instead of a table")
+    probe.set_defaults(func=cmd_probe)
 
     demo = sub.add_parser("demo", help="run against a built-in demo PACS (no Redis, no config)")
     demo.add_argument("--host", default="127.0.0.1")

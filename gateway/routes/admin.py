@@ -1,5 +1,12 @@
-"""Health, readiness and metrics (docs/architecture.md, "HTTP edge": /readyz fails only when the process
-cannot serve; a cache outage is reported in its body, never a failure)."""
+"""Health, readiness, metrics and PACS profiles (docs/architecture.md, "HTTP edge": /readyz fails only
+when the process cannot serve; a cache outage is reported in its body, never a failure).
+
+``/admin/nodes/{node}/profile`` (docs/architecture.md, "PACS profiles"): GET shows what the gateway
+measured about the node's PACS and the behaviour it chose; POST probes it again in the background.
+Authentication like every other route (the middleware); with it on, the node's ``search`` grant is
+needed to read and ``search`` plus ``retrieve`` to probe (a probe retrieves one instance), and an
+unknown node looks forbidden, as everywhere (:func:`gateway.http.target_nodes`). The profile holds
+no patient data."""
 
 from __future__ import annotations
 
@@ -10,7 +17,10 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from gateway.errors import GatewayError
+from gateway.http import target_nodes
 from gateway.observability import Registry, family_lines
+from gateway.profile import report
+from gateway.profile.service import NodeProfiles
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -83,6 +93,39 @@ async def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
+def _profile_report(request: Request) -> dict[str, object]:
+    profiles: NodeProfiles = request.app.state.profiles
+    node = target_nodes(request, request.app.state.settings, "search")[0][0]
+    resolution = profiles.resolution(node.name)
+    assert resolution is not None   # target_nodes only answers configured nodes
+    return report.as_json(node, profiles.state(node.name), profiles.error(node.name),
+                          profiles.profile(node.name), resolution)
+
+
+async def node_profile(request: Request) -> JSONResponse:
+    return JSONResponse(_profile_report(request))
+
+
+async def reprobe(request: Request) -> JSONResponse:
+    """Starts a probe (or joins the running one) and answers at once: 202 with the profile as it was."""
+    target_nodes(request, request.app.state.settings, "retrieve")   # a probe retrieves one instance
+    body = _profile_report(request)
+    profiles: NodeProfiles = request.app.state.profiles
+    name = str(body["node"])
+    if profiles.state(name) != "probing":
+        task = asyncio.get_running_loop().create_task(profiles.reprobe(name))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+        body["state"] = "probing"
+    return JSONResponse(body, status_code=202)
+
+
+_BACKGROUND: set[asyncio.Task[object]] = set()
+"""Probes started by POST, referenced until they end (the loop keeps only weak references)."""
+
+
 def routes() -> list[Route]:
     return [Route("/healthz", healthz, methods=["GET"]), Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"])]
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/admin/nodes/{node}/profile", node_profile, methods=["GET"]),
+            Route("/admin/nodes/{node}/profile", reprobe, methods=["POST"])]

@@ -38,7 +38,9 @@ ANY_TS = {"Accept": 'multipart/related; type="application/dicom"; transfer-synta
 
 def config(redis_url: str, prefix: str, secret: str | None, pacs: DemoPacs, spool: Path, *,
            retrieve: str = "get", internal_port: int | None = None, dimse_port: int | None = None,
-           http_port: int | None = None) -> dict:
+           http_port: int | None = None, probed: bool = False) -> dict:
+    """``probed``: profiling as by default; off otherwise, as these tests count retrievals at the
+    PACS and the profile probe's own C-GET would be counted."""
     cfg: dict = {
         "cache": {"url": redis_url, "prefix": prefix, "timeout": 0.5},
         "spool": {"path": str(spool)},
@@ -50,6 +52,8 @@ def config(redis_url: str, prefix: str, secret: str | None, pacs: DemoPacs, spoo
         cfg["gateway"] = {"ae_title": "DICOMWEBGW", "dimse_host": "127.0.0.1", "dimse_port": dimse_port}
     if http_port is not None:
         cfg["http"] = {"host": "127.0.0.1", "port": http_port}
+    if not probed:
+        cfg["profiling"] = {"enabled": False}
     return cfg
 
 
@@ -223,7 +227,7 @@ def test_internal_endpoint_refused_without_a_shared_secret(redis_url, tmp_path, 
     port = free_port()
     with DemoPacs(generate_demo_datasets(), ae_title="NOSECRET") as pacs:
         settings = settings_from_dict(config(redis_url, f"test:{secrets.token_hex(6)}:", None, pacs,
-                                             tmp_path / "s", internal_port=port))
+                                             tmp_path / "s", internal_port=port, probed=True))
         with running_gateway(settings) as url:
             meta = httpx.get(url + SERIES_URL + "/metadata", timeout=60)
             assert meta.status_code == 200 and len(meta.json()) == len(ALL_SOPS), "serves alone"

@@ -36,7 +36,8 @@ def test_metrics_after_qido_metadata_and_frames(tmp_path):
         settings = settings_from_dict({
             "spool": {"path": str(tmp_path / "spool")},
             "nodes": [{"name": "obs", "ae_title": "OBSPACS", "host": "127.0.0.1", "port": pacs.port,
-                       "retrieve": "get"}]})
+                       "retrieve": "get"}],
+            "profiling": {"enabled": False}})   # the probe's DIMSE operations would be counted
         with running_gateway(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
             study, series = CT["study_uid"], AXIAL["series_uid"]
             before = samples(client.get("/metrics").text)

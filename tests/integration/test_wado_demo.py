@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -37,25 +38,35 @@ def pacs(datasets):
         yield p
 
 
-@pytest.fixture()
-def gw(pacs, tmp_path):
+def gateway(pacs, tmp_path, **extra) -> Iterator[httpx.Client]:
     settings = settings_from_dict({
         "spool": {"path": str(tmp_path / "spool")},
-        "nodes": [{"name": "demo", "ae_title": "WADOPACS", "host": "127.0.0.1", "port": pacs.port}]})
+        "nodes": [{"name": "demo", "ae_title": "WADOPACS", "host": "127.0.0.1", "port": pacs.port}], **extra})
     with running_gateway(settings) as url, httpx.Client(base_url=url + "/dicom-web", timeout=60) as client:
         yield client
+
+
+@pytest.fixture()
+def gw(pacs, tmp_path):
+    yield from gateway(pacs, tmp_path)
+
+
+@pytest.fixture()
+def unprobed(pacs, tmp_path):
+    """For tests that count retrievals at the PACS: the profile probe's C-GET would be counted."""
+    yield from gateway(pacs, tmp_path, profiling={"enabled": False})
 
 
 def series_url(study, series):
     return f"/studies/{study['study_uid']}/series/{series['series_uid']}"
 
 
-def test_concurrent_identical_requests_share_one_retrieval(gw, pacs):
+def test_concurrent_identical_requests_share_one_retrieval(unprobed, pacs):
     url = series_url(CT, AXIAL) + "/metadata"
     results: list[int] = []
 
     def worker():
-        results.append(len(gw.get(url).json()))
+        results.append(len(unprobed.get(url).json()))
 
     threads = [threading.Thread(target=worker) for _ in range(10)]
     for t in threads:
@@ -66,17 +77,17 @@ def test_concurrent_identical_requests_share_one_retrieval(gw, pacs):
     assert pacs.counters["get"] == 1, "one C-GET for ten concurrent requests (counted at the PACS)"
     assert pacs.counters["sent"] == AXIAL["num_instances"]
     # Repeated requests come from the spool: no further retrieval.
-    r = gw.get(series_url(CT, AXIAL))
+    r = unprobed.get(series_url(CT, AXIAL))
     assert r.status_code == 200
     assert len(parse_multipart(r.content, r.headers["content-type"])) == AXIAL["num_instances"]
     sop = AXIAL["sop_instance_uids"][4]
-    assert gw.get(series_url(CT, AXIAL) + f"/instances/{sop}/frames/1").status_code == 200
+    assert unprobed.get(series_url(CT, AXIAL) + f"/instances/{sop}/frames/1").status_code == 200
     assert pacs.counters["get"] == 1 and pacs.counters["sent"] == AXIAL["num_instances"]
 
 
-def test_frame_request_fetches_its_instance_first_then_the_series(gw, pacs):
+def test_frame_request_fetches_its_instance_first_then_the_series(unprobed, pacs):
     sop = AXIAL["sop_instance_uids"][-1]
-    r = gw.get(series_url(CT, AXIAL) + f"/instances/{sop}/frames/1")
+    r = unprobed.get(series_url(CT, AXIAL) + f"/instances/{sop}/frames/1")
     assert r.status_code == 200
     first = pacs.received_retrieve_identifiers[0]
     assert first.QueryRetrieveLevel == "IMAGE" and first.SOPInstanceUID == sop
@@ -91,7 +102,8 @@ def test_client_disconnect_mid_stream_cancels_the_retrieval(datasets, tmp_path):
     study = next(ds for ds in big if ds.AccessionNumber == "A2303140011" and ds.SeriesNumber == 2)
     with DemoPacs(big, ae_title="BIG", max_pdu=16382) as pacs:
         settings = settings_from_dict({"spool": {"path": str(tmp_path / "s")}, "nodes": [
-            {"name": "big", "ae_title": "BIG", "host": "127.0.0.1", "port": pacs.port}]})
+            {"name": "big", "ae_title": "BIG", "host": "127.0.0.1", "port": pacs.port}],
+            "profiling": {"enabled": False}})   # a probe's capped C-FIND (C-CANCEL) would be counted
         with running_gateway(settings) as url:
             target = f"{url}/dicom-web/studies/{study.StudyInstanceUID}/series/{study.SeriesInstanceUID}"
             with httpx.stream("GET", target, timeout=30) as r:

@@ -1,0 +1,389 @@
+"""PACS profiles against real peers: no quirk flag in any config, and QIDO/WADO still right.
+
+Orthanc, DCMTK's dcmqrscp and one in-process SCP per quirk (tests/support/quirk_pacs.py) are each
+served by a gateway whose node names only its address. The first contact probes the PACS in the
+background; the profile (GET /admin/nodes/{name}/profile) must name the quirk, the behaviour chosen
+must make the basics work, a configured flag must win and be reported as overridden, an upgraded
+PACS (another Implementation Version Name) must be profiled again, and no probe output, log line or
+cached profile may carry the patient names the probes saw (docs/architecture.md, "PACS profiles").
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from gateway.demo_data import DEMO_STUDIES
+from gateway.settings import settings_from_dict
+from tests.support.multipart import parse_multipart
+from tests.support.quirk_pacs import TANAKA, TANAKA_ID, QuirkPacs
+from tests.support.server import free_port, running_gateway
+
+pytestmark = pytest.mark.integration
+
+GW_AE = "DICOMWEBGW"
+TIMEOUTS = {"connect": 3, "acse": 5, "dimse": 20, "network": 30}
+CT = next(s for s in DEMO_STUDIES if s["accession_number"] == "A2303140011")
+MR = next(s for s in DEMO_STUDIES if s["accession_number"] == "A2206210031")
+MR_RLE = next(s for s in MR["series"] if s["transfer_syntax_uid"] == "1.2.840.10008.1.2.5")
+PT_SERIES = [se for s in DEMO_STUDIES for se in s["series"] if se["modality"] == "PT"]
+# Everything that identifies a patient in the peers' data: none of it may leave a probe.
+_IDENTIFIERS = ({TANAKA, TANAKA_ID, "TANAKA", "TARO"} | {s["patient_id"] for s in DEMO_STUDIES}
+                | {part for s in DEMO_STUDIES for part in re.split(r"[\^=]", s["patient_name"]) if len(part) > 2})
+PATIENT_DATA = re.compile("|".join(rf"\b{re.escape(v)}\b" for v in sorted(_IDENTIFIERS, key=len, reverse=True)),
+                          re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def node(name: str, ae_title: str, port: int, **extra: Any) -> dict[str, Any]:
+    """A node with its address only: no retrieve, no query_model, no quirks."""
+    return {"name": name, "ae_title": ae_title, "host": "127.0.0.1", "port": port, "timeouts": TIMEOUTS,
+            **extra}
+
+
+def config(nodes: list[dict[str, Any]], tmp: Path, *, scp_port: int | None = None,
+           **profiling: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {"spool": {"path": str(tmp / "spool")}, "nodes": nodes,
+                           "profiling": {"enabled": True, "probe_move": scp_port is not None, **profiling}}
+    if scp_port is not None:
+        raw["gateway"] = {"ae_title": GW_AE, "dimse_port": scp_port, "dimse_host": "127.0.0.1"}
+    return raw
+
+
+@pytest.fixture()
+def serve(tmp_path: Path) -> Iterator[Any]:
+    """serve(raw config) -> an httpx client on the gateway's root (closed with the test)."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        def start(raw: dict[str, Any]) -> httpx.Client:
+            url = stack.enter_context(running_gateway(settings_from_dict(raw)))
+            return stack.enter_context(httpx.Client(base_url=url, timeout=60))
+        yield start
+
+
+def profile(client: httpx.Client, name: str) -> dict[str, Any]:
+    r = client.get(f"/admin/nodes/{name}/profile")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_profiled(client: httpx.Client, name: str, *, other_than: str | None = None,
+                  timeout: float = 60) -> dict[str, Any]:
+    """Until the node has a profile (one probed at another time than ``other_than``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = profile(client, name)
+        if body["state"] == "probed" and body["probed_at"] != other_than:
+            return body
+        assert body["state"] != "failed", body["error"]
+        assert time.monotonic() < deadline, f"node {name} was not profiled: {body['state']}"
+        time.sleep(0.1)
+
+
+def fact(body: dict[str, Any], key: str) -> dict[str, str]:
+    return next(row for row in body["facts"] if row["fact"] == key)
+
+
+def setting(body: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in body["settings"] if s["setting"] == name)
+
+
+def search(client: httpx.Client, path: str, **params: Any) -> list[dict[str, Any]]:
+    r = client.get("/dicom-web" + path, params=params)
+    if r.status_code == 204:
+        return []
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def values(ds: dict[str, Any], tag: str) -> list[Any]:
+    return ds.get(tag, {}).get("Value", [])
+
+
+def patient_ids(body: list[dict[str, Any]]) -> set[str]:
+    return {values(d, "00100020")[0] for d in body}
+
+
+def assert_basics(client: httpx.Client, *, tanaka: bool) -> None:
+    """QIDO and WADO basics, whatever the PACS does by itself."""
+    studies = search(client, "/studies")
+    by_uid = {values(d, "0020000D")[0]: d for d in studies}
+    for study in DEMO_STUDIES:
+        ds = by_uid[study["study_uid"]]
+        assert sorted(values(ds, "00080061")) == sorted(study["modalities"])
+        assert values(ds, "00201206") == [study["num_series"]]
+        assert values(ds, "00201208") == [study["num_instances"]]
+    assert patient_ids(search(client, "/studies", PatientName="doe*")) == {"DGW0001", "DGW0002"}
+    assert patient_ids(search(client, "/studies", PatientName="DOE^jane")) == {"DGW0002"}
+    if tanaka:
+        assert patient_ids(search(client, "/studies", PatientName="tan*")) == {TANAKA_ID}
+    mr_only = search(client, "/studies", ModalitiesInStudy="MR")
+    assert [values(d, "0020000D")[0] for d in mr_only] == [MR["study_uid"]]
+    pet = search(client, "/series", Modality="PT")
+    assert {values(d, "0020000E")[0] for d in pet} == {s["series_uid"] for s in PT_SERIES}
+    series = CT["series"][1]
+    metadata = client.get(f"/dicom-web/studies/{CT['study_uid']}/series/{series['series_uid']}/metadata")
+    assert metadata.status_code == 200, metadata.text
+    assert len(metadata.json()) == series["num_instances"]
+
+
+def retrieve_rle_instance(client: httpx.Client) -> Dataset:
+    sop = MR_RLE["sop_instance_uids"][0]
+    r = client.get(f"/dicom-web/studies/{MR['study_uid']}/series/{MR_RLE['series_uid']}/instances/{sop}",
+                   headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert r.status_code == 200, r.text
+    parts = parse_multipart(r.content, r.headers["content-type"])
+    return dcmread(io.BytesIO(parts[0][1]))
+
+
+@pytest.fixture()
+def no_patient_data_logged() -> Iterator[list[str]]:
+    """Every INFO+ record of the gateway's loggers during the test, checked for the peers' patient data."""
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name.startswith(("gateway", "cache", "translators", "pynetdicom", "uvicorn")):
+                lines.append(record.getMessage())
+
+    handler = Capture(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logging.getLogger().removeHandler(handler)
+    leaks = [line for line in lines if PATIENT_DATA.search(line)]
+    assert not leaks, leaks[:5]
+
+
+# ------------------------------------------------------------------------------------ real peers
+
+
+def test_orthanc_without_flags(serve, orthanc, gateway_scp_port, tmp_path, no_patient_data_logged):
+    client = serve(config([node("orthanc", orthanc.ae_title, orthanc.dicom_port)], tmp_path,
+                          scp_port=gateway_scp_port))
+    assert profile(client, "orthanc")["state"] == "unknown", "nothing is probed before first contact"
+    search(client, "/studies", PatientName="doe*")          # first contact: the probe starts behind it
+    body = wait_profiled(client, "orthanc")
+    assert fact(body, "pn_case_insensitive")["result"].endswith("case-insensitive")
+    assert setting(body, "case_sensitive_pn") == {"setting": "case_sensitive_pn", "value": False,
+                                                  "source": "learned", "learned": False, "overridden": False}
+    assert setting(body, "modalities_in_study_matching")["value"] is True
+    assert setting(body, "retrieve")["value"] == "get"
+    assert fact(body, "c_move")["result"] == "delivered"
+    assert body["implementation"]["class_uid"].startswith("1.2.276.0.7230010.3"), "Orthanc is DCMTK inside"
+    assert_basics(client, tanaka=False)
+
+
+def test_dcmqrscp_without_flags(serve, dcmqrscp, gateway_scp_port, tmp_path, no_patient_data_logged):
+    """dcmqrscp matches PN case-sensitively, ignores ModalitiesInStudy and returns no counts: with no
+    flag at all, ``doe*`` still finds Doe^John and DOE^JANE, before and after the probe."""
+    client = serve(config([node("dcmqrscp", dcmqrscp.ae_title, dcmqrscp.dicom_port)], tmp_path,
+                          scp_port=gateway_scp_port))
+    assert patient_ids(search(client, "/studies", PatientName="doe*")) == {"DGW0001", "DGW0002"}
+    body = wait_profiled(client, "dcmqrscp")
+    assert "case-sensitive" in fact(body, "pn_case_insensitive")["result"]
+    assert setting(body, "case_sensitive_pn")["value"] is True
+    assert fact(body, "modalities_in_study_matching")["result"].endswith("the key is ignored")
+    assert setting(body, "modalities_in_study_matching")["value"] is False
+    study_missing = {item["attribute"]: item["filled"] for item in body["never_returned"]["study"]}
+    assert study_missing["NumberOfStudyRelatedSeries"] == "computed by lower-level C-FINDs"
+    assert study_missing["ModalitiesInStudy"] == "computed by lower-level C-FINDs"
+    assert body["implementation"]["version_name"].startswith("OFFIS_DCMTK")
+    instance_missing = {item["attribute"]: item["filled"] for item in body["never_returned"]["instance"]}
+    assert instance_missing["SOPClassUID"].startswith("from the spooled header")
+    assert_basics(client, tanaka=False)
+    # dcmqrscp leaves SOPClassUID out at IMAGE level; the series just retrieved fills it in.
+    series = CT["series"][1]
+    listed = search(client, f"/studies/{CT['study_uid']}/series/{series['series_uid']}/instances")
+    assert len(listed) == series["num_instances"]
+    assert {values(d, "00080016")[0] for d in listed} == {series["sop_class_uid"]}
+
+
+# ------------------------------------------------------------------------------------ one quirk each
+
+
+QUIRK_FACTS = {
+    # quirk: (fact, its value as the probe saw it, the setting chosen and its value)
+    "case_sensitive": ("pn_case_insensitive", "not found with its case changed: case-sensitive",
+                       "case_sensitive_pn", True),
+    "no_counts": ("modalities_in_study_matching", "found with a modality it lacks: the key is ignored",
+                  "modalities_in_study_matching", False),
+    "hierarchical": ("relational_queries", "refused at SERIES level", "relational_queries", False),
+    "patient_root_only": ("find_models", "Patient Root", "query_model", "patient"),
+    "no_c_get": ("c_get", "the Study Root C-GET model is not accepted", "retrieve", "move"),
+    "no_move_originator": ("move_originator_id", "absent: arrivals are routed by SOP Instance UID", None, None),
+    "no_compressed_get": ("get_compressed_contexts", "none accepted", "retrieve", "move"),
+    "nagle": ("nagle", "stalls (Nagle on at the PACS", None, None),
+}
+
+
+@pytest.mark.parametrize("quirk", sorted(QUIRK_FACTS))
+def test_each_quirk_is_named_and_served_without_flags(quirk, serve, tmp_path, no_patient_data_logged):
+    scp_port = free_port()
+    with QuirkPacs(quirk, move_destinations={GW_AE: ("127.0.0.1", scp_port)}) as pacs:
+        client = serve(config([node("quirky", pacs.ae_title, pacs.port)], tmp_path, scp_port=scp_port))
+        # First contact (a Patient Root only PACS refuses it: Study Root is the default until the
+        # profile says otherwise); the probe starts behind it.
+        client.get("/dicom-web/studies", params={"PatientName": "tan*"})
+        body = wait_profiled(client, "quirky")
+        key, result, name, value = QUIRK_FACTS[quirk]
+        assert result in fact(body, key)["result"], fact(body, key)
+        if name is not None:
+            assert setting(body, name)["value"] == value and setting(body, name)["source"] == "learned"
+        assert_basics(client, tanaka=True)
+        if quirk == "no_compressed_get":
+            # Compressed data comes by C-MOVE, which the profile chose: stored RLE, delivered as stored.
+            assert str(retrieve_rle_instance(client).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.5"
+
+
+def test_safe_defaults_while_nothing_is_known(serve, tmp_path, no_patient_data_logged):
+    """Profiling off and no flags: every behaviour is the one correct on every PACS."""
+    with QuirkPacs("no_counts", case_sensitive_pn=True) as pacs:
+        client = serve(config([node("quirky", pacs.ae_title, pacs.port)], tmp_path, enabled=False))
+        assert_basics(client, tanaka=True)
+        body = profile(client, "quirky")
+        assert body["state"] == "unknown" and fact(body, "pn_case_insensitive")["result"] == "not probed yet"
+        chosen = {s["setting"]: (s["value"], s["source"]) for s in body["settings"]}
+        assert chosen == {"query_model": ("study", "safe default"), "retrieve": ("get", "safe default"),
+                          "case_sensitive_pn": (True, "safe default"), "compute_counts": (True, "safe default"),
+                          "compute_modalities": (True, "safe default"),
+                          "modalities_in_study_matching": (False, "safe default"),
+                          "or_multiple_modalities": (False, "safe default"),
+                          "relational_queries": (False, "safe default")}
+        assert profile(client, "quirky")["state"] == "unknown", "nothing was probed"
+
+
+def test_a_configured_flag_wins_and_is_reported_as_overridden(serve, tmp_path):
+    with QuirkPacs("case_sensitive") as pacs:
+        client = serve(config([node("quirky", pacs.ae_title, pacs.port,
+                                    quirks={"case_sensitive_pn": False})], tmp_path))
+        r = client.post("/admin/nodes/quirky/profile")
+        assert r.status_code == 202 and r.json()["state"] == "probing"
+        body = wait_profiled(client, "quirky")
+        assert setting(body, "case_sensitive_pn") == {"setting": "case_sensitive_pn", "value": False,
+                                                      "source": "configured", "learned": True,
+                                                      "overridden": True}
+        assert fact(body, "pn_case_insensitive")["overridden"] == "yes (profile: true, differs)"
+        # The configured value is what runs: PN keys go to the PACS as they are, case-sensitively.
+        assert search(client, "/studies", PatientName="tan*") == []
+        assert patient_ids(search(client, "/studies", PatientName="TAN*")) == {TANAKA_ID}
+
+
+def test_an_upgraded_pacs_is_profiled_again(serve, tmp_path):
+    port = free_port()
+    with QuirkPacs("case_sensitive", port=port, version_name="QUIRK_A"):
+        client = serve(config([node("quirky", "DEMOPACS", port)], tmp_path, identity_check=0.5))
+        search(client, "/studies", PatientName="tan*")
+        before = wait_profiled(client, "quirky")
+        assert before["implementation"]["version_name"] == "QUIRK_A"
+        assert setting(before, "case_sensitive_pn")["value"] is True
+    with QuirkPacs(None, port=port, version_name="QUIRK_B"):
+        time.sleep(0.6)
+        # A contact (a new query: a cached answer reaches no PACS): the implementation check is due.
+        search(client, "/studies", PatientID=TANAKA_ID)
+        after = wait_profiled(client, "quirky", other_than=before["probed_at"])
+        assert after["implementation"]["version_name"] == "QUIRK_B"
+        assert setting(after, "case_sensitive_pn") == {"setting": "case_sensitive_pn", "value": False,
+                                                       "source": "learned", "learned": False,
+                                                       "overridden": False}
+
+
+def test_the_profile_is_shared_through_redis(tmp_path, redis_url):
+    """One replica probes; another adopts its profile from the cache instead of probing again."""
+    prefix = f"dwg-profile-test-{time.time_ns()}:"
+    with QuirkPacs("case_sensitive") as pacs:
+        raw = config([node("quirky", pacs.ae_title, pacs.port)], tmp_path)
+        raw["cache"] = {"url": redis_url, "prefix": prefix}
+        with running_gateway(settings_from_dict(raw)) as url_a, httpx.Client(base_url=url_a, timeout=60) as a:
+            a.post("/admin/nodes/quirky/profile")
+            probed = wait_profiled(a, "quirky")
+            retrieved = pacs.counters["get"]
+            assert retrieved == 1, "A's probe retrieved one instance"
+            with running_gateway(settings_from_dict(raw)) as url_b, \
+                    httpx.Client(base_url=url_b, timeout=60) as b:
+                search(b, "/studies", PatientID=TANAKA_ID)      # B's first contact
+                body = wait_profiled(b, "quirky")
+                assert body["probed_at"] == probed["probed_at"]
+                assert setting(body, "case_sensitive_pn")["value"] is True
+                assert pacs.counters["get"] == retrieved, "B did not probe"
+    import redis
+
+    stored = redis.Redis.from_url(redis_url).get(prefix + "profile:quirky")
+    assert stored and json.loads(stored)["implementation_version_name"] == "QUIRKPACS_1"
+    assert not PATIENT_DATA.search(stored.decode()), "the shared profile holds no patient data"
+
+
+# ------------------------------------------------------------------------------------ visible, no PHI
+
+
+def test_probe_command_metrics_and_cache_hold_no_patient_data(serve, tmp_path, no_patient_data_logged):
+    with QuirkPacs("case_sensitive") as pacs:
+        cfg = tmp_path / "gateway.yaml"
+        cfg.write_text(yaml.safe_dump({"nodes": [node("quirky", pacs.ae_title, pacs.port)]}))
+        cli = [sys.executable, "-m", "gateway.cli", "probe", "--config", str(cfg)]
+        table = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        assert table.returncode == 0, table.stderr
+        assert "case-sensitive" in table.stdout and "QUIRKPACS_1" in table.stdout
+        as_json = subprocess.run(cli + ["quirky", "--json"], capture_output=True, text=True, timeout=120)
+        assert as_json.returncode == 0, as_json.stderr
+        printed = json.loads(as_json.stdout)
+        assert printed["node"] == "quirky" and setting(printed, "case_sensitive_pn")["value"] is True
+        for out in (table.stdout, table.stderr, as_json.stdout, as_json.stderr):
+            assert not PATIENT_DATA.search(out), PATIENT_DATA.search(out)
+
+        client = serve(config([node("quirky", pacs.ae_title, pacs.port)], tmp_path))
+        client.post("/admin/nodes/quirky/profile")
+        body = wait_profiled(client, "quirky")
+        assert not PATIENT_DATA.search(json.dumps(body))
+        metrics = client.get("/metrics").text
+        assert re.search(r'dwg_pacs_profile_info\{node="quirky",state="probed",implementation_class_uid="[0-9.]+",'
+                         r'implementation_version_name="QUIRKPACS_1"\} 1', metrics)
+        assert ('dwg_pacs_behaviour_info{node="quirky",setting="case_sensitive_pn",value="true",'
+                'source="learned"} 1') in metrics
+        assert not PATIENT_DATA.search(metrics)
+        missing = client.get("/admin/nodes/nosuch/profile")
+        assert missing.status_code == 404 and missing.json()["error"] == "NotFound"
+
+
+def test_the_admin_endpoint_follows_authentication_and_grants(tmp_path):
+    import hashlib
+
+    def key(secret: str, name: str, operations: list[str]) -> dict[str, Any]:
+        return {"sha256": hashlib.sha256(secret.encode()).hexdigest(), "name": name,
+                "grants": [{"nodes": ["quirky"], "operations": operations}]}
+
+    with QuirkPacs(None) as pacs:
+        raw = config([node("quirky", pacs.ae_title, pacs.port)], tmp_path, enabled=False)
+        raw["auth"] = {"mode": "api_key", "api_keys": [key("reader", "reader", ["search"]),
+                                                       key("admin", "admin", ["search", "retrieve"]),
+                                                       key("storer", "storer", ["store"])]}
+        with running_gateway(settings_from_dict(raw)) as url, httpx.Client(base_url=url, timeout=60) as c:
+            path = "/admin/nodes/quirky/profile"
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers={"X-Api-Key": "storer"}).status_code == 403
+            assert c.get("/admin/nodes/nosuch/profile", headers={"X-Api-Key": "admin"}).status_code == 403
+            assert c.get(path, headers={"X-Api-Key": "reader"}).json()["state"] == "unknown"
+            assert c.post(path, headers={"X-Api-Key": "reader"}).status_code == 403, "a probe retrieves"
+            assert c.post(path, headers={"X-Api-Key": "admin"}).status_code == 202
+            deadline = time.monotonic() + 30
+            while c.get(path, headers={"X-Api-Key": "admin"}).json()["state"] != "probed":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
