@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -23,13 +24,15 @@ from gateway.audit import AuditSink, AuditTrail
 from gateway.auth import Authenticator
 from gateway.cluster import cluster_enabled
 from gateway.cluster.coordinator import ClusterCoordinator
+from gateway.coalescing import CoalescingPacs
 from gateway.dimse.pacs import PynetdicomPacs
-from gateway.dimse.storage_scp import StorageScp
+from gateway.dimse.storage_scp import AnyStorageScp, storage_scp
 from gateway.errors import GatewayError, InternalError, NotFound
 from gateway.http import NODE_HEADER, error_response
 from gateway.instances import InstanceReader
 from gateway.observability import Registry, RequestMetrics
 from gateway.oidc import TokenValidator
+from gateway.profile.service import NodeProfiles, move_probe
 from gateway.request_limits import RequestLimits
 from gateway.retrieval.service import RetrievalService
 from gateway.routes import admin, capabilities, openapi, qido, rendered, stow, wado
@@ -38,6 +41,7 @@ from gateway.search import SearchService
 from gateway.settings import Settings
 from gateway.startup import configure_process
 from gateway.stow.service import StowService
+from gateway.tracing import Tracing, TracingMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +61,12 @@ def make_cache(settings: Settings) -> Cache:
                        max_bytes=settings.cache.max_bytes)
 
 
-async def _start_cluster(settings: Settings, cache: Cache, spool: Spool, scp: StorageScp | None,
-                         stack: AsyncExitStack) -> ClusterCoordinator | None:
-    """Replicas sharing Redis: the internal endpoint other replicas copy from, and the coordinator
-    that shares retrievals (gateway/cluster/); None when this replica works alone."""
-    if not cluster_enabled(settings, cache):
+async def _start_cluster(settings: Settings, cache: Cache, spool: Spool, scp: AnyStorageScp | None,
+                         stack: AsyncExitStack, clustered: bool) -> ClusterCoordinator | None:
+    """Replicas sharing Redis (``clustered``: gateway.cluster.cluster_enabled): the internal endpoint
+    other replicas copy from, and the coordinator that shares retrievals (gateway/cluster/); None
+    when this replica works alone."""
+    if not clustered:
         return None
     secret, port = settings.cluster.shared_secret, settings.cluster.internal_port
     assert secret and port is not None
@@ -82,6 +87,9 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
         # Every service is built here, once, and closed in reverse order (docs/architecture.md, "App").
         configure_process()   # pydicom validation, pynetdicom config (gateway/startup.py)
         async with AsyncExitStack() as stack:
+            if tracing is not None:   # first in, last out: the spans of the services' shutdown export too
+                tracing.start()
+                stack.push_async_callback(tracing.close)
             app.state.settings = settings
             app.state.metrics = metrics
             app.state.observability = observability
@@ -91,26 +99,37 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
                 stack.push_async_callback(validator.close)
             app.state.cache = cache or make_cache(settings)
             stack.push_async_callback(app.state.cache.close)
-            app.state.pacs = PynetdicomPacs(settings, observability)
+            clustered = cluster_enabled(settings, app.state.cache)
+            # Every service gets the coalescing Pacs: identical concurrent C-FINDs cost the PACS one,
+            # across replicas too when they form a cluster (gateway/coalescing.py).
+            dimse = PynetdicomPacs(settings, observability)
+            # PACS profiles (docs/architecture.md, "PACS profiles"): the services' Pacs reports each
+            # contact, and the routes find the effective nodes in app.state.settings.
+            profiles = NodeProfiles(settings, dimse, app.state.cache, registry=observability)
+            app.state.profiles = profiles
+            app.state.pacs = profiles.watching(CoalescingPacs(dimse, app.state.cache if clustered else None))
             stack.push_async_callback(app.state.pacs.close)
+            stack.push_async_callback(profiles.close)
+            profiles.on_change = lambda nodes: setattr(app.state, "settings", replace(settings, nodes=nodes))
+            profiles.on_change(profiles.effective_nodes())
             app.state.search = SearchService(settings, app.state.pacs, app.state.cache)
             app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
+            app.state.search.spool = app.state.spool   # SOPClassUIDs a PACS leaves out ("PACS profiles")
             stack.callback(app.state.spool.close)
             app.state.instances = InstanceReader()
             stack.callback(app.state.instances.close)
             app.state.stow = StowService(settings, app.state.pacs, app.state.cache, app.state.spool)
             app.state.spool.on_commit = app.state.instances.index_at_ingest
             scp = None
-            if any(n.retrieve == "move" for n in settings.nodes):
-                g = settings.gateway
-                strict = settings.retrieval.reject_unexpected_stores
-                scp = StorageScp(g.ae_title, g.dimse_host, g.dimse_port, reject_unexpected=strict,
-                                 calling_ae_titles=tuple(dict.fromkeys(n.ae_title for n in settings.nodes))
-                                 if strict else (), tls=g.dimse_tls)
+            if any(n.retrieve == "move" for n in settings.nodes) or (
+                    settings.profiling.enabled and settings.profiling.probe_move):
+                scp = storage_scp(settings)   # gateway.scp_engine decides which implementation
                 scp.start()
                 stack.callback(scp.stop)
+                profiles.attach_move_destination(move_probe(scp, settings.gateway.ae_title, app.state.cache))
             app.state.storage_scp = scp
-            coordinator = await _start_cluster(settings, app.state.cache, app.state.spool, scp, stack)
+            coordinator = await _start_cluster(settings, app.state.cache, app.state.spool, scp, stack,
+                                               clustered)
             app.state.cluster = coordinator
             app.state.retrieval = RetrievalService(settings, app.state.pacs, app.state.cache, app.state.spool,
                                                    app.state.instances, scp, coordinator)
@@ -138,7 +157,11 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
     validator = TokenValidator(settings.auth.oidc) if settings.auth.mode == "oidc" else None
     dicomweb = qido.routes() + wado.routes() + stow.routes()
     dicomweb += rendered.routes() + rendered.root_routes() + capabilities.routes()
+    # OpenTelemetry only when enabled (gateway/tracing.py): off, the SDK is never imported.
+    tracing = Tracing(settings.tracing, settings.tracing.headers()) if settings.tracing.enabled else None
     middleware = []
+    if tracing is not None:   # outermost: the request's span covers everything the gateway does with it
+        middleware.append(Middleware(TracingMiddleware, tracing=tracing))
     if settings.http.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.http.cors_origins),

@@ -23,7 +23,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import unquote
 
 import yaml
 
@@ -49,14 +50,31 @@ class DimseTimeouts:
 @dataclass(frozen=True)
 class NodeQuirks:
     """What a PACS does not do by itself; each costs the gateway extra work
-    (docs/architecture.md, "Search"; adding one: "How to add")."""
+    (docs/architecture.md, "Search"; adding one: "How to add").
 
-    case_sensitive_pn: bool = False        # PN keys are widened and matched locally
-    compute_counts: bool = True            # fill missing Number Of ... Related ... by lower-level C-FIND
-    compute_modalities: bool = True        # fill missing ModalitiesInStudy by a SERIES-level C-FIND
-    modalities_in_study_matching: bool = True   # False: PACS ignores it as a key -> filter locally
-    or_multiple_modalities: bool = False   # True: PACS treats ModalitiesInStudy=CT\MR as OR
-    relational_queries: bool = False       # PACS accepts relational C-FIND (else fan-out)
+    Tri-state: True/False as configured, or None (not configured): then the node's PACS profile
+    decides, and until it has, the value correct on every PACS (``gateway.profile.decide.SAFE_QUIRKS``;
+    docs/architecture.md, "PACS profiles"). Read them from an effective node, never raw."""
+
+    case_sensitive_pn: bool | None = None        # True: PN keys widened, matched locally (safe: True)
+    compute_counts: bool | None = None           # fill missing Number Of ... Related ... (safe: True)
+    compute_modalities: bool | None = None       # fill missing ModalitiesInStudy (safe: True)
+    modalities_in_study_matching: bool | None = None   # False: ignored as a key -> filter locally (safe)
+    or_multiple_modalities: bool | None = None   # True: PACS ORs ModalitiesInStudy=CT\MR (safe: False)
+    relational_queries: bool | None = None       # True: PACS answers relational C-FIND (safe: False)
+
+
+class Unset(str):
+    """A node choice the operator left out (``retrieve``, ``query_model``): it reads as its default
+    (``"get"``, ``"study"``) wherever a node is used, and tells the PACS profile that it may choose
+    another (docs/architecture.md, "PACS profiles"). A configured value is a plain ``str``."""
+
+    __slots__ = ()
+
+
+def is_configured(value: object) -> bool:
+    """Whether a node setting was configured (not None, not :class:`Unset`)."""
+    return value is not None and not isinstance(value, Unset)
 
 
 @dataclass(frozen=True)
@@ -77,8 +95,8 @@ class PacsNode:
     ae_title: str
     host: str
     port: int
-    retrieve: Literal["get", "move"] = "get"
-    query_model: Literal["study", "patient"] = "study"
+    retrieve: Literal["get", "move"] = cast(Literal["get", "move"], Unset("get"))
+    query_model: Literal["study", "patient"] = cast(Literal["study", "patient"], Unset("study"))
     max_associations: int = 4          # retrievals and stores
     max_query_associations: int = 4    # C-FIND / C-ECHO, a separate budget so retrievals never starve QIDO
     max_results: int = 2000            # per C-FIND; beyond it: C-CANCEL + Warning 299
@@ -86,6 +104,9 @@ class PacsNode:
     timeouts: DimseTimeouts = field(default_factory=DimseTimeouts)
     quirks: NodeQuirks = field(default_factory=NodeQuirks)
     tls: NodeTls = field(default_factory=NodeTls)
+    # The requestor's DIMSE implementation for this node (docs/architecture.md, "DIMSE edge"): the
+    # plain-socket engine, or pynetdicom's; unset in the config: gateway.dimse_engine.
+    engine: Literal["fast", "pynetdicom"] = "fast"
 
     def __repr__(self) -> str:
         return f"PacsNode({self.name!r}, {self.ae_title}@{self.host}:{self.port}, retrieve={self.retrieve})"
@@ -110,6 +131,12 @@ class GatewaySection:
     base_url: str | None = None
     stow_node: str | None = None
     dimse_tls: DimseTls = field(default_factory=DimseTls)
+    # The storage SCP's implementation (docs/architecture.md, "C-MOVE"): plain sockets, or pynetdicom's;
+    # unset in the config: gateway.dimse_engine.
+    scp_engine: Literal["fast", "pynetdicom"] = "fast"
+    # The requestor's DIMSE implementation for nodes that do not set `engine` (docs/architecture.md,
+    # "DIMSE edge"). Also read by settings_from_dict from GATEWAY_GATEWAY__DIMSE_ENGINE (DIMSE_ENGINE_ENV).
+    dimse_engine: Literal["fast", "pynetdicom"] = "fast"
 
 
 @dataclass(frozen=True)
@@ -251,9 +278,57 @@ class AuditSection:
 
 
 @dataclass(frozen=True)
+class ProfilingSection:
+    """PACS profiles: what each node can do, measured with read-only operations (gateway/profile/;
+    docs/architecture.md, "PACS profiles")."""
+
+    # Probe each node at first contact (in the background, read-only), then every `interval`: the
+    # quirk handling is learned, not configured. Off: safe defaults until probed on demand.
+    enabled: bool = True
+    interval: float = 86400.0          # seconds before a node is probed again
+    identity_check: float = 300.0      # at most this often, one association reads the PACS's implementation
+    #                                    class UID / version name; a change (an upgrade) probes again
+    probe_move: bool = False           # run the storage SCP so C-MOVE to the gateway can be probed (and
+    #                                    chosen) for nodes without `retrieve`; the PACS must know our AE
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     format: Literal["text", "json"] = "text"  # json: one object per line, with the request id
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")   # an RFC 9110 token
+
+
+@dataclass(frozen=True)
+class TracingSection:
+    """OpenTelemetry traces (gateway/tracing.py), exported over OTLP/HTTP; off, nothing is imported."""
+
+    enabled: bool = False
+    endpoint: str = "http://localhost:4318/v1/traces"   # the collector's OTLP/HTTP traces URL
+    service_name: str = "dicomweb-gateway"    # the resource's service.name
+    sample_ratio: float = 1.0                 # new traces kept (0..1); a caller's traceparent decides its own
+    headers_env: str | None = None            # env variable with export headers (auth tokens), see headers()
+    timeout: float = 10.0                     # seconds per export request
+
+    def headers(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The export request's headers from ``headers_env`` (default env: os.environ), in the format
+        of OTEL_EXPORTER_OTLP_HEADERS: ``name=value`` pairs separated by commas, percent-encoded
+        (``authorization=Bearer%20abc,x-scope-orgid=imaging``). Never in the config file."""
+        if not self.headers_env:
+            return {}
+        text = (os.environ if env is None else env).get(self.headers_env, "")
+        headers: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, value = pair.partition("=")
+            name, value = unquote(name).strip().lower(), unquote(value).strip()
+            if not sep or not _HEADER_NAME.fullmatch(name) or any(c in value for c in "\r\n\0"):
+                # The value may be a credential: the error names the variable only.
+                raise ConfigError(f"tracing.headers_env: {self.headers_env} is not a list of name=value "
+                                  "pairs separated by commas")
+            headers[name] = value
+        return headers
 
 
 @dataclass(frozen=True)
@@ -269,6 +344,8 @@ class Settings:
     limits: LimitsSection = field(default_factory=LimitsSection)
     audit: AuditSection = field(default_factory=AuditSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    tracing: TracingSection = field(default_factory=TracingSection)
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
 
     def node(self, name: str) -> PacsNode | None:
         for node in self.nodes:
@@ -308,6 +385,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     password_env = settings.cache.password_env
     if password_env and not env.get(password_env):
         raise ConfigError(f"cache.password_env: environment variable {password_env} is not set")
+    tracing = settings.tracing
+    if tracing.enabled and tracing.headers_env:
+        if not env.get(tracing.headers_env):
+            raise ConfigError(f"tracing.headers_env: environment variable {tracing.headers_env} is not set")
+        tracing.headers(env)   # malformed headers fail start-up, not every export
     return settings
 
 
@@ -407,6 +489,18 @@ def _bool(v: Any, key: str) -> bool:
     if not isinstance(v, bool):
         raise ConfigError(f"{key}: expected true or false, got {v!r}")
     return v
+
+
+def _opt_bool(v: Any, key: str) -> bool | None:
+    """A tri-state setting: true, false, or null (not configured)."""
+    return None if v is None else _bool(v, key)
+
+
+def _unless_null(default: T, convert: Callable[[Any, str], T]) -> Callable[[Any, str], T]:
+    """``convert``, except that null keeps ``default`` (an :class:`Unset` choice)."""
+    def checked(v: Any, key: str) -> T:
+        return default if v is None else convert(v, key)
+    return checked
 
 
 def _str(v: Any, key: str) -> str:
@@ -534,6 +628,18 @@ def _url(v: Any, key: str) -> str | None:
     return v.rstrip("/")
 
 
+def _ratio(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+        raise ConfigError(f"{key}: expected a number from 0 to 1, got {v!r}")
+    return float(v)
+
+
+def _http_url(v: Any, key: str) -> str:
+    url = _url(_str(v, key), key)
+    assert url is not None
+    return url
+
+
 def _fields(cls: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -597,7 +703,12 @@ def _cache_tls(s: _Section) -> CacheTls:
     return tls
 
 
-def _node(raw: Any, index: int) -> PacsNode:
+DIMSE_ENGINE_ENV = "GATEWAY_GATEWAY__DIMSE_ENGINE"
+"""The variable load_settings applies to ``gateway.dimse_engine``; settings_from_dict reads it too (only
+this key) when the mapping does not set it, so a test suite can run every node on either engine."""
+
+
+def _node(raw: Any, index: int, engine: Literal["fast", "pynetdicom"] = "fast") -> PacsNode:
     label = f"nodes[{raw.get('name', index)}]" if isinstance(raw, dict) else f"nodes[{index}]"
     s = _Section(raw, label, _fields(PacsNode))
     d = PacsNode("x", "X", "h", 1)
@@ -615,16 +726,19 @@ def _node(raw: Any, index: int) -> PacsNode:
         ae_title=s.get("ae_title", d.ae_title, _ae_title),
         host=s.get("host", d.host, _str),
         port=s.get("port", d.port, _int(1, 65535)),
-        retrieve=s.get("retrieve", d.retrieve, _choice("get", "move")),
-        query_model=s.get("query_model", d.query_model, _choice("study", "patient")),
+        # Left out (or null): Unset, which the PACS profile may replace (architecture.md, "PACS profiles").
+        retrieve=s.get("retrieve", d.retrieve, _unless_null(d.retrieve, _choice("get", "move"))),
+        query_model=s.get("query_model", d.query_model,
+                          _unless_null(d.query_model, _choice("study", "patient"))),
         max_associations=s.get("max_associations", d.max_associations, _int(1, 64)),
         max_query_associations=s.get("max_query_associations", d.max_query_associations, _int(1, 64)),
         max_results=s.get("max_results", d.max_results, _int(1)),
         max_pdu=s.get("max_pdu", d.max_pdu, _int(0)),
         timeouts=DimseTimeouts(**{k: t.get(k, getattr(DimseTimeouts(), k), _num)
                                   for k in _fields(DimseTimeouts)}),
-        quirks=NodeQuirks(**{k: q.get(k, getattr(dq, k), _bool) for k in _fields(NodeQuirks)}),
+        quirks=NodeQuirks(**{k: q.get(k, getattr(dq, k), _opt_bool) for k in _fields(NodeQuirks)}),
         tls=_node_tls(s.sub("tls", _fields(NodeTls))),
+        engine=s.get("engine", engine, _choice("fast", "pynetdicom")),
     )
 
 
@@ -644,12 +758,19 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
     lim = root.sub("limits", _fields(LimitsSection))
     au = root.sub("audit", _fields(AuditSection))
     lg = root.sub("logging", _fields(LoggingSection))
+    tr = root.sub("tracing", _fields(TracingSection))
+    pr = root.sub("profiling", _fields(ProfilingSection))
+    dp = ProfilingSection()
+    dt = TracingSection()
     dl = LimitsSection()
 
     raw_nodes = root.raw.get("nodes") or []
     if not isinstance(raw_nodes, list):
         raise ConfigError("nodes: expected a list of nodes")
-    nodes = tuple(_node(n, i) for i, n in enumerate(raw_nodes))
+    engines = _choice("fast", "pynetdicom")
+    from_env = engines(os.environ.get(DIMSE_ENGINE_ENV) or dg.dimse_engine, DIMSE_ENGINE_ENV)
+    engine: Literal["fast", "pynetdicom"] = g.get("dimse_engine", from_env, engines)
+    nodes = tuple(_node(n, i, engine) for i, n in enumerate(raw_nodes))
     seen: set[str] = set()
     for n in nodes:
         if n.name.lower() in seen:
@@ -664,6 +785,8 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             base_url=g.get("base_url", dg.base_url, _url),
             stow_node=g.get("stow_node", dg.stow_node, _opt_str),
             dimse_tls=_dimse_tls(g.sub("dimse_tls", _fields(DimseTls))),
+            scp_engine=g.get("scp_engine", engine, engines),
+            dimse_engine=engine,
         ),
         http=HttpSection(
             host=h.get("host", dh.host, _str),
@@ -711,6 +834,20 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
         logging=LoggingSection(
             format=lg.get("format", "text", _choice("text", "json")),
             level=lg.get("level", "info", _choice("debug", "info", "warning", "error")),
+        ),
+        tracing=TracingSection(
+            enabled=tr.get("enabled", dt.enabled, _bool),
+            endpoint=tr.get("endpoint", dt.endpoint, _http_url),
+            service_name=tr.get("service_name", dt.service_name, _str),
+            sample_ratio=tr.get("sample_ratio", dt.sample_ratio, _ratio),
+            headers_env=tr.get("headers_env", None, _env_name),
+            timeout=tr.get("timeout", dt.timeout, _num),
+        ),
+        profiling=ProfilingSection(
+            enabled=pr.get("enabled", dp.enabled, _bool),
+            interval=pr.get("interval", dp.interval, _num),
+            identity_check=pr.get("identity_check", dp.identity_check, _num),
+            probe_move=pr.get("probe_move", dp.probe_move, _bool),
         ),
     )
     if bool(settings.http.tls_cert_file) != bool(settings.http.tls_key_file):
