@@ -20,9 +20,8 @@ from pynetdicom.association import Association
 from gateway.dimse import outcomes
 from gateway.dimse.association import accepts
 from gateway.dimse.contexts import Root, find_model
-from gateway.dimse.pool import AssociationPool
+from gateway.dimse.pool import AssociationPool, FindStopped, pooled_find
 from gateway.dimse.socket_tuning import busy
-from gateway.errors import AssociationAborted
 from gateway.pacs import FindResult
 from gateway.settings import PacsNode
 
@@ -38,10 +37,6 @@ class MessageIds:
         with self._lock:
             self._last = self._last % 65535 + 1
             return self._last
-
-
-class _Cancelled(Exception):
-    """Internal: the C-FIND was cancelled by us (cap reached or caller gone)."""
 
 
 def echo(pool: AssociationPool, node: PacsNode) -> float:
@@ -67,31 +62,13 @@ def find(pool: AssociationPool, node: PacsNode, identifier: Dataset, *, root: Ro
     """One C-FIND in the ``root`` information model, at most ``cap`` matches (see module docstring)."""
     sop_class = find_model(root)
     result = FindResult(node=node.name)
-    for try_no in (1, 2):
-        assoc, reused = pool.acquire()
-        if not accepts(assoc, sop_class):
-            pool.release(assoc, reusable=True)
-            raise outcomes.find_model_refused(node.name, root)
-        try:
-            with busy(assoc):
-                _collect(assoc, node, identifier, sop_class, cap, cancel, msg_ids.next(), result)
-        except _Cancelled:
-            pool.release(assoc, reusable=False)
-            if len(result.datasets) > cap:
-                del result.datasets[cap:]
-                result.truncated = True
-            return result
-        except AssociationAborted:
-            pool.release(assoc, reusable=False)
-            if reused and try_no == 1 and not result.datasets:
-                continue
-            raise
-        except BaseException:
-            pool.release(assoc, reusable=False)
-            raise
-        pool.release(assoc, reusable=True)
-        return result
-    raise AssertionError("unreachable")  # pragma: no cover
+
+    def collect(assoc: Association) -> None:
+        with busy(assoc):
+            _collect(assoc, node, identifier, sop_class, cap, cancel, msg_ids.next(), result)
+
+    return pooled_find(pool, result, cap, acquire=pool.acquire, accepts=lambda a: accepts(a, sop_class),
+                       refused=lambda: outcomes.find_model_refused(node.name, root), collect=collect)
 
 
 def _collect(assoc: Association, node: PacsNode, identifier: Dataset, sop_class: str, cap: int,
@@ -109,4 +86,4 @@ def _collect(assoc: Association, node: PacsNode, identifier: Dataset, sop_class:
                 assoc.send_c_cancel(msg_id, query_model=sop_class)
                 cancelled = True
     if cancelled:
-        raise _Cancelled()
+        raise FindStopped()

@@ -8,7 +8,7 @@ one (transfers do not: each C-GET/C-MOVE/C-STORE proposes its own contexts).
 * How many associations a node sees at once is bounded by the query budget the caller holds
   (:class:`gateway.dimse.threads.Budgets`), not here: the pool only keeps what is idle.
 * An idle association is reused only while established and younger than ``idle_seconds``; a PACS
-  that closed it quietly is caught by the caller's one retry (:mod:`gateway.dimse.find`).
+  that closed it quietly is caught by the one retry of :func:`pooled_find`.
 * Idle associations are closed after ``idle_seconds``: pynetdicom's threads poll every millisecond
   even when idle (~7 % of a core per idle association, measured in tests/bench).
 * An association that saw a cancel, an abort or a timeout is never put back.
@@ -31,6 +31,8 @@ from pynetdicom.association import Association
 
 from gateway.dimse.association import close_association, open_association
 from gateway.dimse.contexts import Context
+from gateway.errors import AssociationAborted, GatewayError
+from gateway.pacs import FindResult
 from gateway.settings import PacsNode
 
 
@@ -120,6 +122,44 @@ class Pool(Generic[A]):
             idle, self._idle = self._idle, []
         for _, assoc in idle:
             self._close(assoc)
+
+
+class FindStopped(Exception):
+    """Raised by a C-FIND collector that stopped on purpose (the cap was reached or the caller left,
+    a C-CANCEL sent): the results so far stand, the association is not reused."""
+
+
+def pooled_find(pool: Pool[A], result: FindResult, cap: int, *, acquire: Callable[[], tuple[A, bool]],
+                accepts: Callable[[A], bool], refused: Callable[[], GatewayError],
+                collect: Callable[[A], None]) -> FindResult:
+    """One C-FIND on a pooled association, the same for every engine: ``collect`` reads the
+    responses into ``result``. A reused association that turns out stale (aborted before any result:
+    the PACS closed it quietly while idle) is retried once on a fresh one; one that saw a stop, an
+    abort or any failure is never put back; past ``cap`` the result is cut and marked truncated."""
+    for try_no in (1, 2):
+        assoc, reused = acquire()
+        if not accepts(assoc):
+            pool.release(assoc, reusable=True)
+            raise refused()
+        try:
+            collect(assoc)
+        except FindStopped:
+            pool.release(assoc, reusable=False)
+            if len(result.datasets) > cap:
+                del result.datasets[cap:]
+                result.truncated = True
+            return result
+        except AssociationAborted:
+            pool.release(assoc, reusable=False)
+            if reused and try_no == 1 and not result.datasets:
+                continue
+            raise
+        except BaseException:
+            pool.release(assoc, reusable=False)
+            raise
+        pool.release(assoc, reusable=True)
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class AssociationPool(Pool[Association]):

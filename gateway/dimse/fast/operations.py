@@ -38,9 +38,9 @@ from gateway.dimse.fast import pdu
 from gateway.dimse.fast.association import Association, Message
 from gateway.dimse.fast.association import request as request_association
 from gateway.dimse.part10 import part10_prefix
-from gateway.dimse.pool import Pool
+from gateway.dimse.pool import FindStopped, Pool, pooled_find
 from gateway.dimse.retrieve import _identifier as retrieve_identifier  # the one identifier rule
-from gateway.errors import AssociationAborted, GatewayError
+from gateway.errors import GatewayError
 from gateway.pacs import FindResult, NotRequested, OnInstance, RetrieveOutcome, RetrieveRequest
 from gateway.settings import PacsNode
 
@@ -51,10 +51,6 @@ UNLIMITED_PDU = 0   # for transfers: the PACS sends PDUs as large as it likes (c
 
 FastPool = Pool[Association]
 MessageIdSource = Callable[[], int]
-
-
-class _Cancelled(Exception):
-    """Internal: the C-FIND was cancelled by us (cap reached or caller gone)."""
 
 
 def query_pool(node: PacsNode, calling_ae: str, contexts: list[tuple[str, list[str]]]) -> FastPool:
@@ -128,31 +124,15 @@ def find(pool: FastPool, node: PacsNode, identifier: Dataset, *, root: Root, cap
     """One C-FIND in the ``root`` information model, at most ``cap`` matches (module docstring)."""
     sop_class = find_model(root)
     result = FindResult(node=node.name)
-    for try_no in (1, 2):
-        assoc, reused = _acquire(pool)
+
+    def collect(assoc: Association) -> None:
         context = assoc.context_for(sop_class)
-        if context is None:
-            pool.release(assoc, reusable=True)
-            raise outcomes.find_model_refused(node.name, root)
-        try:
-            _collect(assoc, context, node, identifier, sop_class, cap, cancel, msg_ids(), result)
-        except _Cancelled:
-            pool.release(assoc, reusable=False)
-            if len(result.datasets) > cap:
-                del result.datasets[cap:]
-                result.truncated = True
-            return result
-        except AssociationAborted:
-            pool.release(assoc, reusable=False)
-            if reused and try_no == 1 and not result.datasets:
-                continue
-            raise
-        except BaseException:
-            pool.release(assoc, reusable=False)
-            raise
-        pool.release(assoc, reusable=True)
-        return result
-    raise AssertionError("unreachable")  # pragma: no cover
+        assert context is not None   # pooled_find checked it
+        _collect(assoc, context, node, identifier, sop_class, cap, cancel, msg_ids(), result)
+
+    return pooled_find(pool, result, cap, acquire=lambda: _acquire(pool),
+                       accepts=lambda a: a.accepts(sop_class),
+                       refused=lambda: outcomes.find_model_refused(node.name, root), collect=collect)
 
 
 def _collect(assoc: Association, context: int, node: PacsNode, identifier: Dataset, sop_class: str, cap: int,
@@ -189,10 +169,10 @@ def _collect(assoc: Association, context: int, node: PacsNode, identifier: Datas
                     send_cancel()
     except pdu.UpperLayerError as exc:
         if cancelled:
-            raise _Cancelled() from exc   # the PACS dropped the association on our cancel: results stand
+            raise FindStopped() from exc   # the PACS dropped the association on our cancel: results stand
         raise _failure(exc, node, "C-FIND", started) from exc
     if cancelled:
-        raise _Cancelled()
+        raise FindStopped()
 
 
 # --------------------------------------------------------------------------- C-GET, C-MOVE
