@@ -23,6 +23,7 @@ returned; attributes this module does not classify are treated as belonging to t
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -58,6 +59,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.dimse.process import configure_pynetdicom
+from gateway.dimse.socket_tuning import busy, guard_reactor
 from translators.matching import DEFAULT_IGNORED_KEYS, build_response, dataset_matches, element_matches
 
 LOGGER = logging.getLogger(__name__)
@@ -537,7 +539,7 @@ class DemoPacs:
         options = {
             "contexts": _storage_contexts(instances),
             "max_pdu": self.max_pdu,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, _set_nodelay)],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, _tune_move_association)],
         }
         yield destination[0], destination[1], options
         if status:
@@ -574,6 +576,24 @@ def _storage_contexts(instances: Iterable[_Instance]) -> list[PresentationContex
     if len(wanted) > MAX_REQUESTED_CONTEXTS:
         LOGGER.warning("C-MOVE needs %d presentation contexts, proposing the first 128", len(wanted))
     return [build_context(sop, list(ts)) for sop, ts in list(wanted)[:MAX_REQUESTED_CONTEXTS]]
+
+
+def _tune_move_association(event: evt.Event) -> None:
+    """The C-MOVE's own association to the destination sends C-STOREs back to back: TCP_NODELAY, and
+    the reactor guard the gateway's requestor associations get (gateway/dimse/socket_tuning.py:
+    without it pynetdicom's reactor now and then takes a C-STORE-RSP off the queue, and the
+    sub-operation waits for the DIMSE timeout; seen against a fast destination)."""
+    _set_nodelay(event)
+    assoc = event.assoc
+    guard_reactor(assoc)
+    send = assoc.send_c_store
+
+    @functools.wraps(send)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with busy(assoc):
+            return send(*args, **kwargs)
+
+    assoc.send_c_store = guarded  # type: ignore[method-assign]
 
 
 def _set_nodelay(event: evt.Event) -> None:
