@@ -31,7 +31,7 @@ def peer_settings(kind: str, orthanc: object, dcmqrscp: object) -> Settings:
     if kind == "orthanc":
         nodes = [node_config("orthanc", orthanc)]
     else:
-        nodes = [node_config("dcmqrscp", dcmqrscp, case_sensitive_pn=True, modalities_in_study_matching=False)]
+        nodes = [node_config("dcmqrscp", dcmqrscp)]   # no quirk flags: the profile and safe defaults (issue 14)
     return settings_from_dict({"nodes": nodes})
 
 

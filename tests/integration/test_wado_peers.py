@@ -47,8 +47,8 @@ def gw(request, orthanc, dcmqrscp, gateway_scp_port, tmp_path_factory) -> Iterat
         "gateway": {"ae_title": "DICOMWEBGW", "dimse_port": gateway_scp_port, "dimse_host": "127.0.0.1"},
         "spool": {"path": str(tmp_path_factory.mktemp("spool"))},
         "nodes": [{"name": kind, "ae_title": peer.ae_title, "host": "127.0.0.1", "port": peer.dicom_port,
-                   "retrieve": retrieve, "timeouts": {"connect": 3, "acse": 5, "dimse": 30, "network": 60},
-                   "quirks": {"case_sensitive_pn": kind == "dcmqrscp"}}],
+                   # retrieve is the suite's dimension; no quirk flags (the profile decides, issue 14)
+                   "retrieve": retrieve, "timeouts": {"connect": 3, "acse": 5, "dimse": 30, "network": 60}}],
     })
     with running_gateway(settings) as url, httpx.Client(base_url=url + "/dicom-web", timeout=60) as client:
         client.config = request.param  # type: ignore[attr-defined]
