@@ -272,9 +272,12 @@ class NodeProfiles:
         node = state.configured
         data = await self._cache.get(keys.pacs_profile(node.name))
         stored = PacsProfile.from_json(data) if data is not None else None
+        now = time.monotonic()
         if stored is not None and (state.profile is None or stored.probed_at > state.profile.probed_at):
             self._adopt(state, stored)
-        now = time.monotonic()
+            # Another replica's probe read the PACS's identity when it ran: that counts as this
+            # replica's check, or every replica would open an association to re-read it at once.
+            state.checked = max(state.checked, now - max(0.0, time.time() - stored.probed_at))
         if state.profile is None or time.time() - state.profile.probed_at >= self.config.interval:
             return True
         if now - state.checked < self.config.identity_check:

@@ -69,12 +69,17 @@ async def test_a_second_replica_adopts_the_shared_profile():
     _, first, _ = make(pacs, cache)
     stored = await first.reprobe("a")
     assert stored is not None and await cache.get(keys.pacs_profile("a")) == stored.to_json()
-    gets = pacs.calls["get"]
+    gets, associations = pacs.calls["get"], pacs.calls["associate_probe"]
     _, second, published = make(pacs, cache)
     second.touch("a")
     await second.wait("a")
     assert second.profile("a") == stored and pacs.calls["get"] == gets, "adopted, not probed again"
     assert published, "the adopted profile's effective node was published"
+    # The first replica's probe read the PACS's identity just now: the second does not re-read it
+    # (one association per replica at once was the frame storm's fourth association, tests/bench).
+    second.touch("a")
+    await second.wait("a")
+    assert pacs.calls["associate_probe"] == associations, "no identity check right after adopting"
     await first.close()
     await second.close()
 
