@@ -115,6 +115,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             app.state.search = SearchService(settings, app.state.pacs, app.state.cache)
             app.state.spool = Spool(settings.spool.path, settings.spool.max_bytes)
             app.state.search.spool = app.state.spool   # SOPClassUIDs a PACS leaves out ("PACS profiles")
+            app.state.search.settled_node = profiles.settled   # a refused query model ("PACS profiles")
             stack.callback(app.state.spool.close)
             app.state.instances = InstanceReader()
             stack.callback(app.state.instances.close)

@@ -142,6 +142,12 @@ class DimseFailure(PacsError):
         return body
 
 
+class ModelRefused(DimseFailure):
+    """The PACS accepted the association but not the C-FIND information model asked for (Study Root
+    to a Patient Root only PACS, or the reverse): the node's ``query_model`` is wrong or not known yet
+    (docs/architecture.md, "PACS profiles")."""
+
+
 class DimseTimeout(PacsError):
     status_code = 504
 

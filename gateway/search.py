@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from pydicom.dataelem import DataElement
@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from cache import keys
 from cache.base import Cache
 from cache.spool import Spool
-from gateway.errors import BadRequest, GatewayError, NotFound, PacsError
+from gateway.errors import BadRequest, GatewayError, ModelRefused, NotFound, PacsError
 from gateway.pacs import FindResult, Pacs
 from gateway.patients import PatientIds
 from gateway.profile.decide import safe_node
@@ -43,7 +43,7 @@ from gateway.query_cache import (
     Lookups,
     ResponseCache,
 )
-from gateway.settings import PacsNode, Settings
+from gateway.settings import PacsNode, Settings, is_configured
 from translators import qido as q
 from translators.matching import dataset_matches
 from translators.uids import StudyId
@@ -81,6 +81,9 @@ class SearchService:
         self.pacs = pacs
         self.cache = cache
         self.spool: Spool | None = None    # set by the app: SOPClassUIDs from spooled headers
+        # Set by the app: the node as its PACS profile has it once the running probe has ended
+        # (gateway.profile.service.NodeProfiles.settled; docs/architecture.md, "PACS profiles").
+        self.settled_node: Callable[[PacsNode], Awaitable[PacsNode]] | None = None
         lookups = Lookups()
         self.finder = CachedFinder(settings, pacs, cache, lookups)
         self.responses = ResponseCache(settings, cache, lookups)
@@ -137,6 +140,9 @@ class SearchService:
         warnings = list(query.warnings)
         tasks = [self._search_node(node, query, budget) for node in nodes]
         results = await asyncio.gather(*tasks, return_exceptions=True)
+        learned = await self._learned_models(nodes, results)
+        if learned is not None:
+            return await self._search(query, learned, base_url)
 
         per_node: list[tuple[str, str, list[Dataset]]] = []
         failures: list[GatewayError] = []
@@ -180,6 +186,25 @@ class SearchService:
                 ds.add(DataElement(q.RETRIEVE_URL, "UR", url))
         return SearchOutcome(datasets=paged.datasets, warnings=warnings, failed_nodes=failures,
                              cacheable=not failures and not budget.emulation_failed)
+
+    async def _learned_models(self, nodes: Sequence[PacsNode], results: Sequence[object]
+                              ) -> list[PacsNode] | None:
+        """Safe while unknown, for the query model too: a node whose query model is not configured
+        and whose PACS refused the model tried (a Patient Root only PACS asked in Study Root before
+        its profile was known) is asked again with the model its profile learned. That refusal was
+        its first contact, which started the probe; the probe's association says which models the
+        PACS accepts. The nodes with the learned models, or None when no refused node changed (then
+        the refusal stands: at most one more round)."""
+        if self.settled_node is None:
+            return None
+        changed, out = False, []
+        for node, res in zip(nodes, results, strict=True):
+            if isinstance(res, ModelRefused) and not is_configured(node.query_model):
+                settled = await self.settled_node(node)
+                if settled.query_model != node.query_model:
+                    node, changed = settled, True
+            out.append(node)
+        return out if changed else None
 
     # ------------------------------------------------------------------ one node
 

@@ -30,6 +30,7 @@ from gateway.errors import (
     DimseFailure,
     DimseTimeout,
     GatewayError,
+    ModelRefused,
     NodeUnreachable,
 )
 from gateway.pacs import RetrieveOutcome, StoreResult
@@ -205,7 +206,7 @@ def code_error(code: int | None, node: str, operation: str, *, started: float,
 def find_model_refused(node: str, root: str) -> DimseFailure:
     """The node accepted the query association but not this C-FIND information model."""
     name = "Patient" if root == "patient" else "Study"
-    return DimseFailure(f"node {node} does not support {name} Root C-FIND (set query_model for this node)",
+    return ModelRefused(f"node {node} does not support {name} Root C-FIND (set query_model for this node)",
                         node=node, status=NOT_SUPPORTED)
 
 

@@ -139,6 +139,11 @@ class NodeProfiles:
         known = self._node(node.name)
         return known.resolution.node if known is not None else resolve(node, None).node
 
+    async def settled(self, node: PacsNode) -> PacsNode:
+        """The effective node once the node's running probe (if any) has ended."""
+        await self.wait(node.name)
+        return self.effective(node)
+
     def effective_nodes(self) -> tuple[PacsNode, ...]:
         """Every configured node, effective, in config order."""
         return tuple(state.resolution.node for state in self._nodes.values())

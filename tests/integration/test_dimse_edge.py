@@ -192,8 +192,12 @@ def test_patient_root_only_pacs(datasets):
             # and the PACS really saw Patient Root requests only
             assert all(i.QueryRetrieveLevel in ("PATIENT", "STUDY", "SERIES", "IMAGE")
                        for i in pr.received_identifiers)
+        # Not configured: the very first request is answered (the refused Study Root C-FIND was the
+        # first contact; the probe it started learned Patient Root, and the search asked again).
+        with running_gateway(settings_from_dict({"nodes": [node("pr", pr)]})) as url:
+            assert len(get(url, "/dicom-web/studies").json()) == len(DEMO_STUDIES)
         # A Study Root node configured against it fails with a clear error naming the node.
-        settings = settings_from_dict({"nodes": [node("pr", pr)]})
+        settings = settings_from_dict({"nodes": [node("pr", pr, query_model="study")]})
         with running_gateway(settings) as url:
             r = get(url, "/dicom-web/studies")
             assert r.status_code == 502 and "Study Root" in r.json()["detail"]

@@ -14,8 +14,9 @@ import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from gateway.demo_data import DEMO_STUDIES
+from gateway.demo_data import DEMO_STUDIES, generate_demo_datasets
 from gateway.settings import Settings, settings_from_dict
+from tests.support.quirk_pacs import QUIRKS, QuirkPacs
 from tests.support.server import running_gateway
 
 STUDIES = {s["study_uid"]: s for s in DEMO_STUDIES}
@@ -27,20 +28,31 @@ def node_config(name: str, peer: object, **quirks: bool) -> dict[str, object]:
             "timeouts": {"connect": 3, "acse": 5, "dimse": 20, "network": 30}, "quirks": quirks}
 
 
-def peer_settings(kind: str, orthanc: object, dcmqrscp: object) -> Settings:
-    if kind == "orthanc":
-        nodes = [node_config("orthanc", orthanc)]
-    else:
-        nodes = [node_config("dcmqrscp", dcmqrscp)]   # no quirk flags: the profile and safe defaults (issue 14)
-    return settings_from_dict({"nodes": nodes})
+def peer_settings(kind: str, peer: object) -> Settings:
+    # No quirk flags: the profile and the safe defaults decide (issue 14).
+    return settings_from_dict({"nodes": [node_config(kind.replace(":", "-"), peer)]})
 
 
-@pytest.fixture(scope="module", params=["orthanc", "dcmqrscp"])
+class _QuirkPeer:
+    def __init__(self, pacs: QuirkPacs) -> None:
+        self.ae_title, self.dicom_port = pacs.ae_title, pacs.port
+
+
+@pytest.fixture(scope="module", params=["orthanc", "dcmqrscp", *(f"quirk:{q}" for q in QUIRKS)])
 def gw(request: pytest.FixtureRequest, orthanc: object, dcmqrscp: object) -> Iterator[httpx.Client]:
-    with running_gateway(peer_settings(request.param, orthanc, dcmqrscp)) as url, \
-            httpx.Client(base_url=url + "/dicom-web", timeout=30) as client:
-        client.peer = request.param  # type: ignore[attr-defined]
-        yield client
+    kind: str = request.param
+    quirk = QuirkPacs(kind.split(":")[1], generate_demo_datasets()) if kind.startswith("quirk:") else None
+    try:
+        if quirk is not None:
+            quirk.start()
+        peer = _QuirkPeer(quirk) if quirk is not None else orthanc if kind == "orthanc" else dcmqrscp
+        with running_gateway(peer_settings(kind, peer)) as url, \
+                httpx.Client(base_url=url + "/dicom-web", timeout=30) as client:
+            client.peer = kind  # type: ignore[attr-defined]
+            yield client
+    finally:
+        if quirk is not None:
+            quirk.stop()
 
 
 def values(ds: dict, tag: str) -> list:
