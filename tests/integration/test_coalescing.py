@@ -262,13 +262,15 @@ def test_an_error_reaches_every_joiner_and_is_not_kept():
 
 
 def test_one_joiner_leaving_does_not_cancel_the_others_the_last_one_does():
-    with DemoPacs(generate_demo_datasets(), ae_title="SLOWFIND", find_delay=0.5) as pacs:
+    # A pause of 1 s per match: the callers below leave (0.5 s) while the C-FIND is still pending on
+    # either engine, so the C-CANCEL has a pending response to go with (0.5 s raced the C-FIND's end).
+    with DemoPacs(generate_demo_datasets(), ae_title="SLOWFIND", find_delay=1.0) as pacs:
         settings = settings_from_dict({"nodes": [{"name": "slow", "ae_title": "SLOWFIND",
                                                   "host": "127.0.0.1", "port": pacs.port}],
                                        "profiling": UNPROBED})
         with running_gateway(settings) as url, ThreadPoolExecutor(4) as pool:
             path, params = url + "/dicom-web/studies", {"PatientID": "DGW0001"}
-            # DGW0001 has two studies: the C-FIND takes ~1.5 s (a pause per match and at the end).
+            # DGW0001 has two studies: the C-FIND takes ~3 s (a pause per match and at the end).
             impatient = pool.submit(httpx.get, path, params=params, headers=NO_CACHE, timeout=0.5)
             patient = pool.submit(httpx.get, path, params=params, headers=NO_CACHE, timeout=30)
             with pytest.raises(httpx.TimeoutException):
