@@ -66,22 +66,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        args.allow_unauthenticated)
 
 
+def _chosen_nodes(settings: Settings, name: str | None) -> Sequence[PacsNode] | None:
+    """The node named on the command line, or every configured one; None (after saying why on
+    stderr) when there is none to work on."""
+    nodes: Sequence[PacsNode] = settings.nodes
+    if name:
+        node = settings.node(name)
+        if node is None:
+            print(f"no node named {name!r}; configured: {', '.join(n.name for n in nodes) or 'none'}",
+                  file=sys.stderr)
+            return None
+        nodes = [node]
+    if not nodes:
+        print("no nodes configured", file=sys.stderr)
+        return None
+    return nodes
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from gateway.dimse.pacs import PynetdicomPacs
     from gateway.errors import GatewayError
     from gateway.startup import configure_process
 
     settings = load_settings(args.config)
-    nodes: Sequence[PacsNode] = settings.nodes
-    if args.node:
-        node = settings.node(args.node)
-        if node is None:
-            print(f"no node named {args.node!r}; configured: {', '.join(n.name for n in nodes) or 'none'}",
-                  file=sys.stderr)
-            return 2
-        nodes = [node]
-    if not nodes:
-        print("no nodes configured", file=sys.stderr)
+    nodes = _chosen_nodes(settings, args.node)
+    if nodes is None:
         return 2
 
     async def run() -> int:
@@ -116,16 +125,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from gateway.startup import configure_process
 
     settings = load_settings(args.config)
-    nodes: Sequence[PacsNode] = settings.nodes
-    if args.node:
-        node = settings.node(args.node)
-        if node is None:
-            print(f"no node named {args.node!r}; configured: {', '.join(n.name for n in nodes) or 'none'}",
-                  file=sys.stderr)
-            return 2
-        nodes = [node]
-    if not nodes:
-        print("no nodes configured", file=sys.stderr)
+    nodes = _chosen_nodes(settings, args.node)
+    if nodes is None:
         return 2
 
     async def run() -> int:
