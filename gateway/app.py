@@ -134,6 +134,7 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             app.state.cluster = coordinator
             app.state.retrieval = RetrievalService(settings, app.state.pacs, app.state.cache, app.state.spool,
                                                    app.state.instances, scp, coordinator)
+            app.state.retrieval.settled_node = profiles.settled   # safe while unknown ("PACS profiles")
             stack.push_async_callback(app.state.retrieval.close)
             yield
 

@@ -143,8 +143,9 @@ class DimseFailure(PacsError):
 
 
 class ModelRefused(DimseFailure):
-    """The PACS accepted the association but not the C-FIND information model asked for (Study Root
-    to a Patient Root only PACS, or the reverse): the node's ``query_model`` is wrong or not known yet
+    """The PACS accepted the association but not the Q/R information model asked for: the C-FIND,
+    C-GET or C-MOVE model of the root tried (Study Root to a Patient Root only PACS, or the reverse;
+    C-GET to a PACS without it): the node's ``query_model`` or ``retrieve`` is wrong or not known yet
     (docs/architecture.md, "PACS profiles")."""
 
 

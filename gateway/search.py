@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from pydicom.dataelem import DataElement
@@ -30,9 +30,10 @@ from pydicom.dataset import Dataset
 from cache import keys
 from cache.base import Cache
 from cache.spool import Spool
-from gateway.errors import BadRequest, GatewayError, ModelRefused, NotFound, PacsError
+from gateway.errors import BadRequest, GatewayError, NotFound, PacsError
 from gateway.pacs import FindResult, Pacs
 from gateway.patients import PatientIds
+from gateway.profile import second_round
 from gateway.profile.decide import safe_node
 from gateway.query_cache import (
     BASE_PLACEHOLDER,
@@ -43,7 +44,7 @@ from gateway.query_cache import (
     Lookups,
     ResponseCache,
 )
-from gateway.settings import PacsNode, Settings, is_configured
+from gateway.settings import PacsNode, Settings
 from translators import qido as q
 from translators.matching import dataset_matches
 from translators.uids import StudyId
@@ -83,7 +84,7 @@ class SearchService:
         self.spool: Spool | None = None    # set by the app: SOPClassUIDs from spooled headers
         # Set by the app: the node as its PACS profile has it once the running probe has ended
         # (gateway.profile.service.NodeProfiles.settled; docs/architecture.md, "PACS profiles").
-        self.settled_node: Callable[[PacsNode], Awaitable[PacsNode]] | None = None
+        self.settled_node: second_round.Settled | None = None
         lookups = Lookups()
         self.finder = CachedFinder(settings, pacs, cache, lookups)
         self.responses = ResponseCache(settings, cache, lookups)
@@ -194,17 +195,10 @@ class SearchService:
         its profile was known) is asked again with the model its profile learned. That refusal was
         its first contact, which started the probe; the probe's association says which models the
         PACS accepts. The nodes with the learned models, or None when no refused node changed (then
-        the refusal stands: at most one more round)."""
-        if self.settled_node is None:
-            return None
-        changed, out = False, []
-        for node, res in zip(nodes, results, strict=True):
-            if isinstance(res, ModelRefused) and not is_configured(node.query_model):
-                settled = await self.settled_node(node)
-                if settled.query_model != node.query_model:
-                    node, changed = settled, True
-            out.append(node)
-        return out if changed else None
+        the refusal stands: at most one more round). The rule is retrieval's too
+        (gateway/profile/second_round.py)."""
+        return await second_round.relearned_nodes(nodes, results, self.settled_node, second_round.QUERY,
+                                                  second_round.query_explained)
 
     # ------------------------------------------------------------------ one node
 

@@ -212,12 +212,12 @@ def find_model_refused(node: str, root: str) -> DimseFailure:
 
 def get_refused(node: str) -> DimseFailure:
     """The node accepted the C-GET association (for its C-FIND context) but not C-GET."""
-    return DimseFailure(f"node {node} does not accept C-GET; configure `retrieve: move` for it",
+    return ModelRefused(f"node {node} does not accept C-GET; configure `retrieve: move` for it",
                         node=node, status=NOT_SUPPORTED)
 
 
 def move_refused(node: str) -> DimseFailure:
-    return DimseFailure(f"node {node} does not accept C-MOVE", node=node, status=NOT_SUPPORTED)
+    return ModelRefused(f"node {node} does not accept C-MOVE", node=node, status=NOT_SUPPORTED)
 
 
 def echo_refused(node: str) -> DimseFailure:

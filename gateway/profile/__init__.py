@@ -10,5 +10,7 @@
 * :mod:`~gateway.profile.probe`: runs them in order into one profile;
 * :mod:`~gateway.profile.service`: per node: lazy probing at first contact, the interval, the
   implementation check, the shared cache, the published effective nodes and the /metrics series;
-* :mod:`~gateway.profile.report`: the table (``dicomweb-gateway probe``) and the admin JSON.
+* :mod:`~gateway.profile.report`: the table (``dicomweb-gateway probe``) and the admin JSON;
+* :mod:`~gateway.profile.second_round`: safe while unknown: a request the safe defaults failed
+  waits for the probe and runs once more as the profile settled the node (search and retrieval).
 """

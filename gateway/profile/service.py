@@ -3,7 +3,9 @@
 * **When** (``profiling`` settings): at first contact, i.e. the first DIMSE operation any service
   runs on the node (:class:`WatchedPacs` notices it), in the background: that request runs with
   what is known (a profile from the shared cache, or the safe defaults of
-  :mod:`gateway.profile.decide`) and never waits for the probe. Again after ``interval``; on demand
+  :mod:`gateway.profile.decide`) and does not wait for the probe, unless the safe defaults failed
+  on that PACS: then it waits for it once (:meth:`NodeProfiles.settled`,
+  :mod:`gateway.profile.second_round`). Again after ``interval``; on demand
   (:meth:`NodeProfiles.reprobe`: the admin endpoint, the CLI); and when the PACS's Implementation
   Class UID or Version Name (PS3.7 D.3.3.2) differs from the profile's, checked with one
   association at most every ``identity_check`` seconds, and soon after an operation on the node

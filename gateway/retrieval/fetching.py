@@ -36,7 +36,7 @@ from collections.abc import Callable
 from cache import keys
 from cache.base import Cache
 from cache.spool import Spool
-from gateway.errors import DimseTimeout, GatewayError, PacsError
+from gateway.errors import DimseTimeout, GatewayError, ModelRefused, NotFound, PacsError
 from gateway.pacs import MoveDestination, NotRequested, OnInstance, Pacs, PendingMove, RetrieveRequest
 from gateway.patients import PatientIds
 from gateway.retrieval.coordinator import Coordinator, LocalCoordinator
@@ -241,8 +241,10 @@ class Fetcher:
             # Some PACS fail a retrieve naming a series that is not in the study: the manifest's
             # verdict (404) is the answer then. Others abort a C-GET when no proposed context suits
             # an instance (a SOP class outside BLIND_CLASSES): retrieved below with the manifest's.
+            # A refused model (no C-GET, or the wrong root) is refused again whatever is proposed:
+            # it is the answer (the retrieval service's second round may learn another).
             await listing
-            if not blind or not isinstance(exc, PacsError) or isinstance(exc, DimseTimeout):
+            if not blind or not isinstance(exc, PacsError) or isinstance(exc, (DimseTimeout, ModelRefused)):
                 raise
             log.warning("a retrieval from %s without the manifest failed (%s); again with it", node.name, exc)
             failed = True
@@ -317,7 +319,10 @@ class Fetcher:
 
         pid = None
         if node.query_model == "patient":
+            # Patient Root retrieves name the PatientID too (PS3.4 C.6.1; the one rule, cached).
             pid = await self.patients.for_study(node, sid.study)
+            if not pid:
+                raise NotFound(f"study {sid.study} was not found on node {node.name}", node=node.name)
         chunks: list[list[str] | None] = (
             [None]
             if sops is None

@@ -2,7 +2,11 @@
 
 * **Locate**: ``/nodes/{name}/...`` names its node; federated ``/dicom-web/...`` takes the first node
   in config order that holds the study, by the location index (learned from QIDO and STOW), else by
-  a STUDY-level C-FIND on each node in turn.
+  a STUDY-level C-FIND on each node in turn, in the node's model: Patient Root needs the PatientID
+  at STUDY level (PS3.4 C.6.1), so there the study's PatientID is looked up
+  (:class:`gateway.patients.PatientIds`, the one rule), and a node holds the study when it has one.
+  A node that refuses the model while its ``query_model`` is not configured is asked once more in
+  the model its profile learned (gateway/profile/second_round.py) and is returned as settled.
 * **Manifest**: an IMAGE-level C-FIND on the node, with the study AND the series UID, lists the
   series' instances (404 when empty, never a silent empty 200). A wrong study UID with a right
   series UID therefore finds nothing. Manifests are memoised per (node, study, series) for
@@ -28,6 +32,7 @@ from cache.base import Cache
 from gateway.errors import GatewayError, NotFound
 from gateway.pacs import Pacs
 from gateway.patients import PatientIds
+from gateway.profile import second_round
 from gateway.retrieval.fetch import InstanceRef, Manifest
 from gateway.retrieval.inflight import InFlight
 from gateway.settings import PacsNode, Settings
@@ -47,6 +52,8 @@ class Locator:
         self._locating: InFlight[tuple[str, tuple[str, ...]], PacsNode] = InFlight()
         self._listing: InFlight[tuple[SeriesId, int], Manifest] = InFlight()
         self._series: InFlight[tuple[str, str], list[str]] = InFlight()
+        # Set by the retrieval service: the node once its running probe has ended ("PACS profiles").
+        self.settled_node: second_round.Settled | None = None
 
     async def locate(self, study: str, nodes: Sequence[PacsNode]) -> PacsNode:
         """The first node (config order) holding the study; the only node when one is named."""
@@ -61,19 +68,35 @@ class Locator:
             if node.name in known:
                 return node
         for node in nodes:
-            ident = Dataset()
-            ident.QueryRetrieveLevel = "STUDY"
-            ident.StudyInstanceUID = study
             try:
-                res = await self.pacs.find(node, ident)
-            except GatewayError:
-                continue
-            if res.datasets:
+                held = await self._holds(node, study)
+            except GatewayError as exc:
+                again = (await second_round.relearned(node, self.settled_node, second_round.QUERY)
+                         if second_round.query_explained(exc) else None)
+                if again is None:
+                    continue
+                node = again
+                try:
+                    held = await self._holds(node, study)
+                except GatewayError:
+                    continue
+            if held:
                 await self.cache.sadd(
                     keys.study_locations(study), [node.name], self.settings.cache.ttl.location
                 )
                 return node
         raise NotFound(f"study {study} was not found on any node")
+
+    async def _holds(self, node: PacsNode, study: str) -> bool:
+        """Whether the node has the study: one STUDY-level C-FIND in its model (Patient Root: the
+        PatientID lookup, which is that C-FIND with a universal PatientID, and is remembered)."""
+        if node.query_model == "patient":
+            return await self.patients.for_study(node, study) is not None
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = study
+        res = await self.pacs.find(node, ident, model=node.query_model)
+        return bool(res.datasets)
 
     async def generation(self, study: StudyId) -> int:
         return await self.cache.get_int(keys.study_generation(study))
@@ -181,11 +204,14 @@ class Locator:
         return list(dict.fromkeys(str(s.SeriesInstanceUID) for s in series))
 
     async def _patient_key(self, node: PacsNode, study: str, ident: Dataset) -> None:
+        """Patient Root: the study's PatientID, a unique key of a level above (PS3.4 C.4.1.3.1); a
+        node that has no patient holding the study does not hold it (404, not the PACS's A900)."""
         if node.query_model != "patient":
             return
         pid = await self.patients.for_study(node, study)
-        if pid:
-            ident.PatientID = pid
+        if not pid:
+            raise NotFound(f"study {study} was not found on node {node.name}", node=node.name)
+        ident.PatientID = pid
 
 
 def _num(value: object) -> float:

@@ -10,15 +10,23 @@ route either an async iterator of parts (:meth:`RetrievalService.parts`), metada
 node's spool entries, cached metadata and PACS answer; :attr:`Located.node` tells the route which
 node answered. The study and series UIDs of the URL must be the instance's: the manifest is listed
 with both, and a spooled entry filed under another study or series is not used.
+
+**Safe while unknown** (docs/architecture.md, "PACS profiles"): a node whose ``retrieve`` or
+``query_model`` is left to its profile runs with the safe defaults (C-GET, Study Root) until the
+profile is known. A request that fails on such a node before its first part is in hand (a refused
+C-GET or model; sub-operations a C-GET could not carry) waits for the probe its first contact
+started and runs once more with the node as the profile settled it, when that changed either
+setting (:mod:`gateway.profile.second_round`, the rule search follows too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cache import keys
 from cache.base import Cache
@@ -27,6 +35,7 @@ from gateway.errors import GatewayError, NotAcceptable, NotFound
 from gateway.instances import InstanceReader
 from gateway.pacs import MoveDestination, Pacs
 from gateway.patients import PatientIds
+from gateway.profile import second_round
 from gateway.retrieval.coordinator import Coordinator, LocalCoordinator
 from gateway.retrieval.fetch import SeriesFetch
 from gateway.retrieval.fetching import Fetcher
@@ -37,6 +46,7 @@ from translators.uids import SeriesId
 
 log = logging.getLogger(__name__)
 METADATA_WINDOW = 4  # instances whose JSON one series metadata request builds at a time
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,16 @@ class RetrievalService:
         self.metadata_misses = 0   # series metadata built from the instances (or asked without cache)
 
     @property
+    def settled_node(self) -> second_round.Settled | None:
+        """Set by the app: the node as its PACS profile has it once the running probe has ended
+        (gateway.profile.service.NodeProfiles.settled); None: no second round."""
+        return self.locator.settled_node
+
+    @settled_node.setter
+    def settled_node(self, settled: second_round.Settled | None) -> None:
+        self.locator.settled_node = settled
+
+    @property
     def retrievals_started(self) -> int:
         return self.fetcher.retrievals_started
 
@@ -124,6 +144,23 @@ class RetrievalService:
         await self.fetcher.close()
 
     # ------------------------------------------------------------------ resolution
+
+    async def _twice(
+        self, nodes: Sequence[PacsNode], attempt: Callable[[Sequence[PacsNode]], Awaitable[T]]
+    ) -> T:
+        """``attempt(nodes)``; when it failed on a node whose profile, once settled, chose another
+        ``retrieve`` or ``query_model``, once more with that node (module docstring)."""
+        try:
+            return await attempt(nodes)
+        except GatewayError as exc:
+            again = await second_round.relearned_nodes(
+                nodes, second_round.failed_node(nodes, exc), self.settled_node, second_round.RETRIEVE,
+                second_round.retrieval_explained)
+            if again is None:
+                raise
+            log.info("retrieval from node %s failed (%s); again as its profile settled it", exc.node,
+                     type(exc).__name__)
+        return await attempt(again)
 
     async def _series(
         self, nodes: Sequence[PacsNode], study: str, series: str | None
@@ -147,6 +184,16 @@ class RetrievalService:
         """The instances as they arrive, each in the syntax :func:`translators.media.instance_syntax`
         picks for it; the first part is in hand when this returns. The retrieval starts at once; the
         stream ends (closing delimiter) only once the manifest is known and complete."""
+        return await self._twice(nodes, lambda ns: self._parts(ns, study, series, instance, selection))
+
+    async def _parts(
+        self,
+        nodes: Sequence[PacsNode],
+        study: str,
+        series: str | None,
+        instance: str | None,
+        selection: media.Selection,
+    ) -> PartStream:
         node, sids = await self._series(nodes, study, series)
         fetches: list[SeriesFetch] = []
 
@@ -203,6 +250,11 @@ class RetrievalService:
         Series metadata is cached under the series' node and its study generation, so every replica
         answers it with one cache read until a STOW into the study changes the generation.
         """
+        return await self._twice(nodes, lambda ns: self._metadata(ns, study, series, instance, use_cache))
+
+    async def _metadata(
+        self, nodes: Sequence[PacsNode], study: str, series: str | None, instance: str | None, use_cache: bool
+    ) -> Metadata:
         node = await self.locator.locate(study, nodes)
         meta_key = None
         if series is not None and instance is None:
@@ -275,6 +327,15 @@ class RetrievalService:
         """The instance, pinned in the spool for the ``async with`` body (frames, bulk data,
         rendered, WADO-URI): from the spool when this node's copy of it is there under this study
         and series, else retrieved (with the rest of its series when the config says viewers want it)."""
+        entry = await self._twice(nodes, lambda ns: self._pinned_instance(ns, study, series, sop))
+        try:
+            yield entry
+        finally:
+            self.spool.unpin(entry)
+
+    async def _pinned_instance(
+        self, nodes: Sequence[PacsNode], study: str, series: str, sop: str
+    ) -> SpoolEntry:
         node = await self.locator.locate(study, nodes)
         entry = self.spool.pin(node.name, sop)
         if entry is not None and (entry.study_uid, entry.series_uid) != (study, series):
@@ -282,10 +343,7 @@ class RetrievalService:
             entry = None
         if entry is None:
             entry = await self._retrieve_one(node, SeriesId(node.name, study, series), sop)
-        try:
-            yield entry
-        finally:
-            self.spool.unpin(entry)
+        return entry
 
     async def _retrieve_one(self, node: PacsNode, series: SeriesId, sop: str) -> SpoolEntry:
         """Retrieve (or join the retrieval of) ``sop``, first of its series and without waiting for
@@ -310,6 +368,15 @@ class RetrievalService:
         """The instance a study or series thumbnail shows (the middle one of the first series),
         pinned for the ``async with`` body; the rest of its series keeps coming (viewers open it next).
         The manifest comes first here: it names the middle instance, which is then retrieved first."""
+        entry = await self._twice(nodes, lambda ns: self._pinned_representative(ns, study, series))
+        try:
+            yield entry
+        finally:
+            self.spool.unpin(entry)
+
+    async def _pinned_representative(
+        self, nodes: Sequence[PacsNode], study: str, series: str | None
+    ) -> SpoolEntry:
         node, sids = await self._series(nodes, study, series)
         manifest = await self.locator.manifest(node, sids[0].study, sids[0].series)
         if not manifest.instances:
@@ -323,10 +390,7 @@ class RetrievalService:
             fetch.detach()
         if entry is None:
             raise GatewayError(f"instance {uid} left the spool", node=node.name)
-        try:
-            yield entry
-        finally:
-            self.spool.unpin(entry)
+        return entry
 
     async def whole_instance(
         self, entry: SpoolEntry, requested: str | None, *, explicit: bool

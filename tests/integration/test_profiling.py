@@ -254,6 +254,48 @@ def test_each_quirk_is_named_and_served_without_flags(quirk, serve, tmp_path, no
             assert str(retrieve_rle_instance(client).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.5"
 
 
+@pytest.mark.parametrize("quirk, learned", [("patient_root_only", ("query_model", "patient")),
+                                            ("no_c_get", ("retrieve", "move")),
+                                            ("no_compressed_get", ("retrieve", "move"))])
+def test_a_first_contact_retrieval_waits_for_the_profile_it_started(quirk, learned, serve, tmp_path,
+                                                                     no_patient_data_logged):
+    """Safe while unknown, for retrieval: the first contact is a WADO-RS request that the safe
+    defaults (Study Root, C-GET) cannot serve on this PACS. It waits for the probe it started and is
+    served once more as the profile settled the node (gateway/profile/second_round.py), stored
+    syntax unchanged; not a 502 until the probe ends."""
+    scp_port = free_port()
+    with QuirkPacs(quirk, move_destinations={GW_AE: ("127.0.0.1", scp_port)}) as pacs:
+        client = serve(config([node("quirky", pacs.ae_title, pacs.port)], tmp_path, scp_port=scp_port))
+        assert profile(client, "quirky")["state"] == "unknown"
+        r = client.get(f"/dicom-web/studies/{MR['study_uid']}/series/{MR_RLE['series_uid']}",
+                       headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert r.status_code == 200, r.text
+        got = [dcmread(io.BytesIO(body)) for _, body in parse_multipart(r.content, r.headers["content-type"])]
+        assert sorted(str(ds.SOPInstanceUID) for ds in got) == sorted(MR_RLE["sop_instance_uids"])
+        assert {str(ds.file_meta.TransferSyntaxUID) for ds in got} == {"1.2.840.10008.1.2.5"}
+        name, value = learned
+        body = profile(client, "quirky")
+        assert body["state"] == "probed" and setting(body, name)["value"] == value
+        if name == "retrieve":
+            assert pacs.counters["move"] >= 2, "the probe's C-MOVE, then the request's"
+
+
+def test_a_federated_retrieval_locates_the_study_on_a_patient_root_only_pacs(serve, tmp_path):
+    """Locating a study for a federated URL asks each node in its model: the first node holds
+    nothing; the second refuses Study Root (its profile unknown), is asked again in Patient Root
+    once its probe has ended, and holds the study (its PatientID looked up, PS3.4 C.6.1)."""
+    with QuirkPacs(None, [], ae_title="EMPTY") as empty, QuirkPacs("patient_root_only") as pacs:
+        client = serve(config([node("empty", empty.ae_title, empty.port),
+                               node("patientroot", pacs.ae_title, pacs.port)], tmp_path))
+        series = CT["series"][1]
+        r = client.get(f"/dicom-web/studies/{CT['study_uid']}/series/{series['series_uid']}/metadata")
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Gateway-Node"] == "patientroot"
+        assert len(r.json()) == series["num_instances"]
+        missing = client.get("/dicom-web/studies/1.2.3.4.5.6/metadata")
+        assert missing.status_code == 404, missing.text
+
+
 def test_safe_defaults_while_nothing_is_known(serve, tmp_path, no_patient_data_logged):
     """Profiling off and no flags: every behaviour is the one correct on every PACS."""
     with QuirkPacs("no_counts", case_sensitive_pn=True) as pacs:

@@ -1,7 +1,10 @@
-"""WADO-RS through the gateway against real Orthanc (C-GET and C-MOVE) and dcmqrscp (C-MOVE, C-GET).
+"""WADO-RS through the gateway against real Orthanc (C-GET and C-MOVE), dcmqrscp (C-MOVE, C-GET) and
+each quirk PACS (tests/support/quirk_pacs.py).
 
 Everything retrieved is compared with the source files the peers were loaded with: pixel data byte
-for byte, headers field by field.
+for byte, headers field by field. The quirk PACS nodes name their address only: no ``retrieve``, no
+``query_model``, no quirk flags; the profile (probed at first contact, C-MOVE included) decides, and
+the first request runs while it is unknown (issue 14; docs/architecture.md, "PACS profiles").
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pydicom.encaps import generate_frames
 from gateway.demo_data import DEMO_STUDIES
 from gateway.settings import settings_from_dict
 from tests.support.multipart import parse_multipart
+from tests.support.quirk_pacs import QUIRKS, QuirkPacs
 from tests.support.server import running_gateway
 
 CT = next(s for s in DEMO_STUDIES if s["accession_number"] == "A2303140011")
@@ -31,7 +35,9 @@ MF_SOP = MF_SERIES["sop_instance_uids"][0]
 EXPLICIT = "1.2.840.10008.1.2.1"
 RLE = "1.2.840.10008.1.2.5"
 
-CONFIGS = ["orthanc-get", "orthanc-move", "dcmqrscp-move", "dcmqrscp-get"]
+CONFIGS = ["orthanc-get", "orthanc-move", "dcmqrscp-move", "dcmqrscp-get", *(f"quirk:{q}" for q in QUIRKS)]
+TIMEOUTS = {"connect": 3, "acse": 5, "dimse": 30, "network": 60}
+GW_AE = "DICOMWEBGW"
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +46,34 @@ def sources(demo_files: list[Path]) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
-def gw(request, orthanc, dcmqrscp, gateway_scp_port, tmp_path_factory) -> Iterator[httpx.Client]:
-    kind, retrieve = request.param.split("-")
-    peer = orthanc if kind == "orthanc" else dcmqrscp
-    settings = settings_from_dict({
-        "gateway": {"ae_title": "DICOMWEBGW", "dimse_port": gateway_scp_port, "dimse_host": "127.0.0.1"},
-        "spool": {"path": str(tmp_path_factory.mktemp("spool"))},
-        "nodes": [{"name": kind, "ae_title": peer.ae_title, "host": "127.0.0.1", "port": peer.dicom_port,
-                   # retrieve is the suite's dimension; no quirk flags (the profile decides, issue 14)
-                   "retrieve": retrieve, "timeouts": {"connect": 3, "acse": 5, "dimse": 30, "network": 60}}],
-    })
-    with running_gateway(settings) as url, httpx.Client(base_url=url + "/dicom-web", timeout=60) as client:
-        client.config = request.param  # type: ignore[attr-defined]
-        yield client
+def gw(request, orthanc, dcmqrscp, demo_files, gateway_scp_port, tmp_path_factory) -> Iterator[httpx.Client]:
+    gateway = {"ae_title": GW_AE, "dimse_port": gateway_scp_port, "dimse_host": "127.0.0.1"}
+    spool = {"path": str(tmp_path_factory.mktemp("spool"))}
+    quirk: QuirkPacs | None = None
+    if request.param.startswith("quirk:"):
+        # The same files as the real peers, and the gateway's storage SCP as the C-MOVE destination.
+        quirk = QuirkPacs(request.param.split(":")[1], [], files=demo_files,
+                          move_destinations={GW_AE: ("127.0.0.1", gateway_scp_port)})
+        quirk.start()
+        # Its address only: retrieve, query_model and the quirks are learned (issue 14).
+        node = {"name": "quirk", "ae_title": quirk.ae_title, "host": "127.0.0.1", "port": quirk.port,
+                "timeouts": TIMEOUTS}
+        raw = {"gateway": gateway, "spool": spool, "nodes": [node], "profiling": {"probe_move": True}}
+    else:
+        kind, retrieve = request.param.split("-")
+        peer = orthanc if kind == "orthanc" else dcmqrscp
+        raw = {"gateway": gateway, "spool": spool,
+               "nodes": [{"name": kind, "ae_title": peer.ae_title, "host": "127.0.0.1", "port": peer.dicom_port,
+                          # retrieve is the suite's dimension; no quirk flags (the profile decides, issue 14)
+                          "retrieve": retrieve, "timeouts": TIMEOUTS}]}
+    try:
+        with running_gateway(settings_from_dict(raw)) as url, \
+                httpx.Client(base_url=url + "/dicom-web", timeout=60) as client:
+            client.config = request.param  # type: ignore[attr-defined]
+            yield client
+    finally:
+        if quirk is not None:
+            quirk.stop()
 
 
 def pixel_bytes(data: bytes | Path) -> tuple[str, bytes]:
