@@ -16,6 +16,7 @@ import logging
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from gateway.demo_data import DEMO_STUDIES
+from gateway.profile.report import as_text
 from gateway.settings import settings_from_dict
 from tests.support.multipart import parse_multipart
 from tests.support.quirk_pacs import TANAKA, TANAKA_ID, QuirkPacs
@@ -246,6 +248,9 @@ def test_each_quirk_is_named_and_served_without_flags(quirk, serve, tmp_path, no
         body = wait_profiled(client, "quirky")
         key, result, name, value = QUIRK_FACTS[quirk]
         assert result in fact(body, key)["result"], fact(body, key)
+        # The table `dicomweb-gateway probe` prints names it too (its RESULT column wraps at 40).
+        table = as_text(body)
+        assert all(line in table for line in textwrap.wrap(fact(body, key)["result"], 40, break_on_hyphens=False))
         if name is not None:
             assert setting(body, name)["value"] == value and setting(body, name)["source"] == "learned"
         assert_basics(client, tanaka=True)
