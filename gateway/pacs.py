@@ -46,6 +46,8 @@ class FindResult:
     datasets: list[Dataset] = field(default_factory=list)
     truncated: bool = False       # the node's result cap was hit and the C-FIND cancelled
     warnings: list[str] = field(default_factory=list)
+    # Search only: which caps may have cut it (gateway/search.py cut_short), for the Warning 299.
+    cut_by: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class AssociationFacts:
     implementation_version_name: str
     associate_seconds: float                      # TCP connect + A-ASSOCIATE round trip
     untuned_find_seconds: tuple[float, ...] = ()  # ``timed_find`` without our quick ACKs (Nagle shows)
+    idle_kept_seconds: float | None = None        # ``hold_idle``: how long it stayed open while idle
+    idle_closed: bool = False                     # ``hold_idle``: the PACS ended it before the time was up
 
 
 class NotRequested(Exception):
@@ -192,12 +196,15 @@ class Pacs(Protocol):
 
     async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
                               scp_roles: Sequence[str] = (),
-                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
+                              timed_find: tuple[str, Dataset] | None = None,
+                              hold_idle: float = 0.0) -> AssociationFacts:
         """Open one association proposing ``contexts`` (``scp_roles``: SOP classes whose SCP role we
         offer, as for C-GET), report what was accepted and who answered, release it. With
         ``timed_find`` (the C-FIND model's UID, an identifier matching a few entities) that C-FIND
         runs three times without the gateway's TCP quick ACKs and is timed, so a PACS with Nagle on
-        shows its ~40 ms stalls. Holds a transfer association of the node's budget."""
+        shows its ~40 ms stalls. With ``hold_idle`` the association is then held idle that many
+        seconds, watched for the PACS ending it (``idle_kept_seconds``, ``idle_closed``). Holds a
+        transfer association of the node's budget."""
         ...
 
     async def close(self) -> None: ...

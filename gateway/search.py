@@ -5,7 +5,8 @@ which node and assembles the answer; translators do the pure work, the DIMSE cli
 
 Emulated features (docs/architecture.md, "Search") each cost extra C-FINDs and draw on one
 per-request budget (``limits.max_emulation_queries``); when it runs out the answer is still
-returned, without the emulated values, and with a ``Warning: 299``:
+returned, without the emulated values, and with a ``Warning: 299`` (as is an answer that a cap may
+have cut, :func:`cut_short`: the gateway's ``max_results`` or the PACS's own result cap):
 
 * counts (0020,1206/1208/1209) and ModalitiesInStudy computed by lower-level C-FINDs when the PACS
   does not return them (only for the page actually returned, except when ModalitiesInStudy is a
@@ -156,8 +157,9 @@ class SearchService:
             if isinstance(res, BaseException):
                 raise res
             if res.truncated:
-                warnings.append(f"node {node.name} has more matches than its result limit "
-                                f"({node.max_results}); only the first ones were considered")
+                limits = " or ".join(res.cut_by) or f"its result limit ({node.max_results})"
+                warnings.append(f"node {node.name} has more matches than {limits}; only the first ones "
+                                "were considered")
             per_node.append((node.name, node.ae_title, res.datasets))
         if failures and len(failures) == len(nodes):
             # Every queried node failed: answer with the worst error (504 beats 502), naming them all.
@@ -232,7 +234,7 @@ class SearchService:
         seen: set[str] = set()
         uid_tag = q.uid_of(query.level)
         for res in results:
-            combined.truncated |= res.truncated
+            _note_cut(combined, node, res)
             for ds in res.datasets:
                 uid = q.text_value(ds, uid_tag)
                 if uid in seen:
@@ -270,9 +272,10 @@ class SearchService:
                     del ident[elem_tag]
             res = await self.finder.find(node, ident, model="patient")
             patients.datasets += res.datasets
-            patients.truncated |= res.truncated
+            _note_cut(patients, node, res)
         ids = sorted({v for p in patients.datasets if (v := q.text_value(p, q.PATIENT_ID))})
-        combined = FindResult(node=node.name, truncated=patients.truncated)
+        combined = FindResult(node=node.name)
+        _carry_cut(combined, patients)
         for patient_id in ids:
             if not budget.take():
                 break
@@ -280,7 +283,7 @@ class SearchService:
                           + (q.MatchKey((q.PATIENT_ID,), (patient_id,)),))
             res = await self._find_plan(node, sub, budget)
             combined.datasets += res.datasets
-            combined.truncated |= res.truncated
+            _carry_cut(combined, res)
         return combined
 
     # ------------------------------------------------------------------ relational fan-out
@@ -295,7 +298,8 @@ class SearchService:
         else:
             sq = q.QidoQuery(level="study", matches=study_keys)
             found = await self._search_node(node, sq, budget)
-            studies, result.truncated = found.datasets, found.truncated
+            studies = found.datasets
+            _carry_cut(result, found)
         for study in studies:
             study_uid = q.text_value(study, q.STUDY_UID)
             if not budget.take():
@@ -306,7 +310,7 @@ class SearchService:
                                    includefields=query.includefields if at_series else frozenset(),
                                    include_all=query.include_all and at_series)
             series_list = await self._search_node(node, series_q, budget)
-            result.truncated |= series_list.truncated
+            _carry_cut(result, series_list)
             if query.level == "series":
                 result.datasets += [_with_parent(s, study) for s in series_list.datasets]
                 continue
@@ -319,7 +323,7 @@ class SearchService:
                                  matches=own + (q.MatchKey((q.STUDY_UID,), (study_uid,)),
                                                 q.MatchKey((q.SERIES_UID,), (series_uid,))))
                 inst = await self._search_node(node, inst_q, budget)
-                result.truncated |= inst.truncated
+                _carry_cut(result, inst)
                 result.datasets += [_with_parent(_with_parent(i, series), study) for i in inst.datasets]
         return result
 
@@ -475,3 +479,31 @@ def q_error(detail: str) -> GatewayError:
 
 
 __all__ = ["SearchService", "SearchOutcome", "NotFound", "PacsError"]
+
+
+def cut_short(node: PacsNode, res: FindResult) -> str | None:
+    """The one rule for "this C-FIND answer may be missing matches" (then QIDO-RS says so with a
+    ``Warning: 299``, PS3.18 8.3.4.4 / 6.7.1.2.3), for both caps: the gateway's own ``max_results``
+    stopped it (C-CANCEL, ``truncated``), or it holds exactly as many matches as the PACS's own
+    result cap (learned by its profile or configured, ``result_cap``; docs/architecture.md, "PACS
+    profiles"): a PACS that stops there says nothing. Which cap, or None. For one C-FIND's answer."""
+    if res.truncated:
+        return f"its result limit ({node.max_results})"
+    if node.result_cap and len(res.datasets) == node.result_cap:
+        return f"its PACS's own result cap ({node.result_cap} matches per query)"
+    return None
+
+
+def _note_cut(into: FindResult, node: PacsNode, res: FindResult) -> None:
+    """One C-FIND's answer ``res`` is part of ``into``: so is its truncation."""
+    reason = cut_short(node, res)
+    if reason is not None:
+        into.truncated = True
+        if reason not in into.cut_by:
+            into.cut_by.append(reason)
+
+
+def _carry_cut(into: FindResult, part: FindResult) -> None:
+    """A combined answer ``part`` (already judged by :func:`cut_short`) is part of ``into``."""
+    into.truncated |= part.truncated
+    into.cut_by += [r for r in part.cut_by if r not in into.cut_by]

@@ -72,6 +72,11 @@ class Unset(str):
     __slots__ = ()
 
 
+DEFAULT_QUERY_IDLE_SECONDS = 5.0
+"""How long idle query associations are kept for reuse while the node's profile does not say less
+(gateway/dimse/pool.py; docs/architecture.md, "PACS profiles")."""
+
+
 def is_configured(value: object) -> bool:
     """Whether a node setting was configured (not None, not :class:`Unset`)."""
     return value is not None and not isinstance(value, Unset)
@@ -101,6 +106,10 @@ class PacsNode:
     max_query_associations: int = 4    # C-FIND / C-ECHO, a separate budget so retrievals never starve QIDO
     max_results: int = 2000            # per C-FIND; beyond it: C-CANCEL + Warning 299
     max_pdu: int = 131072
+    # Tri-state like the quirks (None: not configured, the PACS profile decides; read them from an
+    # effective node, docs/architecture.md "PACS profiles"):
+    result_cap: int | None = None      # the PACS's own cap on C-FIND matches; 0: none (safe: 0, unknown)
+    query_idle_seconds: float | None = None  # idle query associations kept for reuse; 0: none (safe: 5)
     timeouts: DimseTimeouts = field(default_factory=DimseTimeouts)
     quirks: NodeQuirks = field(default_factory=NodeQuirks)
     tls: NodeTls = field(default_factory=NodeTls)
@@ -496,6 +505,13 @@ def _opt_bool(v: Any, key: str) -> bool | None:
     return None if v is None else _bool(v, key)
 
 
+def _opt(convert: Callable[[Any, str], T]) -> Callable[[Any, str], T | None]:
+    """A tri-state value: ``convert``'s, or null (not configured: the PACS profile decides)."""
+    def checked(v: Any, key: str) -> T | None:
+        return None if v is None else convert(v, key)
+    return checked
+
+
 def _unless_null(default: T, convert: Callable[[Any, str], T]) -> Callable[[Any, str], T]:
     """``convert``, except that null keeps ``default`` (an :class:`Unset` choice)."""
     def checked(v: Any, key: str) -> T:
@@ -734,6 +750,8 @@ def _node(raw: Any, index: int, engine: Literal["fast", "pynetdicom"] = "fast") 
         max_query_associations=s.get("max_query_associations", d.max_query_associations, _int(1, 64)),
         max_results=s.get("max_results", d.max_results, _int(1)),
         max_pdu=s.get("max_pdu", d.max_pdu, _int(0)),
+        result_cap=s.get("result_cap", d.result_cap, _opt(_int(0))),
+        query_idle_seconds=s.get("query_idle_seconds", d.query_idle_seconds, _opt(_num)),
         timeouts=DimseTimeouts(**{k: t.get(k, getattr(DimseTimeouts(), k), _num)
                                   for k in _fields(DimseTimeouts)}),
         quirks=NodeQuirks(**{k: q.get(k, getattr(dq, k), _opt_bool) for k in _fields(NodeQuirks)}),

@@ -1,8 +1,9 @@
 """An in-process Query/Retrieve SCP holding instances in memory: the peer of ``dicomweb-gateway demo``.
 
 Tests use it as a PACS they can configure and observe: fault injection (``fail_status``,
-``find_delay``, ``patient_root_only``, case-sensitive PN, no counts, ModalitiesInStudy ignored) and
-counting what reached the peer (``counters``, ``received_identifiers``).
+``find_delay``, ``patient_root_only``, case-sensitive PN, no counts, ModalitiesInStudy ignored, a
+result cap ``max_matches``, idle associations aborted after ``network_timeout``) and counting what
+reached the peer (``counters``, ``received_identifiers``).
 
 Services (PS3.4 Annex C, all on one AE):
 
@@ -86,7 +87,7 @@ _UNCOMPRESSED = {
     ExplicitVRBigEndian,
     DeflatedExplicitVRLittleEndian,
 }
-COUNTER_NAMES = ("associations", "echo", "find", "get", "move", "store", "cancel", "sent")
+COUNTER_NAMES = ("associations", "echo", "find", "get", "move", "store", "cancel", "sent", "aborted")
 
 
 def _tags(keywords: str) -> frozenset[int]:
@@ -260,6 +261,8 @@ class DemoPacs:
         fail_comment: str | None = None,
         max_pdu: int = 16382,
         max_associations: int = 32,
+        max_matches: int | None = None,
+        network_timeout: float | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
@@ -274,6 +277,8 @@ class DemoPacs:
         self.fail_comment = fail_comment   # ErrorComment (0000,0902) sent with a C-FIND fail_status
         self.max_pdu = max_pdu
         self.max_associations = max_associations
+        self.max_matches = max_matches          # C-FIND: success after this many matches (a PACS's cap)
+        self.network_timeout = network_timeout  # an association idle this long is aborted (None: 60 s)
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.received_identifiers: list[Dataset] = []  # C-FIND identifiers, as the peer sent them
         self.received_retrieve_identifiers: list[Dataset] = []  # C-GET and C-MOVE identifiers
@@ -328,6 +333,8 @@ class DemoPacs:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = self.max_pdu
         ae.maximum_associations = self.max_associations  # pynetdicom's default is 10
+        if self.network_timeout is not None:
+            ae.network_timeout = self.network_timeout
         ae.add_supported_context(VERIFICATION, DEFAULT_TRANSFER_SYNTAXES)
         models = [_FIND, _GET, _MOVE]
         for model in models:
@@ -343,6 +350,7 @@ class DemoPacs:
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, _set_nodelay),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_FIND, self._on_find),
@@ -372,6 +380,10 @@ class DemoPacs:
 
     def _on_accepted(self, event: evt.Event) -> None:
         self._count("associations")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        # Either side's A-ABORT (or the connection lost), ours included: network_timeout aborts.
+        self._count("aborted")
 
     def _on_dimse_recv(self, event: evt.Event) -> None:
         # Counted on arrival, even when every response was already sent (nothing left to cancel).
@@ -422,6 +434,8 @@ class DemoPacs:
                 ignore=DEFAULT_IGNORED_KEYS,
             ):
                 continue
+            if self.max_matches is not None and matches >= self.max_matches:
+                break   # a PACS's result cap: the rest is silently left out (success, no warning)
             if not self._pause(event):
                 yield CANCEL, None
                 return

@@ -37,7 +37,7 @@ from gateway.dimse import tls
 from gateway.dimse.contexts import query_contexts
 from gateway.dimse.fast import operations as fast_op
 from gateway.dimse.fast import store as fast_store
-from gateway.dimse.pool import AssociationPool, Pool
+from gateway.dimse.pool import AssociationPool, Pool, idle_seconds_for
 from gateway.dimse.threads import Budgets, Workers, threads_for
 from gateway.observability import Registry
 from gateway.pacs import (
@@ -146,11 +146,13 @@ class PynetdicomPacs:
 
     async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
                               scp_roles: Sequence[str] = (),
-                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
+                              timed_find: tuple[str, Dataset] | None = None,
+                              hold_idle: float = 0.0) -> AssociationFacts:
         """One association for the node's PACS profile (gateway/dimse/probe.py), pynetdicom on every
         engine; on the transfer budget, as it proposes storage contexts like a C-GET."""
         def work() -> AssociationFacts:
-            return probe_op.associate_probe(self._calling_ae, node, contexts, scp_roles, timed_find)
+            return probe_op.associate_probe(self._calling_ae, node, contexts, scp_roles, timed_find,
+                                            hold_idle)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=threading.Event(),
                                        grace=_grace(node), node=node.name, operation="associate")
@@ -185,6 +187,7 @@ class PynetdicomPacs:
             else:
                 pool = AssociationPool(node, self._calling_ae, query_contexts())
             self._pools[node.name] = pool
+        pool.idle_seconds = idle_seconds_for(node)   # the node's, as its PACS profile decided
         return pool
 
 

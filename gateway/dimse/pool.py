@@ -11,6 +11,10 @@ one (transfers do not: each C-GET/C-MOVE/C-STORE proposes its own contexts).
   that closed it quietly is caught by the one retry of :func:`pooled_find`.
 * Idle associations are closed after ``idle_seconds``: pynetdicom's threads poll every millisecond
   even when idle (~7 % of a core per idle association, measured in tests/bench).
+* ``idle_seconds`` is the node's (:func:`idle_seconds_for`): less than its PACS keeps an idle
+  association open when the PACS profile found it closes them sooner, 0 (no reuse) when that is
+  under 0.2 s, 5 s otherwise; the engine sets it from the node of each operation, so a profile
+  learned later applies to the next acquire (docs/architecture.md, "PACS profiles").
 * An association that saw a cancel, an abort or a timeout is never put back.
 
 Engine-agnostic: :class:`Pool` holds any association with ``is_established`` and is given how to
@@ -33,7 +37,14 @@ from gateway.dimse.association import close_association, open_association
 from gateway.dimse.contexts import Context
 from gateway.errors import AssociationAborted, GatewayError
 from gateway.pacs import FindResult
-from gateway.settings import PacsNode
+from gateway.settings import DEFAULT_QUERY_IDLE_SECONDS, PacsNode
+
+
+def idle_seconds_for(node: PacsNode) -> float:
+    """How long the node's idle query associations are kept (its effective ``query_idle_seconds``;
+    a raw node's unset value reads as the default)."""
+    kept = node.query_idle_seconds
+    return DEFAULT_QUERY_IDLE_SECONDS if kept is None else kept
 
 
 class Reusable(Protocol):
@@ -49,7 +60,7 @@ class Pool(Generic[A]):
     ``closer`` releases one and never raises."""
 
     def __init__(self, node: PacsNode, opener: Callable[[], A], closer: Callable[[A], None],
-                 idle_seconds: float = 5.0) -> None:
+                 idle_seconds: float = DEFAULT_QUERY_IDLE_SECONDS) -> None:
         self.node = node
         self._open = opener
         self._close = closer
@@ -58,6 +69,7 @@ class Pool(Generic[A]):
         self._lock = threading.Lock()
         self.opened = 0  # associations opened over the pool's life (reuse shows as opened < requests)
         self._in_use = 0  # handed out by acquire and not released yet
+        self.stale = 0  # reused associations found closed by the PACS (skipped, or retried by pooled_find)
 
     @property
     def in_use(self) -> int:
@@ -82,6 +94,7 @@ class Pool(Generic[A]):
                 if assoc.is_established and now - since < self.idle_seconds and chosen is None:
                     chosen = assoc
                 else:
+                    self.stale += not assoc.is_established
                     stale.append(assoc)
             if chosen is not None:
                 self._in_use += 1
@@ -95,11 +108,16 @@ class Pool(Generic[A]):
             self._in_use += 1
         return assoc, False
 
+    def note_stale(self) -> None:
+        """A reused association failed before any answer: the PACS had closed it while idle."""
+        with self._lock:
+            self.stale += 1
+
     def release(self, assoc: A, *, reusable: bool) -> None:
         """Give back what :meth:`acquire` handed out (exactly once per acquire)."""
         with self._lock:
             self._in_use -= 1
-        if reusable and assoc.is_established:
+        if reusable and assoc.is_established and self.idle_seconds > 0:
             with self._lock:
                 self._idle.append((time.monotonic(), assoc))
             timer = threading.Timer(self.idle_seconds + 0.05, self.reap)
@@ -152,6 +170,7 @@ def pooled_find(pool: Pool[A], result: FindResult, cap: int, *, acquire: Callabl
         except AssociationAborted:
             pool.release(assoc, reusable=False)
             if reused and try_no == 1 and not result.datasets:
+                pool.note_stale()
                 continue
             raise
         except BaseException:
@@ -166,7 +185,7 @@ class AssociationPool(Pool[Association]):
     """The pynetdicom engine's query pool: associations proposing ``contexts``."""
 
     def __init__(self, node: PacsNode, calling_ae: str, contexts: Sequence[Context],
-                 idle_seconds: float = 5.0) -> None:
+                 idle_seconds: float = DEFAULT_QUERY_IDLE_SECONDS) -> None:
         self.calling_ae = calling_ae
         self.contexts = list(contexts)
         super().__init__(node, lambda: open_association(calling_ae, node, self.contexts), close_association,

@@ -14,6 +14,11 @@ association). A PACS with Nagle's algorithm on sends the second write of each re
 set, then data set) only after the peer's ACK, which a delayed ACK holds back ~40 ms: measured
 untuned, the stall other clients suffer shows; measured tuned, it does not.
 
+Optionally (``hold_idle``) the association is then held idle, nothing sent, for that many seconds,
+polled for the PACS releasing or aborting it (many PACS close associations idle longer than their
+own timeout, e.g. pynetdicom's ``network_timeout``, DCMTK's ``--dimse-timeout``): whether an idle
+association the query pool keeps would still be usable, and for how long.
+
 The association is opened by :func:`gateway.dimse.association.open_association` like every other
 (timeouts, TLS, failures mapped to the error tree) and released at once; it is never pooled.
 """
@@ -35,12 +40,16 @@ from gateway.pacs import AssociationFacts, ProbeContext
 from gateway.settings import PacsNode
 
 TIMED_FINDS = 3
+IDLE_POLL = 0.05
+"""Seconds between looks at an idle association (the resolution of the idle time reported)."""
 
 
 def associate_probe(calling_ae: str, node: PacsNode, contexts: Sequence[ProbeContext],
                     scp_roles: Sequence[str] = (),
-                    timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
-    """Associate, read the facts, optionally time ``timed_find``, release; see the module docstring.
+                    timed_find: tuple[str, Dataset] | None = None,
+                    hold_idle: float = 0.0) -> AssociationFacts:
+    """Associate, read the facts, optionally time ``timed_find`` and hold it idle, release; see the
+    module docstring.
 
     Raises the error tree (502/504 naming the node) when no association comes about; a PACS that
     accepts the association but none of the contexts is reported with nothing accepted."""
@@ -65,12 +74,15 @@ def associate_probe(calling_ae: str, node: PacsNode, contexts: Sequence[ProbeCon
             clean = False
             timings = _timed_finds(assoc, node, *timed_find)
             clean = True
+        idle_kept, idle_closed = (_hold_idle(assoc, hold_idle) if hold_idle > 0 else (None, False))
+        clean = clean and not idle_closed
         return AssociationFacts(
             accepted=accepted, rejected=rejected,
             max_pdu=_int_or_none(acceptor.maximum_length),
             implementation_class_uid=str(acceptor.implementation_class_uid or ""),
             implementation_version_name=str(acceptor.implementation_version_name or ""),
-            associate_seconds=took, untuned_find_seconds=timings)
+            associate_seconds=took, untuned_find_seconds=timings,
+            idle_kept_seconds=idle_kept, idle_closed=idle_closed)
     finally:
         close_association(assoc, clean=clean)
 
@@ -89,6 +101,18 @@ def _timed_finds(assoc: Association, node: PacsNode, model: str, identifier: Dat
                     raise err
         timings.append(time.monotonic() - started)
     return tuple(timings)
+
+
+def _hold_idle(assoc: Association, seconds: float) -> tuple[float, bool]:
+    """(how long the association stayed established while idle, whether the PACS ended it)."""
+    started = time.monotonic()
+    while True:
+        held = time.monotonic() - started
+        if not assoc.is_established:
+            return round(held, 2), True
+        if held >= seconds:
+            return round(held, 2), False
+        time.sleep(min(IDLE_POLL, seconds - held))
 
 
 def _without_quick_acks(assoc: Association) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-FORMAT = 1
+FORMAT = 2
 """Bumped when the JSON changes incompatibly: an older stored profile is then a miss (re-probed)."""
 
 Value = bool | str | None
@@ -25,6 +25,7 @@ Value = bool | str | None
 
 # The facts, in report order.
 ASSOCIATION = "association"
+IDLE = "idle_associations"
 FIND_MODELS = "find_models"
 RETRIEVE_MODELS = "retrieve_models"
 GET_STORAGE = "get_storage_contexts"
@@ -45,7 +46,7 @@ MOVE_ORIGINATOR = "move_originator_id"
 LATENCY = "latency"
 NAGLE = "nagle"
 
-FACTS: tuple[str, ...] = (ASSOCIATION, FIND_MODELS, RETRIEVE_MODELS, GET_STORAGE, GET_COMPRESSED,
+FACTS: tuple[str, ...] = (ASSOCIATION, IDLE, FIND_MODELS, RETRIEVE_MODELS, GET_STORAGE, GET_COMPRESSED,
                           PN_CASE_INSENSITIVE, PN_WILDCARD, RETURN_KEYS_STUDY, RETURN_KEYS_SERIES,
                           RETURN_KEYS_INSTANCE, MODALITIES_MATCHING, OR_VALUES, DATE_RANGES, RELATIONAL,
                           RESULT_CAP, C_GET, C_MOVE, MOVE_ORIGINATOR, LATENCY, NAGLE)
@@ -74,6 +75,10 @@ class PacsProfile:
     facts: dict[str, Observation] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)   # level -> keywords never returned
     latency_ms: dict[str, float] = field(default_factory=dict)    # operation -> median milliseconds
+    # The numbers behind two facts (None: not learned): the PACS's cap on C-FIND matches (RESULT_CAP
+    # False), and how long an idle association stayed open (IDLE; the whole hold when kept).
+    result_cap: int | None = None
+    idle_kept_seconds: float | None = None
     format: int = FORMAT
 
     def value(self, fact: str) -> Value:
@@ -104,9 +109,19 @@ class PacsProfile:
                        facts=facts,
                        missing={str(k): [str(x) for x in v]
                                 for k, v in dict(raw.get("missing") or {}).items()},
-                       latency_ms={str(k): float(v) for k, v in dict(raw.get("latency_ms") or {}).items()})
+                       latency_ms={str(k): float(v) for k, v in dict(raw.get("latency_ms") or {}).items()},
+                       result_cap=_opt_number(raw.get("result_cap"), int),
+                       idle_kept_seconds=_opt_number(raw.get("idle_kept_seconds"), float))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             return None
+
+
+def _opt_number(value: object, kind: type[int] | type[float]) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("not a number")
+    return kind(value)
 
 
 def _value(value: object) -> Value:

@@ -1,21 +1,25 @@
 """One probe of one node, every step in order, into a :class:`~gateway.profile.facts.PacsProfile`.
 
 Order matters: the association says which query model to ask in; the queries find the study,
-series and instance the retrieve and transport probes use. A step that fails becomes its
-observation ("failed: ...") and the rest goes on; only an association that cannot be opened at all
-fails the probe (the node is down: nothing is learned, the previous profile or the safe defaults
-stay). Read-only throughout (docs/architecture.md, "PACS profiles").
+series and instance the retrieve and transport probes use. One step runs beside the others: a
+second association held idle a little longer than the query pool keeps idle ones, to see whether
+the PACS closes it first (~5 s, so it overlaps the rest instead of adding to it).
+
+A step that fails becomes its observation ("failed: ...") and the rest goes on; only an
+association that cannot be opened at all fails the probe (the node is down: nothing is learned, the
+previous profile or the safe defaults stay). Read-only throughout (docs/architecture.md, "PACS profiles").
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from gateway.pacs import Pacs
 from gateway.profile import facts as f
-from gateway.profile.facts import PacsProfile, not_tested
-from gateway.profile.queries import QueryProbe
+from gateway.profile.facts import Observation, PacsProfile, not_tested
+from gateway.profile.queries import QueryProbe, Sample
 from gateway.profile.transfers import (
     MODELS,
     STORAGE_CLASSES,
@@ -28,10 +32,13 @@ from gateway.profile.transfers import (
     proposal,
     with_model,
 )
-from gateway.settings import PacsNode
+from gateway.settings import DEFAULT_QUERY_IDLE_SECONDS, PacsNode
 from translators.syntaxes import NATIVE
 
 log = logging.getLogger(__name__)
+
+IDLE_MARGIN = 0.5
+"""Seconds the idle probe holds its association beyond the time the query pool keeps one idle."""
 
 
 async def identity(pacs: Pacs, node: PacsNode) -> tuple[str, str]:
@@ -56,16 +63,38 @@ async def probe_node(pacs: Pacs, node: PacsNode, *, move: MoveProbe | None = Non
 
     sample = None
     find_seconds: list[float] = []
-    if MODELS[asking.query_model]["FIND"] in accepted:
-        found = await QueryProbe(pacs, asking, asking.query_model).run()
-        profile.facts.update(found.observations)
-        profile.missing = found.missing
-        sample, find_seconds = found.sample, found.find_seconds
-    else:
-        for fact in (f.RETURN_KEYS_STUDY, f.PN_CASE_INSENSITIVE, f.PN_WILDCARD, f.MODALITIES_MATCHING,
-                     f.OR_VALUES, f.DATE_RANGES, f.RELATIONAL, f.RESULT_CAP):
-            profile.facts[fact] = not_tested("C-FIND", "no C-FIND model accepted")
+    idle: asyncio.Task[tuple[Observation, float | None]] | None = None
+    try:
+        if MODELS[asking.query_model]["FIND"] in accepted:
+            # Only the query pool keeps idle associations; a store-only node is not held at all.
+            idle = asyncio.create_task(probe_idle(pacs, node))
+            found = await QueryProbe(pacs, asking, asking.query_model).run()
+            profile.facts.update(found.observations)
+            profile.missing = found.missing
+            profile.result_cap = found.result_cap
+            sample, find_seconds = found.sample, found.find_seconds
+        else:
+            for fact in (f.RETURN_KEYS_STUDY, f.PN_CASE_INSENSITIVE, f.PN_WILDCARD, f.MODALITIES_MATCHING,
+                         f.OR_VALUES, f.DATE_RANGES, f.RELATIONAL, f.RESULT_CAP):
+                profile.facts[fact] = not_tested("C-FIND", "no C-FIND model accepted")
+            profile.facts[f.IDLE] = not_tested("an association held idle",
+                                               "no C-FIND model accepted (no query association is pooled)")
+        await _rest(pacs, asking, profile, sample, find_seconds, retrieve_models, accepted, move)
+        if idle is not None:
+            profile.facts[f.IDLE], profile.idle_kept_seconds = await idle
+    finally:
+        if idle is not None and not idle.done():
+            idle.cancel()
+    profile.seconds = round(time.monotonic() - started, 3)
+    log.info("node %s profiled in %.1f s (implementation %s %s)", node.name, profile.seconds,
+             profile.implementation_class_uid, profile.implementation_version_name)
+    return profile
 
+
+async def _rest(pacs: Pacs, asking: PacsNode, profile: PacsProfile, sample: Sample | None,
+                find_seconds: list[float], retrieve_models: str, accepted: set[str],
+                move: MoveProbe | None) -> None:
+    """The retrieve and transport steps."""
     profile.facts[f.C_GET] = await probe_get(pacs, asking, sample, retrieve_models)
     profile.facts[f.C_MOVE], profile.facts[f.MOVE_ORIGINATOR] = await probe_move(
         pacs, asking, sample, retrieve_models, move)
@@ -75,7 +104,23 @@ async def probe_node(pacs: Pacs, node: PacsNode, *, move: MoveProbe | None = Non
         profile.latency_ms = latency
     except Exception as exc:  # noqa: BLE001 - a failed measurement is an observation, not a failed probe
         profile.facts[f.LATENCY] = not_tested("C-ECHO, timed C-FIND", f"failed: {type(exc).__name__}")
-    profile.seconds = round(time.monotonic() - started, 3)
-    log.info("node %s profiled in %.1f s (implementation %s %s)", node.name, profile.seconds,
-             profile.implementation_class_uid, profile.implementation_version_name)
-    return profile
+
+
+async def probe_idle(pacs: Pacs, node: PacsNode) -> tuple[Observation, float | None]:
+    """Whether the PACS keeps an idle association open as long as the query pool would keep it:
+    one Verification association held idle that long plus IDLE_MARGIN (the observation, and how
+    long it stayed open)."""
+    pooled = max(DEFAULT_QUERY_IDLE_SECONDS, node.query_idle_seconds or 0.0)
+    hold = pooled + IDLE_MARGIN
+    test = (f"one association held idle {hold:.1f} s (the query pool keeps idle ones up to {pooled:g} s), "
+            "watched for the PACS releasing or aborting it")
+    try:
+        facts = await pacs.associate_probe(node, [(VERIFICATION, NATIVE)], hold_idle=hold)
+    except Exception as exc:  # noqa: BLE001 - a failed measurement is an observation, not a failed probe
+        return Observation(test, f"failed: {type(exc).__name__}"), None
+    kept = facts.idle_kept_seconds
+    if kept is None or not facts.accepted:
+        return not_tested(test, "the association was not accepted"), None
+    if facts.idle_closed:
+        return Observation(test, f"closed by the PACS after {kept:.1f} s idle", False), kept
+    return Observation(test, f"kept open {kept:.1f} s idle", True), kept

@@ -13,7 +13,12 @@ returned a moment earlier (docs/architecture.md, "PACS profiles"):
    then both as one multi-valued key (PS3.4 C.2.2.2.2: OR);
 4. a StudyDate range around the study's date, and one after it (C.2.2.2.5);
 5. relational queries (C.4.1.2.2.1, Study Root only): the sampled series by its UID alone at SERIES
-   level and the sampled instance by its UID alone at IMAGE level.
+   level and the sampled instance by its UID alone at IMAGE level;
+6. a result cap (Study Root only): a STUDY-level C-FIND without match keys, read up to the node's
+   ``max_results`` (the gateway's own cap, then C-CANCEL), returns K studies; then the same split in
+   two disjoint StudyDate ranges at a date D it returned (``-D`` and ``D+1-``). Every study either
+   range returns matches the keyless query too, so more distinct studies than K means the keyless
+   answer was cut: the PACS caps results at K. Only StudyInstanceUID and StudyDate are asked for.
 
 Names, IDs and UIDs found here stay in :class:`Sample` (in memory, for the next probes); the
 observations only say what was asked in general terms and how many answers matched.
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
-from gateway.errors import GatewayError
+from gateway.errors import DimseFailure, GatewayError
 from gateway.pacs import Pacs, QueryModel
 from gateway.profile import facts as f
 from gateway.profile.facts import Observation, not_tested
@@ -71,6 +76,7 @@ class QueryFindings:
     missing: dict[str, list[str]] = field(default_factory=dict)
     find_seconds: list[float] = field(default_factory=list)     # targeted C-FINDs (small responses)
     sample: Sample | None = None
+    result_cap: int | None = None                               # the PACS's cap, when one was proven
 
 
 # ------------------------------------------------------------------------------------ pure helpers
@@ -108,6 +114,19 @@ def date_windows(study_date: str) -> tuple[str, str] | None:
     return f"{before:%Y%m%d}-{after:%Y%m%d}", f"{after:%Y%m%d}-"
 
 
+def split_date(dates: Sequence[str]) -> str | None:
+    """The median of the valid StudyDates (YYYYMMDD) among ``dates``, or None: where the cap probe
+    splits the keyless query in two disjoint ranges (both likely to hold studies)."""
+    valid = sorted(d.strip()[:8] for d in dates if date_windows(d) is not None)
+    return valid[len(valid) // 2] if valid else None
+
+
+def partitions(day: str) -> tuple[str, str]:
+    """``-day`` and ``day+1-``: two DA ranges that no study matches both of (C.2.2.2.5)."""
+    after = dt.datetime.strptime(day, "%Y%m%d").date() + dt.timedelta(days=1)
+    return f"-{day}", f"{after:%Y%m%d}-"
+
+
 def never_returned(identifier: Dataset, responses: Sequence[Dataset]) -> list[str]:
     """Keywords of the identifier's keys no response carried with a value (absent or empty in all)."""
     out = []
@@ -141,7 +160,7 @@ class QueryProbe:
         if not sample.study_uid:
             why = "the PACS returned no study to test with"
             for fact in (f.PN_CASE_INSENSITIVE, f.PN_WILDCARD, f.MODALITIES_MATCHING, f.OR_VALUES,
-                         f.DATE_RANGES, f.RELATIONAL):
+                         f.DATE_RANGES, f.RELATIONAL, f.RESULT_CAP):
                 obs.setdefault(fact, not_tested("C-FIND", why))
             return self.found
         await self._series_and_instances(sample)
@@ -149,9 +168,7 @@ class QueryProbe:
         await self._guarded(f.MODALITIES_MATCHING, self._modalities, sample)
         await self._guarded(f.DATE_RANGES, self._dates, sample)
         await self._guarded(f.RELATIONAL, self._relational, sample)
-        obs[f.RESULT_CAP] = not_tested("C-FIND without match keys",
-                                       "reading a whole result set is not cheap; the gateway caps every "
-                                       f"C-FIND itself (max_results: {self.node.max_results})")
+        await self._guarded(f.RESULT_CAP, self._result_cap, sample)
         return self.found
 
     async def _guarded(self, fact: str, step: object, sample: Sample) -> None:
@@ -386,6 +403,57 @@ class QueryProbe:
         works = all(answers)
         obs[f.RELATIONAL] = Observation(test, "answered" if works else "not answered (hierarchical only)",
                                         works)
+
+
+    # -- 6. result cap
+
+    async def _result_cap(self, sample: Sample) -> None:
+        limit = self.node.max_results
+        test = (f"STUDY-level C-FIND without match keys read up to the gateway's cap ({limit}), then the "
+                "same in two disjoint StudyDate ranges split at a date it returned")
+        obs = self.found.observations
+        if self.model != "study":
+            obs[f.RESULT_CAP] = not_tested(test, "Study Root is not accepted (Patient Root only)")
+            return
+        try:
+            whole = await self.pacs.find(self.node, _study_dates(), model="study", max_results=limit)
+        except DimseFailure as exc:
+            # A PACS may end a query that matches too much with a failure (e.g. 0xA700 out of
+            # resources, 0xC001 unable to process); its ErrorComment is never read (patient data).
+            obs[f.RESULT_CAP] = Observation(test, f"the query without match keys was refused: {_failure(exc)}"
+                                            " (the PACS may refuse large results)", False)
+            return
+        uids = {q.text_value(ds, q.STUDY_UID) for ds in whole.datasets} - {""}
+        count = len(whole.datasets)
+        if whole.truncated or count >= limit:
+            obs[f.RESULT_CAP] = Observation(test, f"not tested beyond the gateway's own cap ({limit})")
+            return
+        day = split_date([q.text_value(ds, STUDY_DATE) for ds in whole.datasets])
+        if day is None:
+            obs[f.RESULT_CAP] = not_tested(test, f"none of the {count} studies returned has a StudyDate")
+            return
+        seen = set(uids)
+        for window in partitions(day):
+            ident = _study_dates()
+            ident.StudyDate = window
+            # More than ``count`` from one range already proves the cut; no need to read further.
+            part = await self.pacs.find(self.node, ident, model="study", max_results=count + 1)
+            seen |= {q.text_value(ds, q.STUDY_UID) for ds in part.datasets} - {""}
+        self.found.result_cap = count if len(seen) > count else None
+        if len(seen) > count:
+            obs[f.RESULT_CAP] = Observation(test, f"capped at {count} matches (partitions found {len(seen)})",
+                                            False)
+        else:
+            obs[f.RESULT_CAP] = Observation(test, f"no cap seen: {count} studies, the partitions found no "
+                                            "other", True)
+
+
+def _study_dates() -> Dataset:
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = ""
+    ident.StudyDate = ""
+    return ident
 
 
 def _copy(ds: Dataset) -> Dataset:

@@ -11,12 +11,13 @@ import textwrap
 from typing import Any
 
 from gateway.profile import facts as f
-from gateway.profile.decide import BASED_ON, Choice, Resolution
+from gateway.profile.decide import BASED_ON, LIMITS, Choice, Resolution
 from gateway.profile.facts import PacsProfile
 from gateway.settings import PacsNode
 
 TITLES = {
-    f.ASSOCIATION: "association", f.FIND_MODELS: "query models", f.RETRIEVE_MODELS: "retrieve models",
+    f.ASSOCIATION: "association", f.IDLE: "idle associations", f.FIND_MODELS: "query models",
+    f.RETRIEVE_MODELS: "retrieve models",
     f.GET_STORAGE: "C-GET storage contexts", f.GET_COMPRESSED: "C-GET compressed contexts",
     f.PN_CASE_INSENSITIVE: "PN case", f.PN_WILDCARD: "PN trailing wildcard",
     f.RETURN_KEYS_STUDY: "study return keys", f.RETURN_KEYS_SERIES: "series return keys",
@@ -52,9 +53,21 @@ def _shown(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _limit_effect(setting: str, value: object) -> str:
+    """What a number-valued setting (``result_cap``, ``query_idle_seconds``) does."""
+    if setting == "result_cap":
+        return (f"an answer of exactly {value} matches gets a Warning 299 (possibly cut)" if value else
+                "no PACS cap assumed: only the gateway's max_results is seen to cut an answer")
+    if setting == "query_idle_seconds":
+        return ("idle query associations closed at once (not reused)" if not value else
+                f"idle query associations reused for {value:g} s")
+    return ""
+
+
 def behaviour(choice: Choice, profile: PacsProfile | None = None) -> str:
     """``case_sensitive_pn = true (learned): PN keys sent universal, ...``"""
-    effect = _EFFECTS.get(choice.setting, {}).get(choice.value, "")
+    effect = (_limit_effect(choice.setting, choice.value) if choice.setting in LIMITS
+              else _EFFECTS.get(choice.setting, {}).get(choice.value, ""))
     computed = [k for k, setting in _COMPUTED.items() if setting == choice.setting]
     if profile is not None and choice.value is True and computed and f.RETURN_KEYS_STUDY in profile.facts \
             and not any(k in keys for keys in profile.missing.values() for k in computed):

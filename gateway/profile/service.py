@@ -188,8 +188,10 @@ class NodeProfiles:
 
     async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
                               scp_roles: Sequence[str] = (),
-                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
-        return await self._pacs.associate_probe(node, contexts, scp_roles=scp_roles, timed_find=timed_find)
+                              timed_find: tuple[str, Dataset] | None = None,
+                              hold_idle: float = 0.0) -> AssociationFacts:
+        return await self._pacs.associate_probe(node, contexts, scp_roles=scp_roles, timed_find=timed_find,
+                                                hold_idle=hold_idle)
 
     # ------------------------------------------------------------------ triggers
 
@@ -407,8 +409,10 @@ class WatchedPacs:
 
     async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
                               scp_roles: Sequence[str] = (),
-                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
-        return await self.profiles.associate_probe(node, contexts, scp_roles=scp_roles, timed_find=timed_find)
+                              timed_find: tuple[str, Dataset] | None = None,
+                              hold_idle: float = 0.0) -> AssociationFacts:
+        return await self.profiles.associate_probe(node, contexts, scp_roles=scp_roles,
+                                                   timed_find=timed_find, hold_idle=hold_idle)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -32,7 +32,14 @@ from gateway.demo_data import DEMO_STUDIES
 from gateway.profile.report import as_text
 from gateway.settings import settings_from_dict
 from tests.support.multipart import parse_multipart
-from tests.support.quirk_pacs import TANAKA, TANAKA_ID, QuirkPacs
+from tests.support.quirk_pacs import (
+    DROP_IDLE_AFTER,
+    LIMITED_QUIRKS,
+    RESULT_CAP,
+    TANAKA,
+    TANAKA_ID,
+    QuirkPacs,
+)
 from tests.support.server import free_port, running_gateway
 
 pytestmark = pytest.mark.integration
@@ -146,6 +153,18 @@ def assert_basics(client: httpx.Client, *, tanaka: bool) -> None:
     assert len(metadata.json()) == series["num_instances"]
 
 
+def assert_capped_answers_are_flagged(client: httpx.Client) -> None:
+    """A PACS that silently stops at RESULT_CAP matches: an answer of exactly that many may be cut,
+    and QIDO-RS says so (Warning 299, naming the PACS's cap); an answer under the cap is whole."""
+    r = client.get("/dicom-web/studies")
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == RESULT_CAP
+    assert any(f"result cap ({RESULT_CAP} matches" in w for w in r.headers.get_list("warning")), r.headers
+    one = client.get("/dicom-web/studies", params={"StudyInstanceUID": CT["study_uid"]})
+    assert one.status_code == 200 and len(one.json()) == 1
+    assert not any("result cap" in w for w in one.headers.get_list("warning")), one.headers
+
+
 def retrieve_rle_instance(client: httpx.Client) -> Dataset:
     sop = MR_RLE["sop_instance_uids"][0]
     r = client.get(f"/dicom-web/studies/{MR['study_uid']}/series/{MR_RLE['series_uid']}/instances/{sop}",
@@ -234,6 +253,10 @@ QUIRK_FACTS = {
     "no_move_originator": ("move_originator_id", "absent: arrivals are routed by SOP Instance UID", None, None),
     "no_compressed_get": ("get_compressed_contexts", "none accepted", "retrieve", "move"),
     "nagle": ("nagle", "stalls (Nagle on at the PACS", None, None),
+    # Pooled for less than the PACS keeps them: half the time it stayed open (~1 s), to 0.1 s.
+    "drops_idle": ("idle_associations", "closed by the PACS after", "query_idle_seconds",
+                   lambda v: 0 < v < DROP_IDLE_AFTER),
+    "result_cap": ("result_cap", f"capped at {RESULT_CAP} matches (partitions found", "result_cap", RESULT_CAP),
 }
 
 
@@ -252,7 +275,12 @@ def test_each_quirk_is_named_and_served_without_flags(quirk, serve, tmp_path, no
         table = as_text(body)
         assert all(line in table for line in textwrap.wrap(fact(body, key)["result"], 40, break_on_hyphens=False))
         if name is not None:
-            assert setting(body, name)["value"] == value and setting(body, name)["source"] == "learned"
+            chosen = setting(body, name)
+            assert (value(chosen["value"]) if callable(value) else chosen["value"] == value), chosen
+            assert chosen["source"] == "learned"
+        if quirk in LIMITED_QUIRKS:
+            assert_capped_answers_are_flagged(client)
+            return
         assert_basics(client, tanaka=True)
         if quirk == "no_compressed_get":
             # Compressed data comes by C-MOVE, which the profile chose: stored RLE, delivered as stored.
@@ -314,8 +342,38 @@ def test_safe_defaults_while_nothing_is_known(serve, tmp_path, no_patient_data_l
                           "compute_modalities": (True, "safe default"),
                           "modalities_in_study_matching": (False, "safe default"),
                           "or_multiple_modalities": (False, "safe default"),
-                          "relational_queries": (False, "safe default")}
+                          "relational_queries": (False, "safe default"),
+                          "result_cap": (0, "safe default"), "query_idle_seconds": (5.0, "safe default")}
         assert profile(client, "quirky")["state"] == "unknown", "nothing was probed"
+
+
+@pytest.mark.parametrize("configured", [None, 5])
+def test_idle_associations_are_not_pooled_longer_than_the_pacs_keeps_them(configured, serve, tmp_path):
+    """The drops_idle PACS aborts an association idle for 1 s (its ``aborted`` counter). Learned: the
+    gateway pools this node's idle query associations for less (0.5 s), so a QIDO after more than
+    1 s idle opens a fresh association and the PACS never has to drop one of ours. Configured to
+    the old 5 s instead (no profile): the PACS drops the pooled one, and the next QIDO still gets
+    its answer (the pool skips or retries a dead association), which is why 5 s is a safe default."""
+    with QuirkPacs("drops_idle") as pacs:
+        extra = {} if configured is None else {"query_idle_seconds": configured}
+        client = serve(config([node("quirky", pacs.ae_title, pacs.port, **extra)], tmp_path,
+                              enabled=configured is None))
+        if configured is None:
+            assert client.post("/admin/nodes/quirky/profile").status_code == 202
+            chosen = setting(wait_profiled(client, "quirky"), "query_idle_seconds")
+            assert chosen["source"] == "learned" and 0 < chosen["value"] < DROP_IDLE_AFTER, chosen
+        time.sleep(DROP_IDLE_AFTER + 0.5)   # the probe's own idle associations (held, pooled) are gone
+        opened, aborted = pacs.counters["associations"], pacs.counters["aborted"]
+        # Two different searches (the second is no query-cache hit), each one C-FIND.
+        assert patient_ids(search(client, "/studies", PatientID="DGW0001")) == {"DGW0001"}
+        time.sleep(DROP_IDLE_AFTER + 0.5)
+        assert patient_ids(search(client, "/studies", PatientID="DGW0002")) == {"DGW0002"}
+        assert pacs.counters["associations"] - opened == 2, "each QIDO on an association of its own"
+        dropped = pacs.counters["aborted"] - aborted
+        if configured is None:
+            assert dropped == 0, "no association of ours was left idle until the PACS dropped it"
+        else:
+            assert dropped == 1, "kept 5 s, the pooled association was dropped by the PACS after 1 s"
 
 
 def test_a_configured_flag_wins_and_is_reported_as_overridden(serve, tmp_path):

@@ -190,14 +190,16 @@ class FakePacs:
 
     async def associate_probe(self, node: PacsNode, contexts: Sequence[ProbeContext], *,
                               scp_roles: Sequence[str] = (),
-                              timed_find: tuple[str, Dataset] | None = None) -> AssociationFacts:
+                              timed_find: tuple[str, Dataset] | None = None,
+                              hold_idle: float = 0.0) -> AssociationFacts:
         """A PACS that accepts every proposed context (the first syntax of each), in every role."""
         self.calls["associate_probe"] += 1
         self._check(node)
         return AssociationFacts(accepted=tuple((cls, syntaxes[0], cls in scp_roles) for cls, syntaxes in contexts),
                                 rejected=(), max_pdu=16384, implementation_class_uid="1.2.3.4.5",
                                 implementation_version_name="FAKEPACS_1", associate_seconds=0.001,
-                                untuned_find_seconds=(0.001,) * 3 if timed_find else ())
+                                untuned_find_seconds=(0.001,) * 3 if timed_find else (),
+                                idle_kept_seconds=hold_idle or None)
 
     async def close(self) -> None:
         pass

@@ -16,7 +16,16 @@ no_c_get            the C-GET models are not accepted (C-MOVE only)
 no_move_originator  C-MOVE sub-operations carry no Move Originator AE title / Message ID
 no_compressed_get   for C-GET, only uncompressed storage contexts are accepted (our SCP role)
 nagle               Nagle's algorithm left on (no TCP_NODELAY): responses wait for delayed ACKs
+drops_idle          an association idle for DROP_IDLE_AFTER (1 s) is aborted (pynetdicom's
+                    ``network_timeout``; DCMTK's and many PACS's idle timeouts do the same, longer)
+result_cap          a C-FIND ends (success, no warning) after RESULT_CAP (4) matches; the data hold 9
+                    studies on 9 dates, so the probe's date partitions see more than 4
 ==================  ==============================================================================
+
+``QUIRKS`` are the quirks the gateway serves in full: the QIDO and WADO peer suites run against each.
+``LIMITED_QUIRKS`` (``result_cap``) cannot be served in full, only reported: no gateway can return
+matches the PACS leaves out, so a capped PACS fails those suites' "every study" expectations by
+design; it is profiled and its answers warned about (tests/integration/test_profiling.py).
 
 ``version_name`` sets the Implementation Version Name of its A-ASSOCIATE-AC (PS3.7 D.3.3.2.3), so
 a test can "upgrade" the PACS. The data: the demo studies plus one patient ``TANAKA^TARO``, whose
@@ -38,7 +47,11 @@ from gateway.demo_data import generate_demo_datasets
 from gateway.dimse.demo_pacs import _GET, DemoPacs, _set_nodelay
 
 QUIRKS = ("case_sensitive", "no_counts", "hierarchical", "patient_root_only", "no_c_get",
-          "no_move_originator", "no_compressed_get", "nagle")
+          "no_move_originator", "no_compressed_get", "nagle", "drops_idle")
+LIMITED_QUIRKS = ("result_cap",)
+ALL_QUIRKS = QUIRKS + LIMITED_QUIRKS
+RESULT_CAP = 4
+DROP_IDLE_AFTER = 1.0
 
 TANAKA = "TANAKA^TARO"
 TANAKA_ID = "QPK0001"
@@ -79,12 +92,14 @@ def quirk_data() -> list[Dataset]:
 class QuirkPacs(DemoPacs):
     def __init__(self, quirk: str | None, datasets: Iterable[Dataset] | None = None, *,
                  version_name: str = "QUIRKPACS_1", **kwargs: Any) -> None:
-        if quirk is not None and quirk not in QUIRKS:
+        if quirk is not None and quirk not in ALL_QUIRKS:
             raise ValueError(f"unknown quirk {quirk!r}")
         options: dict[str, Any] = {
             "case_sensitive": {"case_sensitive_pn": True},
             "no_counts": {"return_counts": False, "honour_modalities_in_study": False},
             "patient_root_only": {"patient_root_only": True},
+            "result_cap": {"max_matches": RESULT_CAP},
+            "drops_idle": {"network_timeout": DROP_IDLE_AFTER},
         }.get(quirk or "", {})
         super().__init__(quirk_data() if datasets is None else datasets, **options, **kwargs)
         self.quirk = quirk

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from gateway.profile.decide import SAFE_QUIRKS, SETTINGS, learned, resolve, safe_node
+from gateway.profile.decide import SAFE_LIMITS, SAFE_QUIRKS, SETTINGS, idle_keep, learned, resolve, safe_node
 from gateway.profile.facts import Observation, PacsProfile
 from gateway.settings import NodeQuirks, PacsNode, Unset, is_configured, settings_from_dict
 
@@ -26,7 +26,7 @@ def profile(**values: object) -> PacsProfile:
 
 CAPABLE = dict(find_models="study patient", c_get=True, get_compressed_contexts=True, pn_case_insensitive=True,
                pn_wildcard=True, return_keys_study=True, modalities_in_study_matching=True,
-               or_multiple_values=True, relational_queries=True)
+               or_multiple_values=True, relational_queries=True, result_cap=True, idle_associations=True)
 
 
 def test_nothing_known_and_nothing_configured_is_the_safe_behaviour():
@@ -123,3 +123,44 @@ def test_unset_reads_as_its_default_and_is_not_configured():
     assert not is_configured(configured(retrieve=None).retrieve)
     assert not is_configured(None) and is_configured(False)
     assert type(replace(node, port=1).retrieve) is Unset
+
+
+def test_limits_are_safe_while_unknown():
+    """No PACS cap assumed, and idle query associations reused for the pool's 5 s: the pool's one
+    retry makes that correct on every PACS (a stale association is retried once on a fresh one)."""
+    res = resolve(configured(), None)
+    assert SAFE_LIMITS == {"result_cap": 0, "query_idle_seconds": 5.0}
+    assert (res.node.result_cap, res.node.query_idle_seconds) == (0, 5.0)
+    assert res.choice("result_cap").source == res.choice("query_idle_seconds").source == "safe default"
+
+
+def test_a_learned_result_cap_needs_the_number_behind_it():
+    capped = profile(result_cap=False)
+    assert learned(capped)["result_cap"] is None, "capped, but at how many: nothing to act on"
+    capped.result_cap = 5
+    assert resolve(configured(), capped).node.result_cap == 5
+    assert resolve(configured(), profile(result_cap=True)).node.result_cap == 0
+    assert learned(profile(result_cap=None))["result_cap"] is None   # not tested beyond our own cap
+
+
+@pytest.mark.parametrize("closed_after, keep", [(1.0, 0.5), (1.05, 0.5), (3.0, 1.5), (0.39, 0.0), (0.05, 0.0)])
+def test_idle_associations_are_kept_for_less_than_the_pacs_keeps_them(closed_after, keep):
+    assert idle_keep(closed_after) == keep and keep < closed_after
+    dropped = profile(idle_associations=False)
+    dropped.idle_kept_seconds = closed_after
+    assert resolve(configured(), dropped).node.query_idle_seconds == keep
+    kept = profile(idle_associations=True)
+    kept.idle_kept_seconds = 5.5
+    assert resolve(configured(), kept).node.query_idle_seconds == 5.0
+
+
+def test_configured_limits_win_and_null_leaves_them_to_the_profile():
+    dropped = profile(idle_associations=False, result_cap=False)
+    dropped.idle_kept_seconds, dropped.result_cap = 1.0, 5
+    res = resolve(configured(query_idle_seconds=0, result_cap=0), dropped)
+    assert (res.node.query_idle_seconds, res.node.result_cap) == (0.0, 0)
+    assert res.choice("query_idle_seconds").overridden and res.choice("query_idle_seconds").learned == 0.5
+    assert res.choice("result_cap").learned == 5
+    unset = configured(query_idle_seconds=None, result_cap=None)
+    assert (unset.query_idle_seconds, unset.result_cap) == (None, None)
+    assert safe_node(unset).query_idle_seconds == 5.0

@@ -15,6 +15,8 @@ from gateway.profile.queries import (
     date_windows,
     default_identifier,
     never_returned,
+    partitions,
+    split_date,
     usable_name,
     wildcard_prefix,
 )
@@ -61,18 +63,30 @@ def test_never_returned_lists_keys_no_response_carried_with_a_value():
     assert "SpecificCharacterSet" not in missing and "QueryRetrieveLevel" not in missing
 
 
+def test_result_cap_partitions_are_disjoint_and_split_at_the_median_date():
+    assert split_date(["20240115", "", "20191108", "nonsense", "20220621 "]) == "20220621"
+    assert split_date(["", "x"]) is None
+    before, after = partitions("20221231")
+    assert (before, after) == ("-20221231", "20230101-")   # no date is in both ranges
+
+
 # ------------------------------------------------------------------------------------ JSON
 
 
 def test_profile_json_round_trip_and_misses():
     p = PacsProfile("n", probed_at=12.5, seconds=0.4, implementation_class_uid="1.2.3",
                     implementation_version_name="X_1", facts={f.C_GET: Observation("t", "r", True)},
-                    missing={"study": ["ModalitiesInStudy"]}, latency_ms={"echo": 1.5})
+                    missing={"study": ["ModalitiesInStudy"]}, latency_ms={"echo": 1.5},
+                    result_cap=5, idle_kept_seconds=1.05)
     assert PacsProfile.from_json(p.to_json()) == p
+    assert PacsProfile.from_json(PacsProfile("n").to_json()) == PacsProfile("n")   # the numbers unknown
     assert p.identity == ("1.2.3", "X_1")
     assert PacsProfile.from_json(b"not json") is None
     assert PacsProfile.from_json(b'{"format": 999}') is None
     assert PacsProfile.from_json(b'{"format": 1, "node": "n"}') is None
+    assert PacsProfile.from_json(p.to_json().replace(b'"format":2', b'"format":1')) is None, \
+        "a profile from before the result cap and idle facts is probed again"
+    assert PacsProfile.from_json(p.to_json().replace(b'"result_cap":5', b'"result_cap":"5"')) is None
     assert PacsProfile.from_json(p.to_json().replace(b'"value":true', b'"value":[1]')) is None
 
 
@@ -107,6 +121,24 @@ def test_report_rows_name_the_choice_and_the_override():
     assert all(len(line) < 200 for line in text.splitlines())
 
 
+def test_report_shows_the_limits_learned_and_what_they_do():
+    p = PacsProfile("n", probed_at=1.0, result_cap=5, idle_kept_seconds=1.0)
+    p.facts[f.RESULT_CAP] = Observation("how", "capped at 5 matches (partitions found 9)", False)
+    p.facts[f.IDLE] = Observation("how", "closed by the PACS after 1.0 s idle", False)
+    node = _node()
+    body = report.as_json(node, "probed", None, p, resolve(node, p))
+    rows = {r["fact"]: r for r in body["facts"]}
+    assert rows[f.RESULT_CAP]["behaviour"] == ("result_cap = 5 (learned): an answer of exactly 5 matches "
+                                               "gets a Warning 299 (possibly cut)")
+    assert rows[f.IDLE]["behaviour"] == ("query_idle_seconds = 0.5 (learned): idle query associations "
+                                         "reused for 0.5 s")
+    settings = {s["setting"]: s for s in body["settings"]}
+    assert settings["result_cap"]["value"] == 5 and settings["query_idle_seconds"]["learned"] == 0.5
+    off = _node(query_idle_seconds=0)
+    assert "closed at once (not reused)" in report.as_json(off, "probed", None, p, resolve(off, p))["facts"][1][
+        "behaviour"]
+
+
 def test_report_before_any_profile():
     node = _node()
     body = report.as_json(node, "unknown", None, None, resolve(node, None))
@@ -124,6 +156,10 @@ def test_quirks_are_tri_state_and_profiling_is_configurable():
                    "quirks": {"case_sensitive_pn": True, "relational_queries": None}}],
         "profiling": {"enabled": False, "interval": 3600, "identity_check": 10, "probe_move": True}})
     assert s.nodes[0].quirks == NodeQuirks(case_sensitive_pn=True)
+    assert (s.nodes[0].result_cap, s.nodes[0].query_idle_seconds) == (None, None)   # the profile decides
+    limits = settings_from_dict({"nodes": [{"name": "n", "ae_title": "N", "host": "h", "port": 104,
+                                            "result_cap": 500, "query_idle_seconds": 0}]}).nodes[0]
+    assert (limits.result_cap, limits.query_idle_seconds) == (500, 0.0)
     assert (s.profiling.enabled, s.profiling.interval, s.profiling.identity_check, s.profiling.probe_move) == \
         (False, 3600.0, 10.0, True)
     assert settings_from_dict({}).profiling.interval == 86400.0
@@ -137,6 +173,9 @@ def test_quirks_are_tri_state_and_profiling_is_configurable():
      "nodes[o].quirks.case_sensitive_pn"),
     ({"nodes": [{"name": "o", "ae_title": "O", "host": "h", "port": 1, "query_model": "series"}]},
      "nodes[o].query_model"),
+    ({"nodes": [{"name": "o", "ae_title": "O", "host": "h", "port": 1, "result_cap": -1}]}, "nodes[o].result_cap"),
+    ({"nodes": [{"name": "o", "ae_title": "O", "host": "h", "port": 1, "query_idle_seconds": "5s"}]},
+     "nodes[o].query_idle_seconds"),
 ])
 def test_bad_profiling_settings_name_the_key(raw, key):
     with pytest.raises(ConfigError) as err:

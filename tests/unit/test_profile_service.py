@@ -60,7 +60,8 @@ async def test_first_contact_probes_in_the_background_and_publishes_the_effectiv
     assert published[-1][0].quirks.relational_queries is True
     await watched.find(settings.nodes[0], ident)
     await asyncio.sleep(0)
-    assert profiles.state("a") == "probed" and pacs.calls["associate_probe"] == 2, "no second probe"
+    # The probe's three associations (contexts, the idle hold, the untimed C-FIND), and no second probe.
+    assert profiles.state("a") == "probed" and pacs.calls["associate_probe"] == 3, "no second probe"
     await profiles.close()
 
 
