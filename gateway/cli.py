@@ -33,6 +33,7 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.embedded import preload_streaming
     from gateway.http import MAX_REQUEST_HEAD
     from gateway.startup import configure_logging
 
@@ -47,6 +48,7 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
     # The effective address is part of the settings: the cluster advertises it to other replicas.
     settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, host=host, port=port))
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    preload_streaming()
     uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1,
                 lifespan="on", log_config=None, log_level=settings.logging.level, proxy_headers=False,
                 h11_max_incomplete_event_size=MAX_REQUEST_HEAD,

@@ -444,3 +444,56 @@ def test_reader_timeouts_and_closed_connections() -> None:
         with a, b:
             b.sendall(next(pdu.p_data_tf(1, b"x", command=True, max_pdu=0)))
             pdu.PduReader(a).read_control(1)
+
+
+def test_reader_reads_ahead_and_sees_buffered_pdus_without_the_socket() -> None:
+    """Read-ahead: one recv brings several PDUs; what is buffered counts as ready (no select),
+    PDUs are returned whole and in order across buffer compaction and growth."""
+    a, b = _pair()
+    with a, b:
+        pdus = [b"".join(pdu.p_data_tf(1, bytes([i]) * (1000 + 700 * i), command=False, max_pdu=0))
+                for i in range(12)]
+        b.sendall(b"".join(pdus) + pdu.encode(pdu.ReleaseRq()))
+        reader = pdu.PduReader(a, max_length=0, buffer_size=4096)   # smaller than the later PDUs
+        calls = 0
+        real = a.recv_into
+
+        class Counting:
+            def __getattr__(self, name: str) -> object:
+                return getattr(a, name)
+
+            def recv_into(self, *args: object) -> int:
+                nonlocal calls
+                calls += 1
+                return real(*args)   # type: ignore[arg-type]
+
+        reader.sock = Counting()     # type: ignore[assignment]
+        for i in range(12):
+            kind, body = reader.read(5)
+            assert kind == pdu.P_DATA_TF
+            (pdv,) = pdu.iter_pdvs(body)
+            assert bytes(pdv.data) == bytes([i]) * (1000 + 700 * i)
+        assert reader.buffered() == 10 and reader.wait(0)       # the A-RELEASE-RQ, already here
+        assert reader.read_control(5) == pdu.ReleaseRq()
+        assert reader.buffered() == 0
+        assert calls < 12, calls
+
+
+def test_held_views_survive_later_reads() -> None:
+    """PduReader.hold: the fragments of a data set stay views into what was received (no copy) and
+    are never overwritten by later reads, however small the buffer; released, reading reuses it."""
+    a, b = _pair()
+    with a, b:
+        chunks = [bytes([i]) * (3000 + 517 * i) for i in range(20)]
+        b.sendall(b"".join(b"".join(pdu.p_data_tf(1, c, command=False, max_pdu=0)) for c in chunks)
+                  + pdu.encode(pdu.ReleaseRq()))
+        reader = pdu.PduReader(a, max_length=0, buffer_size=8192)
+        reader.hold = True
+        views = []
+        for _ in chunks:
+            _, body = reader.read(5)
+            (pdv,) = pdu.iter_pdvs(body)
+            views.append(pdv.data)
+        assert [bytes(v) for v in views] == chunks
+        reader.hold = False
+        assert reader.read_control(5) == pdu.ReleaseRq()

@@ -1,10 +1,12 @@
 """cache.spool: atomic writes, LRU eviction by bytes, pins, entries owned by their node."""
 
+import os
 import threading
+import time
 
 import pytest
 
-from cache.spool import Spool
+from cache.spool import PREPARED_TEMP_FILES, Spool
 from translators.uids import InstanceId
 
 TS = "1.2.840.10008.1.2.1"
@@ -141,3 +143,37 @@ def test_uploads_count_against_the_budget_and_evict_or_are_refused(tmp_path):
     assert spool.reserved_bytes == 150
     spool.release(150)
     assert spool.reserve(200) and spool.reserved_bytes == 200
+
+
+def test_a_just_written_instance_is_read_once_from_memory_within_a_bound(tmp_path, monkeypatch):
+    """Spool.take_fresh: the first reader of a cold instance gets the bytes written, not a file read;
+    the memory it keeps is bounded (FRESH_BYTES), the oldest let go first."""
+    import cache.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "FRESH_BYTES", 250)
+    spool = Spool(tmp_path, max_bytes=10_000)
+    a = put(spool, b"a" * 100, "1")
+    assert Spool.peek_fresh(a) == b"a" * 100
+    assert Spool.take_fresh(a) == b"a" * 100 and Spool.take_fresh(a) is None    # once
+    b, c, d = (put(spool, bytes([66 + i]) * 100, str(i + 2)) for i in range(3))   # B, C, D
+    assert Spool.take_fresh(b) is None                    # aged out: 300 bytes > the 250 kept
+    assert Spool.take_fresh(c) == b"C" * 100 and Spool.take_fresh(d) == b"D" * 100
+    view = put(spool, memoryview(b"v" * 10), "5")           # only immutable bytes are kept
+    assert Spool.take_fresh(view) is None and view.path.read_bytes() == b"v" * 10
+
+
+def test_temp_files_are_created_ahead_and_cleaned_up(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    put(spool, b"x", "1")
+    deadline = time.monotonic() + 5
+    ready = tmp_path / ".prepared"
+    while len(list(ready.iterdir())) < PREPARED_TEMP_FILES and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(ready.iterdir())) == PREPARED_TEMP_FILES
+    fd, path = spool.temp_file()                          # an open, empty file of the spool's
+    os.close(fd)
+    assert path.parent == ready and path.stat().st_size == 0
+    spool.close()
+    assert sorted(p.name for p in ready.iterdir()) == [path.name]   # only the one handed out is left
+    Spool(tmp_path, max_bytes=10_000)                     # a restart clears leftovers
+    assert list(ready.iterdir()) == []

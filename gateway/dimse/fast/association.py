@@ -48,11 +48,14 @@ SMALL_MESSAGE = 64 << 10
 
 @dataclass
 class Message:
-    """One received DIMSE message: its context, command set and data set fragments (copies)."""
+    """One received DIMSE message: its context, command set and data set fragments.
+
+    The fragments are views into the bytes received (no copy): valid until the association's next
+    :meth:`Association.receive` (join them before that, as :meth:`data_set` does)."""
 
     context_id: int
     command: Command
-    fragments: list[bytes] = field(default_factory=list)
+    fragments: list[memoryview] = field(default_factory=list)
 
     def data_set(self) -> bytes | None:
         return b"".join(self.fragments) if self.command.has_data_set else None
@@ -184,13 +187,17 @@ class Association:
         message = Message(context_id, decode_command(b"".join(parts)))
         if not message.command.has_data_set:
             return message
-        while True:
-            pdv = self._next_pdv()
-            if pdv.command or pdv.context_id != context_id:
-                raise pdu.ProtocolError("a command fragment or another context inside a data set")
-            message.fragments.append(bytes(pdv.data))
-            if pdv.last:
-                return message
+        self.reader.hold = True   # the fragments stay views into what was received (PduReader)
+        try:
+            while True:
+                pdv = self._next_pdv()
+                if pdv.command or pdv.context_id != context_id:
+                    raise pdu.ProtocolError("a command fragment or another context inside a data set")
+                message.fragments.append(pdv.data)
+                if pdv.last:
+                    return message
+        finally:
+            self.reader.hold = False
 
     def _next_pdv(self, *, wait: float | None = None, idle: Callable[[], None] | None = None) -> pdu.Pdv:
         """The next PDV: from the PDU read last, else from a new one. ``wait``: this starts a message,
@@ -199,7 +206,8 @@ class Association:
             if self._pending:
                 return self._pending.popleft()
             if wait is not None:
-                self._wait(wait, idle)
+                if not self.reader.buffered():   # read ahead already: no select, no poll
+                    self._wait(wait, idle)
                 wait = None
             kind, body = self.reader.read(_seconds(self.node.timeouts.network))
             if kind == pdu.P_DATA_TF:

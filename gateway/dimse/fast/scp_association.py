@@ -12,9 +12,10 @@ machine, reduced to what a storage SCP meets:
 * **Sta6** (established): P-DATA-TF carries DIMSE messages (PS3.7 §6.3.1: the command set always
   Implicit VR Little Endian, the data set in the context's syntax, PDVs on one accepted context per
   message, Annex E control headers). C-ECHO-RQ is answered with success; C-STORE-RQ data set
-  fragments are copied after the Part-10 header (:func:`gateway.dimse.part10.part10_prefix`) and,
-  at the last one, the :class:`~gateway.dimse.arrivals_routing.ArrivalRouter` decides and spools,
-  and only then the C-STORE-RSP goes out; C-CANCEL-RQ is ignored (nothing to cancel). Every read is
+  fragments are kept as views into the received bytes (the reader holds them) and, at the last one,
+  joined once behind the Part-10 header (:func:`gateway.dimse.part10.part10_prefix`); then the
+  :class:`~gateway.dimse.arrivals_routing.ArrivalRouter` decides and spools, and only then the
+  C-STORE-RSP goes out; C-CANCEL-RQ is ignored (nothing to cancel). Every read is
   bounded by ``network_timeout``; silence past it is an A-ABORT.
 * **Release**: A-RELEASE-RQ is answered with A-RELEASE-RP and the peer's close awaited (ARTIM).
   **A-ABORT** from the peer ends the association at once: an instance whose data set had not fully
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000         # PS3.4 B.2.3: Error, cannot understand
+DATA_READ_AHEAD = 1 << 20          # the reader's buffer once an association is established
 
 
 class _UnexpectedPdu(ProtocolError):
@@ -86,12 +88,14 @@ class Timeouts:
 
 @dataclass
 class _Store:
-    """A C-STORE whose data set is arriving: the Part-10 file being assembled in memory."""
+    """A C-STORE whose data set is arriving: the Part-10 header, then the data set fragments as views
+    into the received bytes (the reader holds them, :attr:`PduReader.hold`), joined once at the end."""
 
     request: cmd.Command
     context_id: int
     transfer_syntax: str
-    data: bytearray
+    prefix: bytes
+    fragments: list[memoryview] = field(default_factory=list)
     status: int | None = None   # decided before the data set is complete (refused up front)
 
 
@@ -104,6 +108,7 @@ class Association:
     contexts: Mapping[int, tuple[str, str]]   # accepted: context ID -> (abstract, transfer syntax)
     peer_max_pdu: int
     router: ArrivalRouter
+    reader: PduReader
     command: bytearray = field(default_factory=bytearray)   # command fragments so far
     command_context: int | None = None
     store: _Store | None = None                              # the C-STORE whose data set is arriving
@@ -160,7 +165,8 @@ def _run(sock: socket.socket, reader: PduReader, rq: AssociateRq, accepted: Acce
          router: ArrivalRouter, timeouts: Timeouts, peer: str) -> None:
     sock.sendall(encode(accepted.ac))
     reader.max_length = accepted.ac.user.max_pdu
-    assoc = Association(sock, rq.calling_ae, accepted.contexts, accepted.peer_max_pdu, router)
+    reader.reserve(DATA_READ_AHEAD)   # established: read several PDUs per system call
+    assoc = Association(sock, rq.calling_ae, accepted.contexts, accepted.peer_max_pdu, router, reader)
     try:
         while True:
             kind, body = reader.read(timeouts.network)
@@ -216,10 +222,13 @@ def _p_data(assoc: Association, body: memoryview) -> None:
         if pdv.context_id != store.context_id:
             raise ProtocolError("a data set on another presentation context than its command")
         if store.status is None:   # a store refused up front keeps nothing
-            store.data += pdv.data
+            store.fragments.append(pdv.data)
         if pdv.last:
             assoc.store = None
-            _finish_store(assoc, store)
+            try:
+                _finish_store(assoc, store)
+            finally:
+                assoc.reader.hold = False
 
 
 def _on_command(assoc: Association, context_id: int, request: cmd.Command) -> None:
@@ -228,14 +237,15 @@ def _on_command(assoc: Association, context_id: int, request: cmd.Command) -> No
     if field_ == cmd.C_STORE_RQ:
         if not request.has_data_set or request.message_id is None:
             raise ProtocolError("C-STORE-RQ without a data set or a Message ID")
-        store = _Store(request, context_id, transfer_syntax, bytearray())
         # The class is taken from the command, not checked against the context's (as pynetdicom).
         try:
-            store.data += part10_prefix(request.affected_sop_class or "", request.affected_sop_instance or "",
-                                        transfer_syntax)
+            prefix = part10_prefix(request.affected_sop_class or "", request.affected_sop_instance or "",
+                                   transfer_syntax)
+            store = _Store(request, context_id, transfer_syntax, prefix)
         except Exception:  # noqa: BLE001 - values pydicom cannot put in a file meta: nothing to file
-            store.status = CANNOT_UNDERSTAND
+            store = _Store(request, context_id, transfer_syntax, b"", status=CANNOT_UNDERSTAND)
         assoc.store = store
+        assoc.reader.hold = store.status is None   # until _finish_store: the fragments are views
         return
     if field_ == cmd.C_ECHO_RQ and abstract == VERIFICATION and not request.has_data_set:
         if request.message_id is None:
@@ -251,12 +261,14 @@ def _finish_store(assoc: Association, store: _Store) -> None:
     request = store.request
     status = store.status
     if status is None:
-        data = store.data
+        # One copy, from the received bytes into the file's; the views die with this call.
+        data = b"".join((store.prefix, *store.fragments))
+        store.fragments.clear()
         cls, sop = request.affected_sop_class or "", request.affected_sop_instance or ""
         arrival = Arrival(
             sop_instance=sop, sop_class=cls, transfer_syntax=store.transfer_syntax,
             move_msg_id=request.move_originator_id, calling_ae=assoc.calling_ae,
-            part10=lambda: bytes(data), study_series=lambda: _study_series(data))
+            part10=lambda: data, study_series=lambda: _study_series(data))
         try:
             status = assoc.router.store(arrival)
         except Exception:  # noqa: BLE001 - the router catches the spool's errors; anything else is ours
@@ -265,7 +277,7 @@ def _finish_store(assoc: Association, store: _Store) -> None:
     assoc.send_command(store.context_id, cmd.c_store_rsp(request, status))
 
 
-def _study_series(part10: bytearray) -> tuple[str, str]:
+def _study_series(part10: bytes) -> tuple[str, str]:
     """Study and Series Instance UID of an assembled Part-10 file ("" when unreadable)."""
     try:
         ds = dcmread(BytesIO(part10), stop_before_pixels=True,
