@@ -150,7 +150,10 @@ class AuditTrail:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        offered = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER, b"")
+        offered = b""
+        for name, value in scope.get("headers") or []:
+            if name == REQUEST_ID_HEADER:
+                offered = value   # the last one, as a dict of the headers would keep
         request_id = offered.decode() if _REQUEST_ID.fullmatch(offered) else secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
         matched = _DICOMWEB.match(scope["path"]) if self.sink.enabled else None

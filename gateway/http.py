@@ -56,7 +56,7 @@ def external_root(request: Request, settings: Settings) -> str:
     other users get."""
     if settings.gateway.base_url:
         return settings.gateway.base_url
-    scheme = request.url.scheme
+    scheme = str(request.scope.get("scheme") or request.url.scheme)   # no URL built per request
     host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
     prefix = ""
     client = request.client.host if request.client else None

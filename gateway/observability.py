@@ -120,6 +120,13 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = self._values.get(key, 0) + amount
 
+    def inc_values(self, values: LabelValues, amount: float = 1.0) -> None:
+        """:meth:`inc` with the label values in ``labelnames`` order (a hot path: no keyword dict)."""
+        if len(values) != len(self.labelnames) or amount < 0:
+            raise ValueError(f"{self.name}: {len(values)} label values or a negative amount")
+        with self._lock:
+            self._values[values] = self._values.get(values, 0) + amount
+
     def value(self, **labels: str) -> float:
         key = self._key(labels)
         with self._lock:
@@ -155,7 +162,12 @@ class Histogram(_Metric):
         self._series: dict[LabelValues, _Series] = {}
 
     def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
+        self.observe_values(value, self._key(labels))
+
+    def observe_values(self, value: float, key: LabelValues) -> None:
+        """:meth:`observe` with the label values in ``labelnames`` order (a hot path)."""
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(key)} label values instead of {len(self.labelnames)}")
         index = bisect.bisect_left(self.bounds, value)   # the first bound >= value: le semantics
         with self._lock:
             series = self._series.get(key)
@@ -338,12 +350,26 @@ class RequestMetrics:
     route template, method and status class (the time until the last byte of the body was handed
     to the server), and the request's state in :data:`REQUEST_STATE` for the log records."""
 
+    TEMPLATES_KEPT = 4096
+    """Paths whose route template is remembered (then forgotten all at once): a repeated path (the
+    same QIDO, the same study's frames) skips matching every route's regular expression again."""
+
     def __init__(self, app: ASGIApp, registry: Registry) -> None:
         self.app = app
         labels = ("route", "method", "status")
         self.requests = registry.counter("dwg_http_requests_total", "HTTP requests answered", labels)
         self.duration = registry.histogram(
             "dwg_http_request_duration_seconds", "HTTP request duration, until the body was sent", labels)
+        self._templates: dict[str, str] = {}
+
+    def _template(self, routes: Sequence[BaseRoute], path: str) -> str:
+        found = self._templates.get(path)
+        if found is None:
+            found = route_template(routes, path) or UNMATCHED_ROUTE
+            if len(self._templates) >= self.TEMPLATES_KEPT:
+                self._templates.clear()
+            self._templates[path] = found
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -368,11 +394,12 @@ class RequestMetrics:
             elapsed = time.perf_counter() - started
             routes: Sequence[BaseRoute] = getattr(app, "routes", None) or []
             method = str(scope.get("method", "GET"))
-            route = route_template(routes, path) or UNMATCHED_ROUTE
+            route = self._template(routes, path)
             method = method if method in _METHODS else "other"
             answered = status_class(status) if status else "5xx"   # raised before any response
-            self.requests.inc(route=route, method=method, status=answered)
-            self.duration.observe(elapsed, route=route, method=method, status=answered)
+            key = (route, method, answered)
+            self.requests.inc_values(key)
+            self.duration.observe_values(elapsed, key)
 
 
 # ---------------------------------------------------------------------------------------- logs

@@ -75,12 +75,16 @@ class RetrieveOutcome:
 
 @dataclass(frozen=True)
 class StoreItem:
-    """A Part-10 file on disk whose file meta matches its data set (the caller checks that)."""
+    """A Part-10 file whose file meta matches its data set (the caller checks that): on disk, or in
+    memory under a ``/proc/self/fd`` path (STOW-RS, gateway/stow/receive.py), read through ``path``."""
 
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    # Called once, from the engine's thread, when the engine no longer reads ``path`` (its C-STORE
+    # answered, lost or skipped): lets STOW-RS free a part held in memory before the request ends.
+    done: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 StoreItems = Sequence[StoreItem] | AsyncIterable[StoreItem]

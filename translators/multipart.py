@@ -292,13 +292,20 @@ class MultipartDecoder:
                 keep = len(self._delimiter) - 1
                 if len(buf) > keep:
                     cut = len(buf) - keep
-                    events.append(PartData(bytes(buf[:cut])))
+                    events.append(PartData(_head(buf, cut)))
                     del buf[:cut]
                 return False
             if at:
-                events.append(PartData(bytes(buf[:at])))
+                events.append(PartData(_head(buf, at)))
             events.append(PartEnd())
             del buf[: at + len(self._delimiter)]
             self._state = _AFTER_DELIMITER
             return True
         return False
+
+
+def _head(buf: bytearray, n: int) -> bytes:
+    """``bytes(buf[:n])`` in one copy instead of two (the slice of a bytearray is a copy already):
+    part bodies are the whole upload."""
+    with memoryview(buf) as view:
+        return view[:n].tobytes()

@@ -118,8 +118,12 @@ def store_all(engine: StoreEngine[A], items: Iterable[StoreItem], workdir: Path,
     try:
         for item in items:
             pair = _pair(item)
-            results.append(_store_next(link, item, workdir, cancel, first=not results,
-                                       recent=reversed(recent), upcoming=upcoming))
+            try:
+                results.append(_store_next(link, item, workdir, cancel, first=not results,
+                                           recent=reversed(recent), upcoming=upcoming))
+            finally:
+                if item.done is not None:
+                    item.done()   # its file is no longer read (gateway.pacs.StoreItem.done)
             recent.pop(pair, None)
             recent[pair] = None
     finally:

@@ -2,8 +2,11 @@
 handed to :meth:`gateway.pacs.Pacs.store` at once, so the C-STOREs run while later parts are still on
 the wire (docs/architecture.md, "STOW-RS")::
 
-    receive (event loop) --complete part--> prepare (a thread, request order) --item--> Pacs.store
-                                                                                  (one association)
+    receive (event loop) --complete part--> prepare (request order) --item--> Pacs.store
+                                                                       (one association)
+
+* Prepare: the common case (a proper Part-10 file) on the event loop, tens of microseconds
+  (:func:`gateway.stow.prepare.prepare_instance_inline`); anything that needs pydicom in a thread.
 
 * ``application/dicom`` parts go through at once. Metadata parts (``application/dicom+json``) and
   parts of other types wait for the end of the body, because the bulk data a metadata part names may
@@ -17,12 +20,21 @@ the wire (docs/architecture.md, "STOW-RS")::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.pacs import Pacs, StoreItem, StoreResult
 from gateway.settings import PacsNode
-from gateway.stow.prepare import DICOM, Entry, Header, media_of, prepare_instance, prepare_rest
+from gateway.stow.prepare import (
+    DICOM,
+    Entry,
+    Header,
+    media_of,
+    prepare_instance,
+    prepare_instance_inline,
+    prepare_rest,
+)
 from gateway.stow.receive import Part, Received
 from translators import stow as st
 
@@ -115,18 +127,25 @@ class Pipeline:
             if media_of(part, self.root) != DICOM:
                 self._deferred.append(part)
             elif self._store is None or not self._store.done():   # done: it failed, the request fails
-                entries = await asyncio.to_thread(prepare_instance, part, self.study, self.workdir)
-                self._record(part.index, entries)
+                entries = prepare_instance_inline(part, self.study)
+                if entries is None:   # not the common case: pydicom, maybe a repair, in a thread
+                    entries = await asyncio.to_thread(prepare_instance, part, self.study, self.workdir)
+                self._record(part.index, entries, part)
 
-    def _record(self, index: int, entries: list[Entry]) -> None:
+    def _record(self, index: int, entries: list[Entry], part: Part | None = None) -> None:
         self._entries[index] = entries
         for entry in entries:
             if entry.item is None:
                 continue
             if self._store is None:   # the first instance: the PACS interface takes it from here
                 self._store = asyncio.create_task(self.pacs.store(self.node, self._items, self.workdir))
+            item = entry.item
+            if part is not None and part.in_memory:
+                # An application/dicom part is one instance: once the PACS interface is done with
+                # it, its memory goes back to the window (gateway/stow/receive.py).
+                item = dataclasses.replace(item, done=part.release)
             self._handed.append(entry)
-            self._items.put(entry.item)
+            self._items.put(item)
 
     def _outcomes(self, results: Sequence[StoreResult]) -> list[st.InstanceOutcome]:
         result_of = {id(entry): result for entry, result in zip(self._handed, results, strict=False)}

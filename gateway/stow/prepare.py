@@ -2,8 +2,9 @@
 it in a thread).
 
 * ``application/dicom`` parts (PS3.18 §10.5.1.4.1), one at a time as each arrives
-  (:func:`prepare_instance`): only the header is read (``stop_before_pixels``) for SOP
-  class/instance, transfer syntax, study and series; files that are not proper Part-10 are repaired
+  (:func:`prepare_instance`): only the header is read for SOP class/instance, transfer syntax,
+  study and series (the common case by :mod:`translators.part10_scan`, tens of microseconds, else
+  pydicom with ``stop_before_pixels``); files that are not proper Part-10 are repaired
   (:func:`read_header`).
 * Everything else once the body has ended (:func:`prepare_rest`): ``application/dicom+json`` parts
   (PS3.18 §10.5.1.4.2), each dataset an instance with the bulk data parts its BulkDataURIs name
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +34,8 @@ from pydicom.uid import UID
 
 from gateway.pacs import StoreItem
 from gateway.stow.receive import Part, Received
+from translators import part10_scan, syntaxes
 from translators import stow as st
-from translators import syntaxes
 from translators.media import DICOM_JSON
 from translators.uids import is_uid
 
@@ -99,6 +101,20 @@ def prepare_instance(part: Part, study: str | None, workdir: Path) -> list[Entry
     return prepared.entries
 
 
+def prepare_instance_inline(part: Part, study: str | None) -> list[Entry] | None:
+    """:func:`prepare_instance` for the common case (a Part-10 file whose meta matches its data set,
+    read by :mod:`translators.part10_scan` from its first 64 KiB: tens of microseconds, so cheaper
+    on the event loop than a hop to a thread); None for anything else, which goes to
+    :func:`prepare_instance` in a thread (pydicom, repairs)."""
+    try:
+        header = _scan_header(part.path)
+    except (part10_scan.Unscannable, OSError):
+        return None
+    prepared = Prepared()
+    _accept(prepared, part, header, "", study, None)
+    return prepared.entries
+
+
 def prepare_rest(received: Received, deferred: Sequence[Part], root: str, study: str | None,
                  workdir: Path) -> tuple[dict[int, list[Entry]], list[Entry]]:
     """Once the body has ended: the entries of the ``deferred`` parts (every complete part that is
@@ -131,6 +147,67 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "")
 
 
+_HEAD = 64 * 1024
+"""Bytes read for the fast path: the file meta and the data set up to the Series Instance UID."""
+_SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
+_HEADER_TAGS = frozenset({_SOP_CLASS, _SOP_INSTANCE, part10_scan.STUDY_INSTANCE_UID,
+                          part10_scan.SERIES_INSTANCE_UID})
+_META_CLASS, _META_INSTANCE, _META_SYNTAX = 0x00020002, 0x00020003, 0x00020010
+_META_LONG = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"})
+
+
+def _uid_text(raw: bytes | None) -> str:
+    """A UI value as pydicom gives it (trailing NULs and spaces stripped); Unscannable for what
+    pydicom would read otherwise (several values, bytes outside ASCII)."""
+    if raw is None:
+        return ""
+    if b"\\" in raw or not raw.isascii():
+        raise part10_scan.Unscannable("a UID value pydicom reads otherwise")
+    return raw.decode("ascii").rstrip("\0 ")
+
+
+def _meta_uids(head: bytes) -> dict[int, str]:
+    """The UIDs of the file meta (group 0002, Explicit VR Little Endian, PS3.10 §7.1) after the
+    preamble and ``DICM``."""
+    found: dict[int, str] = {}
+    pos = 132
+    while pos + 8 <= len(head):
+        group, element, vr = struct.unpack_from("<HH2s", head, pos)
+        if group != 0x0002:
+            return found
+        if vr in _META_LONG:
+            if pos + 12 > len(head):
+                break
+            length, header = struct.unpack_from("<I", head, pos + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", head, pos + 6)[0], 8
+        if pos + header + length > len(head):
+            break
+        tag = group << 16 | element
+        if tag in (_META_CLASS, _META_INSTANCE, _META_SYNTAX):
+            found[tag] = _uid_text(head[pos + header:pos + header + length])
+        pos += header + length
+    raise part10_scan.Unscannable("the file meta runs past the head")
+
+
+def _scan_header(path: Path) -> Header:
+    """The common case without pydicom: a Part-10 file whose meta matches its data set, read from its
+    first bytes. :class:`translators.part10_scan.Unscannable` for anything else (the caller then reads
+    it with pydicom, so the answer is the same, only slower)."""
+    with path.open("rb") as fh:
+        head = fh.read(_HEAD)
+    found = part10_scan.scan(head, _HEADER_TAGS, stop_after=part10_scan.SERIES_INSTANCE_UID)
+    meta = _meta_uids(head)
+    values = found.values
+    header = Header(_uid_text(values.get(_SOP_CLASS)), _uid_text(values.get(_SOP_INSTANCE)),
+                    meta.get(_META_SYNTAX, ""), _uid_text(values.get(part10_scan.STUDY_INSTANCE_UID)),
+                    _uid_text(values.get(part10_scan.SERIES_INSTANCE_UID)))
+    if (not header.syntax or meta.get(_META_CLASS) != header.sop_class
+            or meta.get(_META_INSTANCE) != header.sop_instance):
+        raise part10_scan.Unscannable("the file meta does not match the data set")
+    return header
+
+
 def read_header(path: Path) -> tuple[Header, str]:
     """The UIDs a C-STORE needs, and what the file needs before it can be sent ("", PREPEND, REWRITE).
 
@@ -141,6 +218,10 @@ def read_header(path: Path) -> tuple[Header, str]:
     the preamble just gets the preamble and ``DICM`` prepended (a copy, no decoding); a missing or
     inconsistent meta means a rewrite through pydicom.
     """
+    try:
+        return _scan_header(path), ""
+    except part10_scan.Unscannable:
+        pass
     try:
         ds = dcmread(path, stop_before_pixels=True)
         part10 = True
@@ -207,6 +288,11 @@ def _prepare_instance(prepared: Prepared, part: Part, study: str | None, workdir
     except Exception:  # noqa: BLE001 - not DICOM, or not parseable at all
         prepared.fail(None, st.NOT_DICOM)
         return
+    _accept(prepared, part, header, fix, study, workdir)
+
+
+def _accept(prepared: Prepared, part: Part, header: Header, fix: str, study: str | None,
+            workdir: Path | None) -> None:
     if not is_uid(header.sop_class) or not is_uid(header.sop_instance) or not header.syntax:
         prepared.fail(header if is_uid(header.sop_instance) else None, st.NOT_DICOM)
         return
@@ -214,6 +300,7 @@ def _prepare_instance(prepared: Prepared, part: Part, study: str | None, workdir
         return
     path = part.path
     if fix:
+        assert workdir is not None
         try:
             path = repair(part.path, header, workdir, fix)
         except Exception:  # noqa: BLE001

@@ -1,11 +1,23 @@
-"""Receiving a STOW-RS body: every multipart/related part to a temp file of its own, as it arrives.
+"""Receiving a STOW-RS body: every multipart/related part to a file of its own, as it arrives.
 
 The body is pushed chunk by chunk through :class:`translators.multipart.MultipartDecoder`; each part
-goes to its own file in the request's work directory (under the spool's ``.incoming``, the same
-filesystem), so memory stays bounded whatever the upload size (PS3.18 §10.5.1; docs/architecture.md,
-"STOW-RS"). File writes are small (one HTTP chunk) page-cache writes done on the event loop. Each
-part is announced (``on_part``) the moment its closing delimiter arrives, so it can be stored while
-the rest of the body is still coming.
+goes to a file of its own, so memory stays bounded whatever the upload size (PS3.18 §10.5.1;
+docs/architecture.md, "STOW-RS"):
+
+* an ``application/dicom`` part, while the process's :class:`MemoryWindow` has room: an anonymous
+  in-memory file (``memfd``, named by its ``/proc/self/fd`` path), given back as soon as the PACS
+  interface is done with it (:attr:`gateway.pacs.StoreItem.done`). The instances never touch the
+  disk (creating and filling a file per instance cost as much CPU as sending it, profiled in the
+  STOW benchmark);
+* other parts (read at the end), parts that find the window full (a PACS slower than the upload),
+  or without ``memfd``: a temp file in the request's work directory (under the spool's
+  ``.incoming``), as before. The body is never held back: reading it while the C-STOREs run costs
+  them GIL and CPU time, so the sooner it is in, the sooner they run at full speed (waiting for room
+  instead was measured slower).
+
+File writes are small (one HTTP chunk) page-cache writes done on the event loop. Each part is
+announced (``on_part``) the moment its closing delimiter arrives, so it can be stored while the rest
+of the body is still coming.
 
 A body that stops being valid multipart keeps the parts before the break (the one it broke off is
 reported truncated) and is drained to its end, so that the client reads the answer.
@@ -14,7 +26,10 @@ reported truncated) and is drained to its end, so that the client reads the answ
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +41,70 @@ from translators import multipart as mp
 log = logging.getLogger(__name__)
 
 
-@dataclass
+MEMORY_WINDOW = 128 << 20
+"""Bytes of STOW-RS parts the process holds in memory at most, all requests together (exceeded by at
+most one HTTP chunk per request). A part that finds it full goes to disk; one that fills it while
+it is being received is moved there, whatever its size."""
+
+_HAS_MEMFD = hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
+
+
+class MemoryWindow:
+    """The bytes of parts held in memory, process-wide (thread-safe: the PACS interface gives bytes
+    back from its worker thread)."""
+
+    def __init__(self, limit: int = MEMORY_WINDOW) -> None:
+        self.limit = limit if _HAS_MEMFD else 0
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.limit > 0
+
+    def has_room(self) -> bool:
+        return self.used < self.limit
+
+    def take(self, nbytes: int) -> None:
+        with self._lock:
+            self.used += nbytes
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+@dataclass(eq=False)
 class Part:
-    """One received part: its headers (lower-case names) and its body on disk."""
+    """One received part: its headers (lower-case names) and its body in a file of its own: on disk,
+    or in memory (``fd``, an open memfd that ``path`` names, until :meth:`release`)."""
 
     headers: dict[str, str]
     path: Path
     size: int = 0
     complete: bool = False   # False: the body ended inside this part
     index: int = 0           # its position in the request
+    fd: int | None = None
+    window: MemoryWindow | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def media_type(self) -> str:
         return mp.parse_media_type(self.headers.get("content-type", ""))[0]
+
+    @property
+    def in_memory(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        """Free an in-memory part (idempotent; any thread). Nothing may read ``path`` afterwards: the
+        descriptor number it names is reused."""
+        with self._lock:
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+            if self.window is not None:
+                self.window.give_back(self.size)
 
 
 @dataclass
@@ -46,38 +112,72 @@ class Received:
     parts: list[Part] = field(default_factory=list)
     truncated_headers: bool = False   # the body ended inside a part's header block
 
+    def release(self) -> None:
+        """Free every part still held in memory (once nothing reads the parts any more)."""
+        for part in self.parts:
+            part.release()
+
 
 class _Receiver:
     """Applies decoder events: each part to a temp file of its own, as its bytes arrive."""
 
     def __init__(self, workdir: Path, received: Received, on_part: Callable[[Part], None],
-                 max_parts: int) -> None:
+                 max_parts: int, window: MemoryWindow | None, in_memory: Callable[[str], bool]) -> None:
         self.workdir = workdir
         self.received = received
         self.on_part = on_part
         self.max_parts = max_parts
+        self.window = window if window is not None and window.enabled else None
+        self.in_memory = in_memory
         self._fh: BinaryIO | None = None
 
     def apply(self, events: Iterable[mp.Event]) -> None:
         parts = self.received.parts
         for event in events:
             if isinstance(event, mp.PartData):
+                part = parts[-1]
+                if part.window is not None:
+                    if not part.window.has_room():
+                        self._spill(part)   # a large part, or the window filled: the rest on disk
+                    else:
+                        part.window.take(len(event.data))
                 assert self._fh is not None
                 self._fh.write(event.data)
-                parts[-1].size += len(event.data)
+                part.size += len(event.data)
             elif isinstance(event, mp.PartStart):
                 if len(parts) >= self.max_parts:   # before it is written, let alone stored
                     raise PayloadTooLarge(f"the STOW-RS body has more than {self.max_parts} parts "
                                           f"(limits.max_stow_parts)")
-                fd, name = tempfile.mkstemp(dir=self.workdir, suffix=".part")
-                self._fh = open(fd, "wb")  # noqa: SIM115 - closed at PartEnd or by close()
-                parts.append(Part(event.headers, Path(name), index=len(parts)))
+                parts.append(self._new_part(event.headers, len(parts)))
             elif isinstance(event, mp.PartEnd):
                 parts[-1].complete = True
                 self.close()
                 self.on_part(parts[-1])
             elif isinstance(event, mp.Truncated) and event.in_part and self._fh is None:
                 self.received.truncated_headers = True
+
+    def _new_part(self, headers: dict[str, str], index: int) -> Part:
+        window = self.window
+        if window is not None and window.has_room() and self.in_memory(
+                mp.parse_media_type(headers.get("content-type", ""))[0]):
+            fd = os.memfd_create("stow-part", os.MFD_CLOEXEC)
+            self._fh = open(fd, "wb", closefd=False)  # noqa: SIM115 - closed at PartEnd or by close()
+            return Part(headers, Path(f"/proc/self/fd/{fd}"), index=index, fd=fd, window=window)
+        fd, name = tempfile.mkstemp(dir=self.workdir, suffix=".part")
+        self._fh = open(fd, "wb")  # noqa: SIM115 - closed at PartEnd or by close()
+        return Part(headers, Path(name), index=index)
+
+    def _spill(self, part: Part) -> None:
+        """Move the in-memory part being received to a temp file and go on writing there."""
+        assert self._fh is not None and part.fd is not None
+        self._fh.flush()
+        fd, name = tempfile.mkstemp(dir=self.workdir, suffix=".part")
+        out = open(fd, "wb")  # noqa: SIM115 - becomes the part's writer, closed at PartEnd or by close()
+        with part.path.open("rb") as held:   # its own offset: the writer's is at the end
+            shutil.copyfileobj(held, out, 1 << 20)
+        self.close()
+        part.release()   # gives its bytes back to the window
+        part.window, part.path, self._fh = None, Path(name), out
 
     def close(self) -> None:
         fh, self._fh = self._fh, None
@@ -88,7 +188,8 @@ class _Receiver:
 async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path, *, max_bytes: int,
                   max_parts: int, reserve: Callable[[int], bool] = lambda n: True,
                   on_part: Callable[[Part], None] = lambda part: None,
-                  received: Received | None = None) -> Received:
+                  received: Received | None = None, window: MemoryWindow | None = None,
+                  in_memory: Callable[[str], bool] = lambda media_type: False) -> Received:
     """Read ``body`` to its end; every part lands in a file under ``workdir``, and each complete one
     is passed to ``on_part`` (on the event loop, in request order) as soon as it ended.
 
@@ -98,10 +199,13 @@ async def receive(body: AsyncIterator[bytes], boundary: str, workdir: Path, *, m
     A body past ``max_bytes`` or with more than ``max_parts`` parts is :class:`PayloadTooLarge` as
     soon as that is known (nothing more is read). Every chunk is first ``reserve``d in the spool's
     budget (uploads count like spooled instances); when the spool cannot make room the upload is
-    :class:`InsufficientStorage` (507).
+    :class:`InsufficientStorage` (507). With a ``window``, the parts whose media type (its
+    Content-Type, "" when absent) ``in_memory`` accepts are held in memory while it has room
+    (module docstring); the caller calls :meth:`Received.release` once nothing reads them.
     """
     decoder = mp.MultipartDecoder(boundary)
-    receiver = _Receiver(workdir, received if received is not None else Received(), on_part, max_parts)
+    receiver = _Receiver(workdir, received if received is not None else Received(), on_part, max_parts,
+                         window, in_memory)
     broken = False
     total = 0
     try:

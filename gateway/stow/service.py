@@ -39,8 +39,8 @@ from gateway.errors import BadRequest, GatewayError
 from gateway.pacs import Pacs
 from gateway.settings import PacsNode, Settings
 from gateway.stow.pipeline import Pipeline
-from gateway.stow.prepare import ROOT_TYPES
-from gateway.stow.receive import receive
+from gateway.stow.prepare import DICOM, ROOT_TYPES
+from gateway.stow.receive import MemoryWindow, receive
 from translators import stow as st
 from translators.uids import is_uid
 
@@ -53,6 +53,7 @@ class StowService:
         self.pacs = pacs
         self.cache = cache
         self.spool = spool
+        self.window = MemoryWindow()   # parts held in memory, all requests together
 
     async def store(self, node: PacsNode, *, root_type: str, boundary: str, body: AsyncIterator[bytes],
                     study: str | None = None) -> list[st.InstanceOutcome]:
@@ -84,7 +85,9 @@ class StowService:
             try:
                 await receive(body, boundary, workdir, max_bytes=limits.max_stow_bytes,
                               max_parts=limits.max_stow_parts, reserve=reserve,
-                              on_part=pipeline.part_complete, received=pipeline.received)
+                              on_part=pipeline.part_complete, received=pipeline.received,
+                              window=self.window,
+                              in_memory=lambda media: (media or root_type or DICOM) == DICOM)
             except Exception as exc:  # noqa: BLE001 - the client left, or a limit: the body ended here
                 ended = exc
             received = pipeline.received
@@ -100,6 +103,7 @@ class StowService:
             await self._invalidate_unknown(node, pipeline)
             raise
         finally:
+            pipeline.received.release()   # nothing reads the parts any more (finish or abort returned)
             await asyncio.to_thread(shutil.rmtree, workdir, True)
             self.spool.release(reserved)
         stored = await self._after_store(node, outcomes)

@@ -224,6 +224,42 @@ def test_middleware_counts_by_template_and_logs_carry_the_request_id():
     assert REQUEST_STATE.get() is None
 
 
+def test_repeated_paths_keep_their_template_and_the_remembered_paths_are_bounded(monkeypatch):
+    registry = Registry()
+    monkeypatch.setattr(RequestMetrics, "TEMPLATES_KEPT", 3)
+    app = _metrics_app(registry, logging.getLogger("gateway.test_observability"))
+
+    async def requests() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            for n in range(5):   # more distinct paths than it remembers, each asked twice
+                for _ in range(2):
+                    assert (await client.get(f"/studies/1.2.{n}")).status_code == 200
+                    assert (await client.get(f"/other/1.2.{n}")).status_code == 404
+
+    asyncio.run(requests())
+    values = samples(registry.render())
+    assert values['dwg_http_requests_total{route="/studies/{study}",method="GET",status="2xx"}'] == "10.0"
+    assert values[f'dwg_http_requests_total{{route="{UNMATCHED_ROUTE}",method="GET",status="4xx"}}'] == "10.0"
+    metrics = app.middleware_stack
+    while not isinstance(metrics, RequestMetrics):   # the built stack: find our middleware in it
+        metrics = metrics.app
+    assert 0 < len(metrics._templates) <= 3
+
+
+def test_label_values_in_order_are_checked_like_keywords():
+    registry = Registry()
+    counter = registry.counter("dwg_t_total", "t", ("route", "method"))
+    histogram = registry.histogram("dwg_t_seconds", "t", ("route", "method"))
+    counter.inc_values(("/a", "GET"))
+    histogram.observe_values(0.003, ("/a", "GET"))
+    assert counter.value(route="/a", method="GET") == 1
+    assert histogram.snapshot(route="/a", method="GET")[2] == 1
+    with pytest.raises(ValueError):
+        counter.inc_values(("/a",))
+    with pytest.raises(ValueError):
+        histogram.observe_values(0.003, ("/a", "GET", "2xx"))
+
+
 # ---------------------------------------------------------------------------------------- logs
 
 

@@ -21,6 +21,7 @@ from cache.spool import Spool
 from gateway.errors import BadRequest, NodeUnreachable, PayloadTooLarge
 from gateway.pacs import StoreItem, StoreResult
 from gateway.settings import settings_from_dict
+from gateway.stow.receive import MemoryWindow
 from gateway.stow.service import StowService
 from translators import multipart as mp
 from translators import stow as st
@@ -56,7 +57,8 @@ class FakePacs:
         received: list[StoreItem] = []
         self.calls.append((node.name, received, workdir))
         async for item in each(items):
-            assert item.path.is_relative_to(workdir)
+            # A part on disk is in the request's work directory; one in memory is an open memfd.
+            assert item.path.is_relative_to(workdir) or str(item.path).startswith("/proc/self/fd/")
             self.files[item.sop_instance_uid] = item.path.read_bytes()
             self.log.append(("stored", item.sop_instance_uid))
             received.append(item)
@@ -496,3 +498,186 @@ def test_cancelled_request_stops_the_store_and_invalidates_what_was_handed_over(
     assert log == [("stored", first.SOPInstanceUID)]
     assert sorted(cache.incremented) == sorted(keys.generations_changed_by_store("n", [first.StudyInstanceUID]))
     assert incoming(env) == []
+
+
+# ----------------------------------------------------------------------------- parts held in memory
+
+
+class DonePacs(FakePacs):
+    """Gives each item back as an engine does once its C-STORE is answered (StoreItem.done), and
+    records the memory window's use right after each."""
+
+    def __init__(self, window: MemoryWindow) -> None:
+        super().__init__()
+        self.window = window
+        self.used_after: list[int] = []
+        self.paths: list[str] = []
+
+    async def store(self, node, items, workdir):
+        received = []
+        async for item in each(items):
+            self.paths.append(str(item.path))
+            self.files[item.sop_instance_uid] = item.path.read_bytes()
+            received.append(item)
+            assert item.done is not None
+            item.done()
+            self.used_after.append(self.window.used)
+        return [StoreResult(0x0000, confirmed=True, sent_syntax=i.transfer_syntax) for i in received]
+
+
+def open_fds() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+def test_dicom_parts_stay_in_memory_and_each_is_given_back_once_stored(env):
+    settings, spool, cache = env
+    service = StowService(settings, FakePacs(), cache, spool)
+    pacs = DonePacs(service.window)
+    service.pacs = pacs
+    study = generate_uid()
+    datasets = [instance(study) for _ in range(3)]
+    body = body_of([(DICOM, part10(ds)) for ds in datasets])
+    fds = open_fds()
+    outcomes = asyncio.run(service.store(settings.nodes[0], root_type=DICOM, boundary=BOUNDARY,
+                                         body=chunks(body), study=None))
+    assert [o.status for o in outcomes] == [0, 0, 0]
+    assert all(p.startswith("/proc/self/fd/") for p in pacs.paths)   # never on disk
+    assert [pacs.files[ds.SOPInstanceUID] for ds in datasets] == [part10(ds) for ds in datasets]
+    # Given back one by one as the PACS took them (not at the end of the request), all of it.
+    assert pacs.used_after[-1] == 0 and pacs.used_after == sorted(pacs.used_after, reverse=True)
+    assert service.window.used == 0 and open_fds() == fds and incoming(env) == []
+
+
+def test_parts_that_find_the_memory_window_full_go_to_disk(env):
+    settings, spool, cache = env
+    pacs = FakePacs()   # gives nothing back before the request ends: the window stays full
+    service = StowService(settings, pacs, cache, spool)
+    service.window = MemoryWindow(limit=1)   # room for the first part only
+    study = generate_uid()
+    datasets = [instance(study) for _ in range(3)]
+    fds = open_fds()
+    outcomes = asyncio.run(service.store(settings.nodes[0], root_type=DICOM, boundary=BOUNDARY,
+                                         body=chunks(body_of([(DICOM, part10(ds)) for ds in datasets])),
+                                         study=None))
+    assert [o.status for o in outcomes] == [0, 0, 0]
+    (_, items, workdir), = pacs.calls
+    assert str(items[0].path).startswith("/proc/self/fd/")
+    assert all(item.path.parent == workdir for item in items[1:])
+    assert [pacs.files[ds.SOPInstanceUID] for ds in datasets] == [part10(ds) for ds in datasets]
+    assert service.window.used == 0 and open_fds() == fds and incoming(env) == []
+
+
+def test_only_application_dicom_parts_are_held_in_memory(env):
+    settings, spool, cache = env
+    pacs = FakePacs()
+    service = StowService(settings, pacs, cache, spool)
+    study = generate_uid()
+    ds = instance(study)
+    asyncio.run(service.store(settings.nodes[0], root_type=DICOM, boundary=BOUNDARY,
+                              body=chunks(body_of([(DICOM, part10(ds)), ("text/plain", b"not DICOM")])),
+                              study=None))
+    # Only application/dicom parts are held in memory (the others wait for the end of the body).
+    assert service.window.used == 0
+    (_, items, _), = pacs.calls
+    assert len(items) == 1 and str(items[0].path).startswith("/proc/self/fd/")
+
+
+def test_the_store_loop_gives_every_item_back_once_its_c_store_is_over(tmp_path):
+    import threading
+
+    from gateway.dimse import store_loop
+
+    node = settings_from_dict({"nodes": [{"name": "n", "ae_title": "PACS", "host": "127.0.0.1",
+                                          "port": 1}]}).nodes[0]
+    events: list[str] = []
+
+    class Engine:
+        def __init__(self) -> None:
+            self.node = node
+
+        def open(self, contexts):
+            return "assoc"
+
+        def reusable(self, assoc):
+            return True
+
+        def accepted_syntaxes(self, assoc, sop_class):
+            return [syntaxes.EXPLICIT_VR_LE]
+
+        def send(self, assoc, item, path, syntax, msg_id):
+            events.append(f"sent {item.sop_instance_uid}")
+            return StoreResult(0x0000, confirmed=True, sent_syntax=syntax)
+
+        def is_established(self, assoc):
+            return True
+
+        def close(self, assoc):
+            events.append("closed")
+
+    cancel = threading.Event()
+    items = [StoreItem(tmp_path / f"{n}.dcm", CT, f"1.2.{n}", syntaxes.EXPLICIT_VR_LE,
+                       done=lambda n=n: events.append(f"done 1.2.{n}")) for n in range(3)]
+
+    def feed():
+        yield items[0]
+        yield items[1]
+        cancel.set()    # the request went away: the last item is not sent, and still given back
+        yield items[2]
+
+    results = store_loop.store_all(Engine(), feed(), tmp_path, cancel)
+    assert [r.confirmed for r in results] == [True, True, False]
+    assert events == ["sent 1.2.0", "done 1.2.0", "sent 1.2.1", "done 1.2.1", "done 1.2.2", "closed"]
+
+
+def test_the_inline_header_read_answers_as_pydicom_does_or_leaves_it_to_pydicom(tmp_path):
+    from gateway.stow import prepare
+    from gateway.stow.receive import Part
+
+    def part_of(data: bytes, name: str) -> Part:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return Part({}, path, size=len(data), complete=True)
+
+    study = generate_uid()
+    ds = instance(study)
+    good = part_of(part10(ds), "good")
+    inline = prepare.prepare_instance_inline(good, None)
+    assert inline is not None and inline == prepare.prepare_instance(good, None, tmp_path)
+    (entry,) = inline
+    assert entry.header == prepare.Header(CT, ds.SOPInstanceUID, syntaxes.EXPLICIT_VR_LE, study,
+                                          ds.SeriesInstanceUID)
+    # Another study than the URL's: the same failure either way.
+    assert prepare.prepare_instance_inline(good, "1.2.3") == prepare.prepare_instance(good, "1.2.3", tmp_path)
+    (mismatch,) = prepare.prepare_instance_inline(good, "1.2.3") or []
+    assert mismatch.status == st.STUDY_UID_MISMATCH
+    # Not the common case: no preamble, a meta that contradicts the data set, several UID values.
+    assert prepare.prepare_instance_inline(part_of(part10(ds)[128:], "no-preamble"), None) is None
+    uid = ds.SOPInstanceUID.encode()
+    wrong = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    data = part10(ds)
+    contradicting = data.replace(uid, wrong, 1)   # the first one is the file meta's
+    assert contradicting != data and contradicting.count(wrong) == 1
+    assert prepare.prepare_instance_inline(part_of(contradicting, "inconsistent"), None) is None
+    several = instance(study)
+    several.SeriesInstanceUID = [generate_uid(), generate_uid()]
+    assert prepare.prepare_instance_inline(part_of(part10(several), "several"), None) is None
+    assert prepare.prepare_instance_inline(part_of(b"not DICOM at all", "junk"), None) is None
+
+
+def test_a_part_that_fills_the_memory_window_moves_to_disk_whole(env):
+    settings, spool, cache = env
+    pacs = FakePacs()
+    service = StowService(settings, pacs, cache, spool)
+    service.window = MemoryWindow(limit=3000)   # less than the instance: it starts in memory
+    study = generate_uid()
+    ds = instance(study)
+    ds.Rows = ds.Columns = 64
+    ds.PixelData = bytes(range(256)) * 32       # 8 KiB, received in 997-byte chunks
+    fds = open_fds()
+    outcomes = asyncio.run(service.store(settings.nodes[0], root_type=DICOM, boundary=BOUNDARY,
+                                         body=chunks(body_of([(DICOM, part10(ds))])), study=None))
+    assert [o.status for o in outcomes] == [0]
+    (_, (item,), workdir), = pacs.calls
+    assert item.path.parent == workdir                       # moved to disk half-way
+    assert pacs.files[ds.SOPInstanceUID] == part10(ds)       # every byte, in order
+    assert service.window.used == 0 and open_fds() == fds and incoming(env) == []
