@@ -14,10 +14,14 @@ association). A PACS with Nagle's algorithm on sends the second write of each re
 set, then data set) only after the peer's ACK, which a delayed ACK holds back ~40 ms: measured
 untuned, the stall other clients suffer shows; measured tuned, it does not.
 
-Optionally (``hold_idle``) the association is then held idle, nothing sent, for that many seconds,
-polled for the PACS releasing or aborting it (many PACS close associations idle longer than their
+Or (``hold_idle``, an association of its own) it is held idle, nothing sent, for that many seconds,
+watched for the PACS releasing or aborting it (many PACS close associations idle longer than their
 own timeout, e.g. pynetdicom's ``network_timeout``, DCMTK's ``--dimse-timeout``): whether an idle
-association the query pool keeps would still be usable, and for how long.
+association the query pool keeps would still be usable, and for how long. That one is held on the
+gateway's own engine (:mod:`gateway.dimse.fast.association`), which waits in ``select`` until the
+PACS speaks: a pynetdicom association's reactor polls its socket every few milliseconds even when
+idle (~7 % of a core, gateway/dimse/pool.py), which for seconds after every first contact would
+take CPU from the requests the probe runs beside.
 
 The association is opened by :func:`gateway.dimse.association.open_association` like every other
 (timeouts, TLS, failures mapped to the error tree) and released at once; it is never pooled.
@@ -35,13 +39,13 @@ from pynetdicom.association import Association
 from gateway.dimse import outcomes
 from gateway.dimse.association import accepts, close_association, open_association
 from gateway.dimse.contexts import Context
+from gateway.dimse.fast import association as fast_association
+from gateway.dimse.fast import pdu
 from gateway.dimse.socket_tuning import busy
 from gateway.pacs import AssociationFacts, ProbeContext
 from gateway.settings import PacsNode
 
 TIMED_FINDS = 3
-IDLE_POLL = 0.05
-"""Seconds between looks at an idle association (the resolution of the idle time reported)."""
 
 
 def associate_probe(calling_ae: str, node: PacsNode, contexts: Sequence[ProbeContext],
@@ -54,6 +58,10 @@ def associate_probe(calling_ae: str, node: PacsNode, contexts: Sequence[ProbeCon
     Raises the error tree (502/504 naming the node) when no association comes about; a PACS that
     accepts the association but none of the contexts is reported with nothing accepted."""
     proposed: list[Context] = [(cls, list(syntaxes)) for cls, syntaxes in contexts]
+    if hold_idle > 0:
+        if scp_roles or timed_find is not None:
+            raise ValueError("an idle hold is an association of its own")
+        return _held_idle(calling_ae, node, proposed, hold_idle)
     started = time.monotonic()
     assoc = open_association(calling_ae, node, proposed, scp_roles=scp_roles, none_accepted_ok=True)
     took = time.monotonic() - started
@@ -74,15 +82,12 @@ def associate_probe(calling_ae: str, node: PacsNode, contexts: Sequence[ProbeCon
             clean = False
             timings = _timed_finds(assoc, node, *timed_find)
             clean = True
-        idle_kept, idle_closed = (_hold_idle(assoc, hold_idle) if hold_idle > 0 else (None, False))
-        clean = clean and not idle_closed
         return AssociationFacts(
             accepted=accepted, rejected=rejected,
             max_pdu=_int_or_none(acceptor.maximum_length),
             implementation_class_uid=str(acceptor.implementation_class_uid or ""),
             implementation_version_name=str(acceptor.implementation_version_name or ""),
-            associate_seconds=took, untuned_find_seconds=timings,
-            idle_kept_seconds=idle_kept, idle_closed=idle_closed)
+            associate_seconds=took, untuned_find_seconds=timings)
     finally:
         close_association(assoc, clean=clean)
 
@@ -103,16 +108,39 @@ def _timed_finds(assoc: Association, node: PacsNode, model: str, identifier: Dat
     return tuple(timings)
 
 
-def _hold_idle(assoc: Association, seconds: float) -> tuple[float, bool]:
-    """(how long the association stayed established while idle, whether the PACS ended it)."""
+def _held_idle(calling_ae: str, node: PacsNode, proposed: list[Context], seconds: float) -> AssociationFacts:
+    """One association held idle ``seconds`` on the gateway's own engine (module docstring): how long
+    it stayed open, whether the PACS ended it. Only what the idle hold needs is reported (the
+    implementation identity comes from the first association)."""
     started = time.monotonic()
-    while True:
-        held = time.monotonic() - started
-        if not assoc.is_established:
-            return round(held, 2), True
-        if held >= seconds:
-            return round(held, 2), False
-        time.sleep(min(IDLE_POLL, seconds - held))
+    assoc = fast_association.request(calling_ae, node, proposed, none_accepted_ok=True)
+    took = time.monotonic() - started
+    if assoc is None:
+        return AssociationFacts(accepted=(), rejected=tuple(dict.fromkeys(c for c, _ in proposed)),
+                                max_pdu=None, implementation_class_uid="", implementation_version_name="",
+                                associate_seconds=took)
+    closed = False
+    try:
+        accepted = tuple((ab, ts, False) for ab, ts in assoc.contexts.values())
+        held_from = time.monotonic()
+        while True:
+            left = seconds - (time.monotonic() - held_from)
+            if left <= 0:
+                break
+            try:
+                # Anything the PACS sends to an idle association is its end: an A-RELEASE-RQ, an
+                # A-ABORT, or the connection closed (read as ready, then lost).
+                closed = assoc.reader.wait(left)
+            except pdu.UpperLayerError:
+                closed = True
+            if closed:
+                break
+        kept = round(time.monotonic() - held_from, 2)
+        return AssociationFacts(accepted=accepted, rejected=(), max_pdu=assoc.peer_max_pdu,
+                                implementation_class_uid="", implementation_version_name="",
+                                associate_seconds=took, idle_kept_seconds=kept, idle_closed=closed)
+    finally:
+        assoc.close(clean=not closed)
 
 
 def _without_quick_acks(assoc: Association) -> None:
