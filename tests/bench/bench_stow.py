@@ -206,6 +206,7 @@ def gateway_process(peer: OrthancPeer, workdir: Path) -> Iterator[tuple[str, sub
         "gateway": {"ae_title": "DICOMWEBGW", "dimse_host": HOST, "dimse_port": free_port()},
         "http": {"host": HOST, "port": port},
         "spool": {"path": str(workdir / "spool")},
+        "profiling": {"enabled": False},   # no probe beside the measured upload (bench_wado.GatewayProcess)
         "nodes": [{"name": "orthanc", "ae_title": peer.ae_title, "host": HOST, "port": peer.dicom_port,
                    "timeouts": {"connect": 5, "acse": 10, "dimse": 120, "network": 300}}],
     }))

@@ -292,6 +292,10 @@ class GatewayProcess:
             f"gateway: {json.dumps(gateway_section)}\n"
             f"nodes: [{json.dumps(node_section)}]\n"
             f"spool: {json.dumps({'path': str(self.spool), 'max_bytes': '20GiB'})}\n"
+            # No PACS profiling: each sample is a fresh process, whose first contact would probe the
+            # PACS (C-FINDs, a C-GET, an association held idle 5.5 s) beside the measured request;
+            # a deployment probes a node once a day, so its cold requests run beside no probe.
+            + ("" if "profiling:" in extra_config else 'profiling: {"enabled": false}\n')
             + extra_config
         )
         setpriv = shutil.which("setpriv")
