@@ -95,6 +95,15 @@ class ClusterCoordinator:
                     if end.error is not None and not end.retry and live and fetch.missing:
                         raise end.error
                     continue
+                if live and rid in followed:
+                    # Still held by a retrieval this loop followed to an end: it is ending (its end
+                    # entry is written, the lease is freed next, on a loop that may be busy) or the
+                    # follow lost sight of it (a lease read that came back empty). Neither is a lost
+                    # race, which would send this replica to the PACS alone: follow it again after
+                    # a pause (arrivals already copied are skipped, an end is read at once).
+                    await asyncio.sleep(0.05)
+                    followed.discard(rid)
+                    continue
                 if await self.patience.unsure():
                     log.warning("Redis unavailable: retrieving a series without the cluster lease")
                     await self._hold(fetch, self._new_id(), None, from_pacs)
