@@ -1,8 +1,10 @@
 """The on-disk instance store of one replica: atomic writes, LRU eviction by bytes, pins.
 
 Every retrieved instance lands here as a Part-10 file in the transfer syntax it arrived in, written
-to a temp file on the same filesystem and renamed into place (so a reader never sees half a file,
-and the storage SCP can acknowledge a C-STORE only once the rename is done).
+to a temp file on the same filesystem and renamed into place (so a reader never sees half a file).
+It is a cache, not an archive: every instance stays on its PACS, so the fast DIMSE engine acknowledges
+a C-STORE before writing it here, and one it then fails to write is retrieved again by the
+retrieval's completeness check (docs/architecture.md, "Cache": acknowledged, then spooled).
 
 **Identity** (docs/architecture.md, "Identity"): an entry is owned by the node it came from. It is
 keyed by (node, SOP Instance UID) and its file lives under ``<root>/<node>/``: a second node's copy
@@ -121,9 +123,9 @@ class Spool:
         unlinks it).
 
         Taken from a few created ahead by a helper thread: creating a file is a directory update
-        that costs 20-400 us of kernel time depending on the filesystem, and on the ingest path it
-        sat between the last fragment of an instance and its C-STORE response, i.e. on the PACS's
-        critical path (docs/architecture.md, "DIMSE edge")."""
+        that costs 20-400 us of kernel time depending on the filesystem, on the ingest path, i.e.
+        between an instance's last fragment and the association thread's next read (docs/
+        architecture.md, "Cache")."""
         try:
             item = self._prepared.popleft()      # atomic: any thread
         except IndexError:

@@ -18,8 +18,16 @@ status to answer with, so what may enter the spool is decided here only (docs/ar
   ``A700``) and counted; a second C-STORE of a received instance never replaces it; an instance the
   move's ``on_instance`` does not want (:class:`NotRequested`) is refused too.
 
-Every C-STORE is answered only after ``on_instance`` returned, i.e. after the atomic rename into the
-spool, so the final C-MOVE response proves the data is on disk.
+**When a C-STORE is answered**: :meth:`ArrivalRouter.store` (pynetdicom's SCP) answers after
+``on_instance`` returned, i.e. after the atomic rename into the spool. :meth:`ArrivalRouter.accept`
+(the fast SCP) decides the route and refusals first, the SCP answers Success, and then it runs the
+returned write: spooling (~0.35 ms an instance) overlaps the PACS's sending of the next instance
+instead of sitting on its round trip. That is safe because the instance stays on the PACS and the
+spool is a cache, not an archive (docs/architecture.md, "Cache"): an acknowledged instance the write
+fails on, or ``on_instance`` does not want, is missing, logged, and the retrieval's completeness check
+retries it. The final C-MOVE response, though, may then reach the C-MOVE SCU before the last write is
+done: the move's issuer calls :func:`settle` with its Message ID before it reports the move over, so
+completeness is judged only once every acknowledged write of the move was handed to the spool.
 
 Thread-safety: :meth:`ArrivalRouter.store` runs on the SCP's association threads, ``register``
 and friends on the event loop's; one lock guards the pending moves.
@@ -45,6 +53,46 @@ REFUSED_NOT_AUTHORISED = 0x0124
 REFUSED_OUT_OF_RESOURCES = 0xA700
 BRIDGE_TIMEOUT = 5.0
 """Seconds an association thread waits for the event loop (cluster lookup, announcement)."""
+
+
+SETTLE_TIMEOUT = 30.0
+"""Seconds :func:`settle` waits for a move's acknowledged writes (a stalled disk: then judged missing)."""
+
+
+class _Writes:
+    """Acknowledged writes still running, per Move Originator Message ID, in this process (the IDs
+    are unique across the replicas' pending moves, gateway/retrieval/fetching.py)."""
+
+    def __init__(self) -> None:
+        self._running: dict[int, int] = {}
+        self._changed = threading.Condition()
+
+    def begin(self, msg_id: int) -> None:
+        with self._changed:
+            self._running[msg_id] = self._running.get(msg_id, 0) + 1
+
+    def end(self, msg_id: int) -> None:
+        with self._changed:
+            left = self._running.get(msg_id, 1) - 1
+            if left > 0:
+                self._running[msg_id] = left
+            else:
+                self._running.pop(msg_id, None)
+                self._changed.notify_all()
+
+    def settle(self, msg_id: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: msg_id not in self._running, timeout)
+
+
+_WRITES = _Writes()
+
+
+def settle(msg_id: int, timeout: float = SETTLE_TIMEOUT) -> bool:
+    """Wait until every write the storage SCP acknowledged for the move ``msg_id`` was handed to the
+    spool (and its arrival signalled); False when ``timeout`` passed first. Called by the move's
+    issuer, on its thread, after the final C-MOVE response (module docstring)."""
+    return _WRITES.settle(msg_id, timeout)
 
 
 @dataclass(frozen=True)
@@ -116,13 +164,7 @@ class ArrivalRouter:
         sop_uid = arrival.sop_instance
         move = self._route(arrival)
         if move is None:
-            remote = self._remote(arrival)
-            if remote is not None:
-                return self._store_remote(remote, arrival)
-            with self._lock:
-                self.unexpected += 1
-            log.warning("C-STORE from %s matched no pending C-MOVE", arrival.calling_ae)
-            return REFUSED_NOT_AUTHORISED if self.reject_unexpected else REFUSED_OUT_OF_RESOURCES
+            return self._unrouted(arrival)
         with self._lock:
             duplicate = sop_uid in move.received
             if duplicate:
@@ -141,6 +183,52 @@ class ArrivalRouter:
         with self._lock:
             move.received.add(sop_uid)
         return SUCCESS
+
+    def accept(self, arrival: Arrival) -> tuple[int, Callable[[], None] | None]:
+        """:meth:`store` split at the acknowledgement (module docstring): the status to answer with
+        and, when it is Success for a local move, the write to run once the answer is sent (it never
+        raises). Another replica's move is stored before answering, as :meth:`store` does."""
+        sop_uid = arrival.sop_instance
+        move = self._route(arrival)
+        if move is None:
+            return self._unrouted(arrival), None   # refused, or another replica's: nothing deferred
+        with self._lock:
+            duplicate = sop_uid in move.received
+            if duplicate:
+                self.unexpected += 1
+            else:
+                move.received.add(sop_uid)     # a second C-STORE of it meanwhile is a duplicate
+        if duplicate:
+            return REFUSED_NOT_AUTHORISED, None
+        _WRITES.begin(move.msg_id)
+
+        def write() -> None:
+            try:
+                move.on_instance(arrival.part10(), sop_uid, arrival.sop_class, arrival.transfer_syntax)
+            except NotRequested:
+                with self._lock:
+                    self.unexpected += 1
+                    move.received.discard(sop_uid)
+                log.debug("an acknowledged C-MOVE sub-operation was not wanted; not spooled")
+            except Exception:  # noqa: BLE001 - acknowledged already: missing, retried by the move's owner
+                with self._lock:
+                    move.received.discard(sop_uid)
+                log.warning("an acknowledged C-MOVE sub-operation could not be spooled; the retrieval "
+                            "retries what is missing", exc_info=True)
+            finally:
+                _WRITES.end(move.msg_id)
+
+        return SUCCESS, write
+
+    def _unrouted(self, arrival: Arrival) -> int:
+        """An arrival no local move takes: another replica's (stored and announced), else refused."""
+        remote = self._remote(arrival)
+        if remote is not None:
+            return self._store_remote(remote, arrival)
+        with self._lock:
+            self.unexpected += 1
+        log.warning("C-STORE from %s matched no pending C-MOVE", arrival.calling_ae)
+        return REFUSED_NOT_AUTHORISED if self.reject_unexpected else REFUSED_OUT_OF_RESOURCES
 
     def _route(self, arrival: Arrival) -> PendingMove | None:
         sop_uid, msg_id = arrival.sop_instance, arrival.move_msg_id

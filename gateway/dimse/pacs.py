@@ -29,11 +29,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from gateway.dimse import arrivals_routing, tls
 from gateway.dimse import find as find_op
 from gateway.dimse import probe as probe_op
 from gateway.dimse import retrieve as retrieve_op
 from gateway.dimse import store as store_op
-from gateway.dimse import tls
 from gateway.dimse.contexts import query_contexts
 from gateway.dimse.fast import operations as fast_op
 from gateway.dimse.fast import store as fast_store
@@ -135,11 +135,16 @@ class PynetdicomPacs:
     async def move(self, node: PacsNode, request: RetrieveRequest, *, destination: str, msg_id: int,
                    cancel: threading.Event) -> RetrieveOutcome:
         def work() -> RetrieveOutcome:
-            if node.engine == "fast":
-                return fast_op.move(self._calling_ae, node, request, destination=destination, msg_id=msg_id,
-                                    cancel=cancel)
-            return retrieve_op.move(self._calling_ae, node, request, destination=destination, msg_id=msg_id,
-                                    cancel=cancel)
+            try:
+                if node.engine == "fast":
+                    return fast_op.move(self._calling_ae, node, request, destination=destination,
+                                        msg_id=msg_id, cancel=cancel)
+                return retrieve_op.move(self._calling_ae, node, request, destination=destination,
+                                        msg_id=msg_id, cancel=cancel)
+            finally:
+                # The fast storage SCP acknowledges before it spools: the move is over for the
+                # caller only once those writes are handed to the spool (arrivals_routing.settle).
+                arrivals_routing.settle(msg_id)
 
         return await self._workers.run(work, budget=self._budgets.transfer(node), cancel=cancel,
                                        grace=_grace(node), node=node.name, operation="move")

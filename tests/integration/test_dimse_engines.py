@@ -365,7 +365,11 @@ def test_not_requested_and_failing_sub_operations_are_refused(orthanc: OrthancPe
     outcome, files = get(node("p", orthanc.ae_title, orthanc.dicom_port, engine),
                          RetrieveRequest("SERIES", CT["study_uid"], series["series_uid"]), on_instance)
     assert outcome.received == len(series["sop_instance_uids"]) - 3
-    assert outcome.failed == 3 and set(files) == set(series["sop_instance_uids"]) - refused - {broken}
+    assert set(files) == set(series["sop_instance_uids"]) - refused - {broken}
+    # The fast engine acknowledges each instance before it is spooled (the PACS keeps it; the
+    # retrieval's completeness check retries what is missing, docs/architecture.md "Cache"): the PACS
+    # counts them completed. pynetdicom's answers after on_instance: 0124 / A700, counted failed.
+    assert outcome.failed == (0 if engine == "fast" else 3)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -34,6 +34,7 @@ from gateway.demo_data import DEMO_STUDIES
 from gateway.dimse.fast import commands as cmd
 from gateway.dimse.fast import pdu
 from gateway.dimse.fast.acceptor import FastStorageScp
+from gateway.dimse.fast.pdu_reader import PduReader
 from gateway.dimse.storage_scp import AnyStorageScp, StorageScp
 from gateway.pacs import PendingMove, RemoteMove
 from gateway.settings import DimseTls, settings_from_dict
@@ -362,10 +363,10 @@ def test_another_replicas_move_is_spooled_and_announced(engine: str, tmp_path: P
 
 def _raw_rq(port: int, *, calling: str = SENDER_AE, called: str = OUR_AE,
             contexts: tuple[pdu.PresentationContext, ...] = (pdu.PresentationContext(1, CT_IMAGE, (EXPLICIT,)),),
-            ) -> tuple[socket.socket, pdu.PduReader, pdu.ControlPdu]:
+            ) -> tuple[socket.socket, PduReader, pdu.ControlPdu]:
     sock = socket.create_connection((HOST, port), timeout=10)
     sock.sendall(pdu.encode(pdu.AssociateRq(called, calling, contexts, pdu.UserInformation(max_pdu=16384))))
-    reader = pdu.PduReader(sock)
+    reader = PduReader(sock)
     return sock, reader, reader.read_control(10)
 
 
@@ -495,7 +496,7 @@ def test_association_limit_is_a_transient_rejection(engine: str, tmp_path: Path)
             second.close()
             assert refused == pdu.AssociateRj(2, 3, 2), "local limit exceeded"
             first.sendall(pdu.encode(pdu.ReleaseRq()))
-            assert isinstance(pdu.PduReader(first).read_control(10), pdu.ReleaseRp)
+            assert isinstance(PduReader(first).read_control(10), pdu.ReleaseRp)
         deadline = time.monotonic() + 5
         while True:   # the slot is free again once the first association's thread has ended
             sock, _, answer = _raw_rq(dest.port)

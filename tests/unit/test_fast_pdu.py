@@ -22,6 +22,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ as PnRq
 
 from gateway.dimse.fast import commands as c
 from gateway.dimse.fast import pdu
+from gateway.dimse.fast.pdu_reader import PduReader
 from gateway.dimse.part10 import part10_header, part10_prefix
 
 uids = st.lists(st.integers(0, 99999), min_size=2, max_size=10).map(lambda xs: "1." + ".".join(map(str, xs))) \
@@ -398,7 +399,7 @@ def test_reader_reads_whole_pdus_across_partial_sends() -> None:
 
         sender = threading.Thread(target=trickle)
         sender.start()
-        reader = pdu.PduReader(a, max_length=32768, buffer_size=1024)
+        reader = PduReader(a, max_length=32768, buffer_size=1024)
         got = b""
         for _ in range(3):
             kind, body = reader.read(5)
@@ -412,7 +413,7 @@ def test_reader_reads_whole_pdus_across_partial_sends() -> None:
 def test_reader_refuses_oversized_and_unknown_pdus_before_reading_them() -> None:
     a, b = _pair()
     with a, b:
-        reader = pdu.PduReader(a, max_length=4096)
+        reader = PduReader(a, max_length=4096)
         b.sendall(struct.pack(">BBI", pdu.P_DATA_TF, 0, 4097))
         with pytest.raises(pdu.ProtocolError, match="exceeds the limit"):
             reader.read(1)
@@ -421,7 +422,7 @@ def test_reader_refuses_oversized_and_unknown_pdus_before_reading_them() -> None
             reader.read(1)
     a, b = _pair()
     with a, b:
-        reader = pdu.PduReader(a, max_length=0)   # unlimited: still the hard cap
+        reader = PduReader(a, max_length=0)   # unlimited: still the hard cap
         b.sendall(struct.pack(">BBI", pdu.P_DATA_TF, 0, 0xFFFFFFFF))
         with pytest.raises(pdu.ProtocolError, match="exceeds the limit"):
             reader.read(1)
@@ -430,7 +431,7 @@ def test_reader_refuses_oversized_and_unknown_pdus_before_reading_them() -> None
 def test_reader_timeouts_and_closed_connections() -> None:
     a, b = _pair()
     with a:
-        reader = pdu.PduReader(a)
+        reader = PduReader(a)
         assert reader.wait(0.05) is False
         with pytest.raises(pdu.ReadTimeout):
             reader.read(0.1)
@@ -443,7 +444,7 @@ def test_reader_timeouts_and_closed_connections() -> None:
         a, b = _pair()
         with a, b:
             b.sendall(next(pdu.p_data_tf(1, b"x", command=True, max_pdu=0)))
-            pdu.PduReader(a).read_control(1)
+            PduReader(a).read_control(1)
 
 
 def test_reader_reads_ahead_and_sees_buffered_pdus_without_the_socket() -> None:
@@ -454,7 +455,7 @@ def test_reader_reads_ahead_and_sees_buffered_pdus_without_the_socket() -> None:
         pdus = [b"".join(pdu.p_data_tf(1, bytes([i]) * (1000 + 700 * i), command=False, max_pdu=0))
                 for i in range(12)]
         b.sendall(b"".join(pdus) + pdu.encode(pdu.ReleaseRq()))
-        reader = pdu.PduReader(a, max_length=0, buffer_size=4096)   # smaller than the later PDUs
+        reader = PduReader(a, max_length=0, buffer_size=4096)   # smaller than the later PDUs
         calls = 0
         real = a.recv_into
 
@@ -487,7 +488,7 @@ def test_held_views_survive_later_reads() -> None:
         chunks = [bytes([i]) * (3000 + 517 * i) for i in range(20)]
         b.sendall(b"".join(b"".join(pdu.p_data_tf(1, c, command=False, max_pdu=0)) for c in chunks)
                   + pdu.encode(pdu.ReleaseRq()))
-        reader = pdu.PduReader(a, max_length=0, buffer_size=8192)
+        reader = PduReader(a, max_length=0, buffer_size=8192)
         reader.hold = True
         views = []
         for _ in chunks:

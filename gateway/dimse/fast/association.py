@@ -35,6 +35,7 @@ from gateway.dimse import tls
 from gateway.dimse.contexts import Context
 from gateway.dimse.fast import pdu
 from gateway.dimse.fast.commands import DATA_SET_PRESENT, NO_DATA_SET, Command, decode_command, encode_command
+from gateway.dimse.fast.pdu_reader import PduReader
 from gateway.dimse.outcomes import association_failure, no_context_accepted
 from gateway.settings import PacsNode
 
@@ -77,7 +78,7 @@ def _seconds(value: float) -> float | None:
 class Association:
     """An established association to ``node`` (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, reader: pdu.PduReader, node: PacsNode,
+    def __init__(self, sock: socket.socket, reader: PduReader, node: PacsNode,
                  contexts: dict[int, tuple[str, str]], peer_max_pdu: int) -> None:
         self.sock = sock
         self.reader = reader
@@ -345,7 +346,7 @@ def request(calling_ae: str, node: PacsNode, contexts: Sequence[Context], *, max
                 sock = secure.wrap_socket(sock)   # the handshake, bounded by the connect timeout
             except OSError as exc:
                 raise failure(connected=True, tls_error=exc) from exc
-        reader = pdu.PduReader(sock, max_length=pdu.MAX_ASSOCIATION_PDU)
+        reader = PduReader(sock, max_length=pdu.MAX_ASSOCIATION_PDU)
         answer = _negotiate(sock, reader, rq, node, failure)
     except BaseException:
         sock.close()
@@ -370,7 +371,7 @@ def request(calling_ae: str, node: PacsNode, contexts: Sequence[Context], *, max
     return assoc
 
 
-def _negotiate(sock: socket.socket, reader: pdu.PduReader, rq: pdu.AssociateRq, node: PacsNode,
+def _negotiate(sock: socket.socket, reader: PduReader, rq: pdu.AssociateRq, node: PacsNode,
                failure: Callable[..., Exception]) -> pdu.AssociateAc:
     """Send the A-ASSOCIATE-RQ and read the answer within the ACSE timeout (ARTIM, PS3.8 §9.1.5)."""
     timeout = _seconds(node.timeouts.acse)

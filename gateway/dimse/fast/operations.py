@@ -10,9 +10,16 @@ reading of every status and failure (:mod:`gateway.dimse.outcomes`):
   association that saw a cancel or a failure is not reused; a reused one the PACS had quietly closed
   is retried once on a fresh one when nothing was received yet.
 * **C-GET** (PS3.4 C.4.3): the C-STORE sub-operations arrive on the same association (SCP role
-  selection, PS3.7 §D.3.3.4); each instance's fragments are joined once behind the Part-10 header
+  selection, PS3.7 §D.3.3.4). Each is acknowledged (Success) as soon as its last fragment is in,
+  *then* its fragments are joined once behind the Part-10 header
   (:func:`gateway.dimse.part10.part10_prefix`) and handed to ``on_instance`` on this thread, never
-  decoded. ``NotRequested`` refuses the sub-operation (0124), any other exception answers A700.
+  decoded: the join, write, rename, index and signal (~0.35 ms) overlap the PACS's sending of the
+  next instance instead of sitting on its round trip. Safe because the instance stays on the PACS and
+  the spool is a cache: one acknowledged but not spooled (``NotRequested``, a full disk) is missing,
+  logged, and retried by the retrieval's completeness check (docs/architecture.md, "Cache"). All of
+  it happens before the next message is read, so the final C-GET response is read only after the
+  last instance was handed to the spool, and an abort leaves nothing half-done. (The pynetdicom
+  engine still answers after ``on_instance``: 0124 for ``NotRequested``, A700 for other failures.)
 * **C-MOVE** (PS3.4 C.4.2): the arrivals reach the storage SCP; here only the responses are followed.
 * **Cancellation**: a set ``cancel`` sends one C-CANCEL (PS3.7 §9.3.3.3, §9.3.4.3), looked at between
   messages and every :data:`gateway.dimse.fast.association.POLL_SECONDS` while waiting; later C-GET
@@ -192,8 +199,13 @@ def get(calling_ae: str, node: PacsNode, request: RetrieveRequest, on_instance: 
             raise outcomes.get_refused(node.name)
 
         def store(message: Message) -> None:
-            status = _sub_operation(assoc, message, on_instance, cancel, outcome)
+            # Acknowledged first, spooled after (module docstring, "C-GET"): the PACS sends the next
+            # instance while this one is written.
+            refused = cancel.is_set()
+            status = outcomes.OUT_OF_RESOURCES if refused else outcomes.SUCCESS
             assoc.send(message.context_id, cmd.c_store_rsp(message.command, status))
+            if not refused:
+                _deliver(assoc, message, on_instance, node, outcome)
 
         _follow(assoc, context, cmd.c_get_rq(1, proposal.model), retrieve_identifier(request), node,
                 "C-GET", outcome, cancel, store)
@@ -264,20 +276,21 @@ def _follow(assoc: Association, context: int, rq: cmd.Command, identifier: Datas
         raise _failure(exc, node, operation, started) from exc
 
 
-def _sub_operation(assoc: Association, message: Message, on_instance: OnInstance, cancel: threading.Event,
-                   outcome: RetrieveOutcome) -> int:
-    """One C-GET C-STORE sub-operation: the instance to ``on_instance``; the status to answer."""
-    if cancel.is_set():
-        return outcomes.OUT_OF_RESOURCES
+def _deliver(assoc: Association, message: Message, on_instance: OnInstance, node: PacsNode,
+             outcome: RetrieveOutcome) -> None:
+    """One acknowledged C-GET sub-operation to ``on_instance`` (the fragments are still valid: the
+    next :meth:`Association.receive` has not run). What it refuses or fails to spool is missing from
+    the spool, which the retrieval's completeness check retries (docs/architecture.md, "Cache")."""
     command = message.command
     try:
         sop, cls = str(command.affected_sop_instance), str(command.affected_sop_class)
         ts = assoc.transfer_syntax(message.context_id)
         on_instance(b"".join((part10_prefix(cls, sop, ts), *message.fragments)), sop, cls, ts)
     except NotRequested:
-        return outcomes.NOT_AUTHORISED
-    except Exception:  # noqa: BLE001 - tell the PACS, keep the association alive
-        log.exception("storing a C-GET sub-operation failed")
-        return outcomes.OUT_OF_RESOURCES
+        log.debug("node %s: an acknowledged C-GET sub-operation was not wanted; not spooled", node.name)
+        return
+    except Exception:  # noqa: BLE001 - acknowledged already: the instance is missing, then retried
+        log.warning("node %s: an acknowledged C-GET sub-operation could not be spooled; the retrieval "
+                    "retries what is missing", node.name, exc_info=True)
+        return
     outcome.received += 1
-    return outcomes.SUCCESS

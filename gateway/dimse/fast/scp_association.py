@@ -1,7 +1,7 @@
 """One association at the fast storage SCP, from the A-ASSOCIATE-RQ to the release or abort.
 
 Runs on the association's own thread (:mod:`gateway.dimse.fast.acceptor` starts it), blocking reads
-through :class:`~gateway.dimse.fast.pdu.PduReader`. The acceptor side of the PS3.8 §9.2 state
+through :class:`~gateway.dimse.fast.pdu_reader.PduReader`. The acceptor side of the PS3.8 §9.2 state
 machine, reduced to what a storage SCP meets:
 
 * **Sta2** (connection open, awaiting A-ASSOCIATE-RQ): the ARTIM timer is the read's timeout
@@ -13,10 +13,12 @@ machine, reduced to what a storage SCP meets:
   Implicit VR Little Endian, the data set in the context's syntax, PDVs on one accepted context per
   message, Annex E control headers). C-ECHO-RQ is answered with success; C-STORE-RQ data set
   fragments are kept as views into the received bytes (the reader holds them) and, at the last one,
-  joined once behind the Part-10 header (:func:`gateway.dimse.part10.part10_prefix`); then the
-  :class:`~gateway.dimse.arrivals_routing.ArrivalRouter` decides and spools, and only then the
-  C-STORE-RSP goes out; C-CANCEL-RQ is ignored (nothing to cancel). Every read is
-  bounded by ``network_timeout``; silence past it is an A-ABORT.
+  joined once behind the Part-10 header (:func:`gateway.dimse.part10.part10_prefix`). The
+  :class:`~gateway.dimse.arrivals_routing.ArrivalRouter` decides (route, refusals), the C-STORE-RSP
+  goes out, and then the instance is joined and spooled, before the next PDU is read: the spool is
+  a cache of what stays on the PACS, so its write need not be on the PACS's round trip
+  (:meth:`ArrivalRouter.accept`, docs/architecture.md "Cache"). C-CANCEL-RQ is ignored (nothing to
+  cancel). Every read is bounded by ``network_timeout``; silence past it is an A-ABORT.
 * **Release**: A-RELEASE-RQ is answered with A-RELEASE-RP and the peer's close awaited (ARTIM).
   **A-ABORT** from the peer ends the association at once: an instance whose data set had not fully
   arrived was only in memory, so nothing of it reaches the spool.
@@ -56,7 +58,6 @@ from gateway.dimse.fast.pdu import (
     AssociateRj,
     AssociateRq,
     ConnectionClosed,
-    PduReader,
     ProtocolError,
     ReadTimeout,
     ReleaseRp,
@@ -66,6 +67,7 @@ from gateway.dimse.fast.pdu import (
     iter_pdvs,
     p_data_tf,
 )
+from gateway.dimse.fast.pdu_reader import PduReader
 from gateway.dimse.fast.scp_negotiation import Accepted, AcceptorPolicy, negotiate
 from gateway.dimse.part10 import part10_prefix
 
@@ -260,21 +262,35 @@ def _on_command(assoc: Association, context_id: int, request: cmd.Command) -> No
 def _finish_store(assoc: Association, store: _Store) -> None:
     request = store.request
     status = store.status
+    write = None
     if status is None:
-        # One copy, from the received bytes into the file's; the views die with this call.
-        data = b"".join((store.prefix, *store.fragments))
-        store.fragments.clear()
+        joined: list[bytes] = []
+
+        def part10() -> bytes:
+            # One copy, from the received bytes into the file's, made once (after the answer unless
+            # routing needs the data set); the views die with this call.
+            if not joined:
+                joined.append(b"".join((store.prefix, *store.fragments)))
+            return joined[0]
+
         cls, sop = request.affected_sop_class or "", request.affected_sop_instance or ""
         arrival = Arrival(
             sop_instance=sop, sop_class=cls, transfer_syntax=store.transfer_syntax,
             move_msg_id=request.move_originator_id, calling_ae=assoc.calling_ae,
-            part10=lambda: data, study_series=lambda: _study_series(data))
+            part10=part10, study_series=lambda: _study_series(part10()))
         try:
-            status = assoc.router.store(arrival)
+            status, write = assoc.router.accept(arrival)
         except Exception:  # noqa: BLE001 - the router catches the spool's errors; anything else is ours
             log.exception("storage SCP: routing a C-STORE failed")
             status = REFUSED_OUT_OF_RESOURCES
-    assoc.send_command(store.context_id, cmd.c_store_rsp(request, status))
+    try:
+        assoc.send_command(store.context_id, cmd.c_store_rsp(request, status))
+    finally:
+        # Acknowledged, then spooled (ArrivalRouter.accept): before the next PDU is read, so an
+        # association that ends now still hands its last instance to the spool.
+        if write is not None:
+            write()
+        store.fragments.clear()
 
 
 def _study_series(part10: bytes) -> tuple[str, str]:
