@@ -66,9 +66,7 @@ def associate_probe(calling_ae: str, node: PacsNode, contexts: Sequence[ProbeCon
     assoc = open_association(calling_ae, node, proposed, scp_roles=scp_roles, none_accepted_ok=True)
     took = time.monotonic() - started
     if assoc is None:
-        return AssociationFacts(accepted=(), rejected=tuple(dict.fromkeys(c for c, _ in proposed)),
-                                max_pdu=None, implementation_class_uid="", implementation_version_name="",
-                                associate_seconds=took)
+        return _none_accepted(proposed, took)
     clean = True
     try:
         acceptor: Any = assoc.acceptor
@@ -108,6 +106,13 @@ def _timed_finds(assoc: Association, node: PacsNode, model: str, identifier: Dat
     return tuple(timings)
 
 
+def _none_accepted(proposed: list[Context], took: float) -> AssociationFacts:
+    """The association came about, but with none of the proposed contexts."""
+    return AssociationFacts(accepted=(), rejected=tuple(dict.fromkeys(c for c, _ in proposed)),
+                            max_pdu=None, implementation_class_uid="", implementation_version_name="",
+                            associate_seconds=took)
+
+
 def _held_idle(calling_ae: str, node: PacsNode, proposed: list[Context], seconds: float) -> AssociationFacts:
     """One association held idle ``seconds`` on the gateway's own engine (module docstring): how long
     it stayed open, whether the PACS ended it. Only what the idle hold needs is reported (the
@@ -116,9 +121,7 @@ def _held_idle(calling_ae: str, node: PacsNode, proposed: list[Context], seconds
     assoc = fast_association.request(calling_ae, node, proposed, none_accepted_ok=True)
     took = time.monotonic() - started
     if assoc is None:
-        return AssociationFacts(accepted=(), rejected=tuple(dict.fromkeys(c for c, _ in proposed)),
-                                max_pdu=None, implementation_class_uid="", implementation_version_name="",
-                                associate_seconds=took)
+        return _none_accepted(proposed, took)
     closed = False
     try:
         accepted = tuple((ab, ts, False) for ab, ts in assoc.contexts.values())
