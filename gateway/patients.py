@@ -24,8 +24,8 @@ from pydicom.dataset import Dataset
 from cache import keys
 from cache.base import Cache
 from gateway.errors import DimseFailure, ModelRefused
+from gateway.inflight import InFlight
 from gateway.pacs import FindResult, QueryModel
-from gateway.retrieval.inflight import InFlight
 from gateway.settings import PacsNode
 from translators.uids import StudyId
 

@@ -5,6 +5,5 @@
 ``fetching``    single-flight fetches from the PACS: priority, retries, completeness
 ``fetch``       the SeriesFetch every waiting request reads from, and its spool pins
 ``coordinator`` the interface through which the cluster shares fetches between replicas
-``inflight``    one C-FIND in flight per question, however many requests ask it
 ``membership``  whether an arrival no manifest lists yet is the URL's study and series (its header)
 """

@@ -16,7 +16,7 @@
   A retrieval no longer waits for the manifest (gateway.retrieval.fetching: early start); the last
   manifest listed, fresh or not, tells it whether some of the series may already be spooled.
 * **Once per question**: concurrent requests for the same locate, manifest or series list share one
-  C-FIND (:class:`~gateway.retrieval.inflight.InFlight`): a burst of frame requests on a cold
+  C-FIND (:class:`~gateway.inflight.InFlight`): a burst of frame requests on a cold
   series asks the PACS once, not once per request.
 """
 
@@ -30,11 +30,11 @@ from pydicom.dataset import Dataset
 from cache import keys
 from cache.base import Cache
 from gateway.errors import GatewayError, NotFound
+from gateway.inflight import InFlight
 from gateway.pacs import Pacs
 from gateway.patients import PatientIds
 from gateway.profile import second_round
 from gateway.retrieval.fetch import InstanceRef, Manifest
-from gateway.retrieval.inflight import InFlight
 from gateway.settings import PacsNode, Settings
 from translators.uids import SeriesId, StudyId
 

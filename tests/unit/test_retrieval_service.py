@@ -18,9 +18,9 @@ from cache import keys
 from cache.memory import MemoryCache
 from cache.spool import Spool
 from gateway.errors import NotFound, PacsError
+from gateway.inflight import InFlight
 from gateway.instances import InstanceReader
 from gateway.retrieval.fetch import RetrievalFailed
-from gateway.retrieval.inflight import InFlight
 from gateway.retrieval.service import RetrievalService
 from gateway.settings import settings_from_dict
 from tests.support.fake_pacs import FakePacs

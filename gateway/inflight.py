@@ -1,10 +1,11 @@
 """One call in flight per key: concurrent callers that ask the same question share one answer.
 
-The locate and manifest C-FINDs of a series are asked by every request that needs them; a storm of
-requests on a cold series (a viewer's frame requests) must cause one query each, not one per request
-(docs/architecture.md, "Retrieval"). The call runs as its own task, so one caller that leaves (its
-client disconnected) does not fail the others; it is cancelled (C-CANCEL at the DIMSE edge) only when
-its last caller has left.
+Generic (asyncio only), so any layer may use it. The locate and manifest C-FINDs of a series
+(gateway/retrieval/locating.py) and a study's PatientID lookup (gateway/patients.py) are asked by
+every request that needs them; a storm of requests on a cold series (a viewer's frame requests)
+must cause one query each, not one per request (docs/architecture.md, "Retrieval"). The call runs
+as its own task, so one caller that leaves (its client disconnected) does not fail the others; it
+is cancelled (C-CANCEL at the DIMSE edge) only when its last caller has left.
 """
 
 from __future__ import annotations
