@@ -31,6 +31,24 @@ from tests.support.server import running_gateway
 CT = next(s for s in DEMO_STUDIES if s["accession_number"] == "A2303140011")
 
 
+def _settings(orthanc: OrthancPeer, scp_port: int, tmp_path: Any, retrieve: str, **sections: Any) -> Any:
+    return settings_from_dict({"gateway": {"dimse_port": scp_port, "dimse_host": "127.0.0.1"},
+                               "spool": {"path": str(tmp_path)}, **sections,
+                               "nodes": [{"name": "o", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                                          "port": orthanc.dicom_port, "retrieve": retrieve}]})
+
+
+def _retrieved_series(settings: Any, series: dict[str, Any], caplog: pytest.LogCaptureFixture) -> set[str]:
+    """The SOP Instance UIDs of the series as one WADO-RS retrieve delivered them (200 asserted)."""
+    with caplog.at_level(logging.WARNING), running_gateway(settings) as url:
+        r = httpx.get(f"{url}/dicom-web/studies/{CT['study_uid']}/series/{series['series_uid']}",
+                      headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+                      timeout=60)
+    assert r.status_code == 200
+    parts = parse_multipart(r.content, r.headers["content-type"])
+    return {str(dcmread(BytesIO(b), stop_before_pixels=True).SOPInstanceUID) for _, b in parts}
+
+
 @pytest.mark.parametrize("retrieve", ["get", "move"])
 def test_a_write_refused_after_the_ack_is_retried_and_the_answer_is_complete(
         orthanc: OrthancPeer, gateway_scp_port: int, tmp_path: Any, retrieve: str,
@@ -51,17 +69,8 @@ def test_a_write_refused_after_the_ack_is_retried_and_the_answer_is_complete(
         return real_write(self, data, instance, **kwargs)
 
     monkeypatch.setattr(Spool, "write", write)
-    settings = settings_from_dict({"gateway": {"dimse_port": gateway_scp_port, "dimse_host": "127.0.0.1"},
-                                   "spool": {"path": str(tmp_path)},
-                                   "nodes": [{"name": "o", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
-                                              "port": orthanc.dicom_port, "retrieve": retrieve}]})
-    with caplog.at_level(logging.WARNING), running_gateway(settings) as url:
-        r = httpx.get(f"{url}/dicom-web/studies/{CT['study_uid']}/series/{series['series_uid']}",
-                      headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
-                      timeout=60)
-    assert r.status_code == 200
-    parts = parse_multipart(r.content, r.headers["content-type"])
-    got = {str(dcmread(BytesIO(b), stop_before_pixels=True).SOPInstanceUID) for _, b in parts}
+    settings = _settings(orthanc, gateway_scp_port, tmp_path, retrieve)
+    got = _retrieved_series(settings, series, caplog)
     assert refused == [victim], "the injected fault happened once"
     assert got == set(series["sop_instance_uids"]), "the refused instance was retrieved again"
     acknowledger = settings.nodes[0].engine if retrieve == "get" else settings.gateway.scp_engine
@@ -97,17 +106,8 @@ def test_the_retrieval_is_over_only_once_acknowledged_writes_are_done(
             issued.append(_name)
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(PynetdicomPacs, name, counted)
-    settings = settings_from_dict({"gateway": {"dimse_port": gateway_scp_port, "dimse_host": "127.0.0.1"},
-                                   "spool": {"path": str(tmp_path)}, "profiling": {"enabled": False},
-                                   "nodes": [{"name": "o", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
-                                              "port": orthanc.dicom_port, "retrieve": retrieve}]})
-    with caplog.at_level(logging.WARNING), running_gateway(settings) as url:
-        r = httpx.get(f"{url}/dicom-web/studies/{CT['study_uid']}/series/{series['series_uid']}",
-                      headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
-                      timeout=60)
-    assert r.status_code == 200
-    parts = parse_multipart(r.content, r.headers["content-type"])
-    got = {str(dcmread(BytesIO(b), stop_before_pixels=True).SOPInstanceUID) for _, b in parts}
+    settings = _settings(orthanc, gateway_scp_port, tmp_path, retrieve, profiling={"enabled": False})
+    got = _retrieved_series(settings, series, caplog)
     assert got == set(series["sop_instance_uids"])
     assert issued == [retrieve], "one retrieval: no instance still being written was judged missing"
     assert "missing instances" not in caplog.text

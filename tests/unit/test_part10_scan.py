@@ -120,12 +120,7 @@ def test_pydicom_sample_files(name: str) -> None:
     assert path.exists(), f"{name} is not shipped with this pydicom"
     data = path.read_bytes()
     assert data[128:132] == b"DICM", "a Part-10 file"
-    try:
-        fast = index_native(data, len(data))
-    except Unscannable:
-        fast = None
-    if fast is not None:
-        assert fast == index_part10(io.BytesIO(data))
+    _index_agrees(data)
     try:
         uids = study_series(data)
     except Unscannable:
@@ -143,17 +138,21 @@ def test_corrupt_headers_never_give_another_answer(cut: int, flips: list[tuple[i
         _corrupt(cut, flips)
 
 
+def _index_agrees(data: bytes) -> None:
+    """The fast frame index is Unscannable or pydicom's."""
+    try:
+        fast = index_native(data, len(data))
+    except Unscannable:
+        return
+    assert fast == index_part10(io.BytesIO(data))
+
+
 def _corrupt(cut: int, flips: list[tuple[int, int]]) -> None:
     raw = bytearray(CASES["explicit"])
     for pos, value in flips:
         raw[pos % len(raw)] = value
     data = bytes(raw[:cut]) if cut < len(raw) else bytes(raw)
-    try:
-        fast = index_native(data, len(data))
-    except Unscannable:
-        fast = None
-    if fast is not None:
-        assert fast == index_part10(io.BytesIO(data))
+    _index_agrees(data)
     try:
         uids = study_series(data)
     except Unscannable:
