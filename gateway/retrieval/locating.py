@@ -36,6 +36,7 @@ from gateway.patients import PatientIds
 from gateway.profile import second_round
 from gateway.retrieval.fetch import InstanceRef, Manifest
 from gateway.settings import PacsNode, Settings
+from translators import raw_values as rv
 from translators.uids import SeriesId, StudyId
 
 MANIFEST_TTL = 60.0
@@ -140,12 +141,13 @@ class Locator:
         await self._patient_key(node, study, ident)
         res = await self.pacs.find(node, ident, model=node.query_model, max_results=1_000_000)
         # Only answers for this study and series count (a PACS that ignores a key must not widen it).
+        # Raw reads (translators.raw_values): 400 matches cost ~2 ms, not ~40 ms of converted values.
         found = [
-            d
+            (sop, d)
             for d in res.datasets
-            if str(d.get("SeriesInstanceUID", series) or series) == series
-            and str(d.get("StudyInstanceUID", study) or study) == study
-            and d.get("SOPInstanceUID")
+            if (rv.text(d, rv.SERIES_INSTANCE_UID) or series) == series
+            and (rv.text(d, rv.STUDY_INSTANCE_UID) or study) == study
+            and (sop := rv.text(d, rv.SOP_INSTANCE_UID))
         ]
         if not found:
             self._manifests.pop(sid, None)
@@ -154,10 +156,8 @@ class Locator:
             )
         refs = sorted(
             (
-                InstanceRef(
-                    str(d.SOPInstanceUID), str(d.get("SOPClassUID", "") or ""), _num(d.get("InstanceNumber"))
-                )
-                for d in found
+                InstanceRef(sop, rv.text(d, rv.SOP_CLASS_UID), _num(rv.text(d, rv.INSTANCE_NUMBER)))
+                for sop, d in found
             ),
             key=lambda r: (r.number, r.sop_instance_uid),
         )
