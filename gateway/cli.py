@@ -47,7 +47,10 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
         log.warning("no auth configured: serving without authentication on %s", host)
     # The effective address is part of the settings: the cluster advertises it to other replicas.
     settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, host=host, port=port))
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    loop = settings.http.event_loop     # why asyncio by default: HttpSection.event_loop
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        print("http.event_loop is uvloop but uvloop is not installed", file=sys.stderr)
+        return 2
     preload_streaming()
     uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1,
                 lifespan="on", log_config=None, log_level=settings.logging.level, proxy_headers=False,

@@ -145,6 +145,7 @@ def settings_from_dict(raw: Mapping[str, Any]) -> Settings:
             cors_origins=h.get("cors_origins", dh.cors_origins, _str_list),
             tls_cert_file=h.get("tls_cert_file", None, _file),
             tls_key_file=h.get("tls_key_file", None, _file),
+            event_loop=h.get("event_loop", dh.event_loop, _choice("asyncio", "uvloop")),
         ),
         nodes=nodes,
         cache=CacheSection(

@@ -2,7 +2,7 @@
 
 Run ``python3 tests/bench/bench_stow.py [--quick]`` from anywhere. It starts its own Orthanc
 (``TCP_NODELAY=1``, no demo data) on free loopback ports and the gateway as a subprocess
-(``python -m gateway.cli serve --config ...``, uvloop when installed, like production), then:
+(``python -m gateway.cli serve --config ...``, the configured event loop, like production), then:
 
 1. **Throughput**: the same N Part-10 CT files (fresh UIDs, 512x512 16-bit, ~0.5 MB each) stored into
    the same Orthanc by

@@ -97,3 +97,11 @@ def test_sizes_and_defaults():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="config file"):
         load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_event_loop_is_asyncio_unless_uvloop_is_chosen():
+    # asyncio by default: uvloop's socket writes hold the GIL (HttpSection.event_loop)
+    assert settings_from_dict({}).http.event_loop == "asyncio"
+    assert settings_from_dict({"http": {"event_loop": "uvloop"}}).http.event_loop == "uvloop"
+    with pytest.raises(ConfigError, match=r"http\.event_loop: expected one of asyncio, uvloop, got 'tokio'"):
+        settings_from_dict({"http": {"event_loop": "tokio"}})
