@@ -107,7 +107,8 @@ def create_app(settings: Settings, *, cache: Cache | None = None, ohif_dir: Path
             # contact, and the routes find the effective nodes in app.state.settings.
             profiles = NodeProfiles(settings, dimse, app.state.cache, registry=observability)
             app.state.profiles = profiles
-            app.state.pacs = profiles.watching(CoalescingPacs(dimse, app.state.cache if clustered else None))
+            app.state.pacs = profiles.watching(CoalescingPacs(dimse, app.state.cache if clustered else None,
+                                                              observability))
             stack.push_async_callback(app.state.pacs.close)
             stack.push_async_callback(profiles.close)
             profiles.on_change = lambda nodes: setattr(app.state, "settings", replace(settings, nodes=nodes))

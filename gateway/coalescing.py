@@ -25,6 +25,10 @@ and the emulation look-ups all meet at this one choke point.
   the follower takes the lease itself; when the holder is still at it after :func:`wait_limit`,
   the follower runs its own C-FIND. Redis unreachable: the lease fails open and each replica asks
   the PACS itself (docs/architecture.md, "Cache").
+
+``/metrics`` (given the app's registry): ``dwg_find_flights_total``, ``dwg_find_joined_total`` and
+``dwg_find_followed_total`` by node (the attributes ``flights``, ``joined`` and ``followed`` are their
+sums over the nodes).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pydicom.dataset import Dataset
 from cache import keys
 from cache.base import Cache, StreamEntry
 from gateway import errors
+from gateway.observability import Registry
 from gateway.pacs import (
     FindResult,
     OnInstance,
@@ -85,11 +90,22 @@ class _Gone(Exception):
 
 
 class CoalescingPacs:
-    def __init__(self, pacs: Pacs, cache: Cache | None = None) -> None:
-        """``cache``: shared by the replicas (then flights coalesce across them), or None."""
+    def __init__(self, pacs: Pacs, cache: Cache | None = None, registry: Registry | None = None) -> None:
+        """``cache``: shared by the replicas (then flights coalesce across them), or None.
+        ``registry``: the app's metrics (``/metrics``), where the counters below are kept by node."""
         self.pacs = pacs
         self.cache = cache
         self._flights: dict[tuple[str, str], _Flight] = {}
+        registry = registry or Registry()
+        self._flights_total = registry.counter(
+            "dwg_find_flights_total", "C-FINDs started by the single-flight (run here, or followed on "
+            "another replica)", ("node",))
+        self._joined_total = registry.counter(
+            "dwg_find_joined_total", "C-FIND callers that joined an identical C-FIND in flight instead "
+            "of starting one", ("node",))
+        self._followed_total = registry.counter(
+            "dwg_find_followed_total", "C-FINDs answered by the identical C-FIND of another replica",
+            ("node",))
         self.flights = 0
         """Flights started in this process (each one C-FIND here or followed on another replica)."""
         self.joined = 0
@@ -111,8 +127,10 @@ class CoalescingPacs:
             self._flights[key] = flight
             flight.task.add_done_callback(lambda task: self._landed(key, flight))
             self.flights += 1
+            self._flights_total.inc_values((node.name,))
         else:
             self.joined += 1
+            self._joined_total.inc_values((node.name,))
         flight.waiters += 1
         try:
             result = await asyncio.shield(flight.task)
@@ -170,6 +188,7 @@ class CoalescingPacs:
                 attempts = 0
                 continue            # the holder died or gave up: take the lease, or follow the next
             self.followed += 1
+            self._followed_total.inc_values((node.name,))
             return result
         log.info("C-FIND on node %s: the replica running the same query took too long; asking "
                  "the node directly", node.name)

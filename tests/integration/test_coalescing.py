@@ -1,7 +1,8 @@
 """Single-flight C-FINDs (gateway/coalescing.py), counted at the PACS: concurrent identical QIDOs over a
 real Orthanc cost it one C-FIND, on one gateway and across two replicas sharing Redis; a killed
 winner is taken over by the replica that followed it; an error reaches every joiner and is not
-kept; one joiner leaving does not cancel the C-FIND for the others, the last one does.
+kept; one joiner leaving does not cancel the C-FIND for the others, the last one does. ``/metrics``
+counts the flights, the joiners and the flights followed on another replica, by node.
 
 Orthanc counts C-FINDs through a Lua ``IncomingFindRequestFilter`` that logs each one and holds it
 for a configurable time (so concurrent requests really overlap); the fault-injection cases use the
@@ -122,6 +123,15 @@ def burst(urls: list[str], path: str, params: dict, n: int = N) -> list[httpx.Re
         return list(pool.map(one, range(n)))
 
 
+def coalesced(url: str) -> dict[str, float]:
+    """The single-flight's counters of node ``orthanc`` on ``/metrics`` (0 until counted)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {key: float(value) for key, value in
+              (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("dwg_find_"))}
+    return {name: values.get(f'dwg_find_{name}_total{{node="orthanc"}}', 0.0)
+            for name in ("flights", "joined", "followed")}
+
+
 def cleanup(redis_url: str, prefix: str) -> None:
     server = redis.Redis.from_url(redis_url)
     try:
@@ -139,12 +149,17 @@ def test_concurrent_identical_qidos_cost_orthanc_one_c_find(counting):
         path, params = "/dicom-web/studies", {"PatientID": "DGW0001"}
         cost, body = cost_of_one(counting, url, path, params)
         counting.hold(0.5)
-        before = counting.finds()
+        before, counted = counting.finds(), coalesced(url)
         responses = burst([url], path, params)
         assert [r.status_code for r in responses] == [200] * N
         assert all(r.content == body for r in responses)
         assert settled(counting) - before == cost, f"{N} requests, no-cache ones included, cost one request's C-FINDs"
         counting.hold(0)
+        after = coalesced(url)
+        assert after["flights"] - counted["flights"] == cost, "/metrics: one flight per C-FIND Orthanc saw"
+        # The no-cache half cannot be answered from the cache: all but the first joined its C-FINDs.
+        assert after["joined"] - counted["joined"] >= (N // 2 - 1) * cost
+        assert after["followed"] == 0, "one replica: nothing to follow"
 
 
 def test_two_replicas_sharing_redis_cost_orthanc_one_c_find(counting, redis_url):
@@ -162,11 +177,15 @@ def test_two_replicas_sharing_redis_cost_orthanc_one_c_find(counting, redis_url)
             cost, body = cost_of_one(counting, url_a, path, params)
             counting.hold(0.5)
             before = counting.finds()
+            followed = coalesced(url_a)["followed"] + coalesced(url_b)["followed"]
             responses = burst([url_a, url_b], path, {**params, "includefield": "StudyDescription"})
             assert [r.status_code for r in responses] == [200] * N
             # The same answer from both replicas, each with its own base in RetrieveURL.
             assert len({r.content.replace(url_b.encode(), url_a.encode()) for r in responses}) == 1
             assert settled(counting) - before == cost, "one C-FIND per identifier for both replicas"
+            # Both replicas asked (nothing of it was cached yet), Orthanc answered one of them.
+            now = coalesced(url_a)["followed"] + coalesced(url_b)["followed"]
+            assert now - followed >= 1, "/metrics: a flight answered by the other replica's C-FIND"
     finally:
         counting.hold(0)
         cleanup(redis_url, prefix)

@@ -15,6 +15,7 @@ from cache.memory import MemoryCache
 from gateway import coalescing
 from gateway.coalescing import CoalescingPacs
 from gateway.errors import DimseFailure, NodeUnreachable
+from gateway.observability import Registry
 from gateway.pacs import FindResult, QueryModel
 from gateway.query_cache import identifier_digest
 from gateway.settings import PacsNode, settings_from_dict
@@ -96,6 +97,29 @@ async def test_concurrent_identical_finds_share_one_c_find():
     assert coalescer.flights == 3 and coalescer.joined == 9
 
 
+async def test_the_counters_are_exported_by_node():
+    registry = Registry()
+    pacs = HeldPacs()
+    coalescer = CoalescingPacs(pacs, registry=registry)
+    other: PacsNode = settings_from_dict({"nodes": [{"name": "b", "ae_title": "B", "host": "127.0.0.1",
+                                                     "port": 11113}]}).nodes[0]
+    calls = [asyncio.ensure_future(coalescer.find(NODE, ident())) for _ in range(4)]
+    calls.append(asyncio.ensure_future(coalescer.find(other, ident())))
+    await until(lambda: sum(pacs.calls.values()) == 2)
+    pacs.release.set()
+    await asyncio.gather(*calls)
+    lines = registry.render().splitlines()
+    assert "# HELP dwg_find_flights_total C-FINDs started by the single-flight (run here, or followed on " \
+           "another replica)" in lines
+    assert "# TYPE dwg_find_joined_total counter" in lines
+    assert "# TYPE dwg_find_followed_total counter" in lines
+    assert 'dwg_find_flights_total{node="a"} 1.0' in lines and 'dwg_find_flights_total{node="b"} 1.0' in lines
+    assert 'dwg_find_joined_total{node="a"} 3.0' in lines
+    assert not any(line.startswith(("dwg_find_joined_total{node=\"b\"", "dwg_find_followed_total{"))
+                   for line in lines), "nothing counted, nothing shown"
+    assert (coalescer.flights, coalescer.joined, coalescer.followed) == (2, 3, 0)   # the sums
+
+
 async def test_a_completed_flight_is_never_reused():
     pacs = HeldPacs()
     pacs.release.set()
@@ -161,14 +185,16 @@ async def test_the_identifier_is_the_flights_own():
 # ------------------------------------------------------------------ two replicas, one shared cache
 
 
-def replicas() -> tuple[MemoryCache, HeldPacs, CoalescingPacs, HeldPacs, CoalescingPacs]:
+def replicas(registry_b: Registry | None = None) -> tuple[MemoryCache, HeldPacs, CoalescingPacs, HeldPacs,
+                                                          CoalescingPacs]:
     cache = MemoryCache()
     a, b = HeldPacs(), HeldPacs()
-    return cache, a, CoalescingPacs(a, cache), b, CoalescingPacs(b, cache)
+    return cache, a, CoalescingPacs(a, cache), b, CoalescingPacs(b, cache, registry_b)
 
 
 async def test_replicas_share_one_c_find_through_the_lease():
-    cache, pacs_a, a, pacs_b, b = replicas()
+    registry = Registry()
+    cache, pacs_a, a, pacs_b, b = replicas(registry)
     lead = asyncio.ensure_future(a.find(NODE, ident()))
     await pacs_a.started.wait()
     follow = [asyncio.ensure_future(b.find(NODE, ident())) for _ in range(3)]
@@ -179,6 +205,10 @@ async def test_replicas_share_one_c_find_through_the_lease():
     assert [str(r.datasets[0].StudyInstanceUID) for r in results] == ["1.2.3"] * 4
     assert str(results[1].datasets[0].PatientID) == "P1" and results[1].node == "a"
     assert b.followed == 1 and b.joined == 2
+    exposition = registry.render()
+    assert 'dwg_find_followed_total{node="a"} 1.0\n' in exposition     # /metrics, by node
+    assert 'dwg_find_flights_total{node="a"} 1.0\n' in exposition
+    assert 'dwg_find_joined_total{node="a"} 2.0\n' in exposition
     lease = keys.find_lease("a", identifier_digest(ident(), "study", None))
     assert await cache.get(lease) is None, "the lease is released"
 
