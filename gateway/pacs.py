@@ -123,6 +123,17 @@ class NotRequested(Exception):
     sub-operation is refused (PS3.4 C.4.3: the C-STORE fails), nothing is spooled."""
 
 
+class ArrivalSpan(Protocol):
+    def end(self, status: int, stored: bool) -> None:
+        """The C-STORE was answered ``status`` and its instance spooled (``stored``) or not."""
+
+
+class ArrivalTrace(Protocol):
+    """Traces the C-STOREs a C-MOVE's sub-operations arrive as at the storage SCP (gateway/tracing.py)."""
+
+    def begin(self) -> ArrivalSpan: ...
+
+
 @dataclass
 class PendingMove:
     """A C-MOVE this process issued, waiting for its sub-operations at the move destination."""
@@ -133,6 +144,7 @@ class PendingMove:
     expected: set[str] | None
     on_instance: OnInstance
     received: set[str] = field(default_factory=set)
+    trace: ArrivalTrace | None = None   # None unless the move was issued for a traced request
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Optional OpenTelemetry traces: a server span per HTTP request and a child span per DIMSE operation,
-exported over OTLP/HTTP (docs/architecture.md, "App").
+"""Optional OpenTelemetry traces: a server span per HTTP request, a child span per DIMSE operation and,
+under a C-MOVE's, a span per C-STORE it brought to the storage SCP; exported over OTLP/HTTP
+(docs/architecture.md, "App").
 
 Off by default (``tracing.enabled``). Off, :class:`TracingMiddleware` is not installed, nothing
-imports OpenTelemetry (this module does so only in :meth:`Tracing.start`), and the DIMSE hook
-(:func:`dimse_span`, called by ``gateway.dimse.threads.Workers.run``) reads one context variable
-that is None.
+imports OpenTelemetry (this module does so only in :meth:`Tracing.start`), the DIMSE hooks
+(:func:`dimse_span`, called by ``gateway.dimse.threads.Workers.run``, and :func:`move_arrivals`,
+called once per C-MOVE by the retrieval) read one context variable that is None, and a received
+C-STORE costs the storage SCP one attribute read (``PendingMove.trace`` is None).
 
 On, the app's :class:`Tracing` owns a private ``TracerProvider`` (never the process-global one: an
 embedded gateway leaves its host's tracing alone, and every app, every test, exports on its own),
@@ -55,6 +57,11 @@ _PROPAGATED = (b"traceparent", b"tracestate")
 ACTIVE: contextvars.ContextVar[Tracing | None] = contextvars.ContextVar("gateway_tracing", default=None)
 """The app's :class:`Tracing` while one of its traced requests is served (set by the middleware);
 DIMSE work started from the request, in tasks it created included, inherits it."""
+
+MOVE_ARRIVALS: contextvars.ContextVar[MoveArrivals | None] = contextvars.ContextVar(
+    "gateway_move_arrivals", default=None)
+"""The :class:`MoveArrivals` of the C-MOVE about to be issued, set around ``Pacs.move`` by the
+retrieval (gateway/retrieval/fetching.py): that C-MOVE's span, once begun, is their parent."""
 
 
 def _version() -> str:
@@ -145,30 +152,45 @@ class Tracing:
 
         if self._tracer is None:
             return None
-        return DimseSpan(self._tracer, otel_context.get_current(), node, operation)
+        arrivals = MOVE_ARRIVALS.get() if operation == "move" else None
+        return DimseSpan(self._tracer, otel_context.get_current(), node, operation, arrivals)
+
+    def arrivals(self, node: str) -> MoveArrivals | None:
+        """The spans-to-be of a C-MOVE's sub-operations on ``node``, parented by the request's span
+        (captured now, on the loop) until the C-MOVE's own span begins."""
+        from opentelemetry import context as otel_context
+
+        if self._tracer is None:
+            return None
+        return MoveArrivals(self._tracer, otel_context.get_current(), node)
 
 
 class DimseSpan:
     """One DIMSE operation's CLIENT span, begun and ended on its worker thread by ``Workers.run``."""
 
-    __slots__ = ("_node", "_operation", "_parent", "_span", "_tracer", "budget_wait")
+    __slots__ = ("_arrivals", "_node", "_operation", "_parent", "_span", "_tracer", "budget_wait")
 
-    def __init__(self, tracer: Tracer, parent: Context, node: str, operation: str) -> None:
+    def __init__(self, tracer: Tracer, parent: Context, node: str, operation: str,
+                 arrivals: MoveArrivals | None = None) -> None:
         self._tracer = tracer
         self._parent = parent
         self._node = node
         self._operation = operation
+        self._arrivals = arrivals   # a C-MOVE's: the spans of its sub-operations become its children
         self._span: Span | None = None
         self.budget_wait = 0.0   # seconds waited for the node's association budget (set before begin)
 
     def begin(self) -> None:
-        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace import SpanKind, set_span_in_context
 
         command = DIMSE_COMMANDS.get(self._operation, self._operation)
         self._span = self._tracer.start_span(
             f"DIMSE {command}", context=self._parent, kind=SpanKind.CLIENT,
             attributes={"dimse.node": self._node, "dimse.operation": self._operation,
                         "dimse.command": command, "dimse.budget_wait_seconds": self.budget_wait})
+        if self._arrivals is not None:
+            # Before the C-MOVE-RQ is sent, so before any of its C-STOREs can arrive.
+            self._arrivals.parent = set_span_in_context(self._span, self._parent)
 
     def end(self, outcome: str, result: object) -> None:
         """``outcome`` as the metrics label it (``ok``, ``cancelled`` or an error's class name) and
@@ -185,6 +207,51 @@ class DimseSpan:
             span.set_attribute("error.type", outcome)
             span.set_status(Status(StatusCode.ERROR))
         span.end()
+
+
+class MoveArrivals:
+    """The spans of the C-STOREs a traced C-MOVE's sub-operations arrive as at the gateway's storage
+    SCP (``PendingMove.trace``): ``ArrivalRouter`` of either engine (gateway/dimse/arrivals_routing.py)
+    begins one per C-STORE routed to the move and ends it once answered and spooled, on the
+    association's thread. SERVER spans ``DIMSE C-STORE``, children of the C-MOVE's span, with the
+    attributes of the other DIMSE spans (``dimse.node``: the node the move went to) and no UID."""
+
+    __slots__ = ("_node", "_tracer", "parent")
+
+    def __init__(self, tracer: Tracer, parent: Context, node: str) -> None:
+        self._tracer = tracer
+        self._node = node
+        self.parent = parent
+
+    def begin(self) -> ReceivedStoreSpan:
+        from opentelemetry.trace import SpanKind
+
+        return ReceivedStoreSpan(self._tracer.start_span(
+            "DIMSE C-STORE", context=self.parent, kind=SpanKind.SERVER,
+            attributes={"dimse.node": self._node, "dimse.operation": "store", "dimse.command": "C-STORE"}))
+
+
+class ReceivedStoreSpan:
+    """One received C-STORE's span (:class:`MoveArrivals`)."""
+
+    __slots__ = ("_span",)
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+
+    def end(self, status: int, stored: bool) -> None:
+        """``dimse.status``: the C-STORE-RSP's status; ``dimse.outcome``: ``ok`` (spooled),
+        ``refused`` (answered with a failure status) or ``not_stored`` (acknowledged, but the write
+        after the answer failed: the retrieval brings it again)."""
+        from opentelemetry.trace import Status, StatusCode
+
+        outcome = "ok" if stored else "refused" if status else "not_stored"
+        self._span.set_attribute("dimse.status", status)
+        self._span.set_attribute("dimse.outcome", outcome)
+        if outcome != "ok":
+            self._span.set_attribute("error.type", outcome)
+            self._span.set_status(Status(StatusCode.ERROR))
+        self._span.end()
 
 
 def _result_attributes(result: object) -> dict[str, int | bool]:
@@ -204,6 +271,13 @@ def dimse_span(node: str, operation: str) -> DimseSpan | None:
     (tracing off: one context variable read)."""
     tracing = ACTIVE.get()
     return None if tracing is None else tracing.dimse(node, operation)
+
+
+def move_arrivals(node: str) -> MoveArrivals | None:
+    """The retrieval's hook, once per C-MOVE it issues: the trace of the move's arrivals when the
+    request is traced, else None (tracing off: one context variable read)."""
+    tracing = ACTIVE.get()
+    return None if tracing is None else tracing.arrivals(node)
 
 
 class TracingMiddleware:

@@ -29,6 +29,10 @@ retries it. The final C-MOVE response, though, may then reach the C-MOVE SCU bef
 done: the move's issuer calls :func:`settle` with its Message ID before it reports the move over, so
 completeness is judged only once every acknowledged write of the move was handed to the spool.
 
+**Traces**: an arrival routed to a move issued for a traced request (``PendingMove.trace``, set by
+gateway/tracing.py) gets a span from routing until answered and spooled (``write`` done), on either
+engine; untraced, that costs one attribute read. Arrivals for another replica's move are not traced.
+
 Thread-safety: :meth:`ArrivalRouter.store` runs on the SCP's association threads, ``register``
 and friends on the event loop's; one lock guards the pending moves.
 """
@@ -161,10 +165,18 @@ class ArrivalRouter:
 
     def store(self, arrival: Arrival) -> int:
         """Route, spool and count one C-STORE; returns the status to answer it with."""
-        sop_uid = arrival.sop_instance
         move = self._route(arrival)
         if move is None:
             return self._unrouted(arrival)
+        if move.trace is None:
+            return self._spool(move, arrival)
+        span = move.trace.begin()
+        status = self._spool(move, arrival)
+        span.end(status, status == SUCCESS)
+        return status
+
+    def _spool(self, move: PendingMove, arrival: Arrival) -> int:
+        sop_uid = arrival.sop_instance
         with self._lock:
             duplicate = sop_uid in move.received
             if duplicate:
@@ -192,6 +204,7 @@ class ArrivalRouter:
         move = self._route(arrival)
         if move is None:
             return self._unrouted(arrival), None   # refused, or another replica's: nothing deferred
+        span = move.trace.begin() if move.trace is not None else None
         with self._lock:
             duplicate = sop_uid in move.received
             if duplicate:
@@ -199,12 +212,16 @@ class ArrivalRouter:
             else:
                 move.received.add(sop_uid)     # a second C-STORE of it meanwhile is a duplicate
         if duplicate:
+            if span is not None:
+                span.end(REFUSED_NOT_AUTHORISED, False)
             return REFUSED_NOT_AUTHORISED, None
         _WRITES.begin(move.msg_id)
 
         def write() -> None:
+            stored = False
             try:
                 move.on_instance(arrival.part10(), sop_uid, arrival.sop_class, arrival.transfer_syntax)
+                stored = True
             except NotRequested:
                 with self._lock:
                     self.unexpected += 1
@@ -217,6 +234,8 @@ class ArrivalRouter:
                             "retries what is missing", exc_info=True)
             finally:
                 _WRITES.end(move.msg_id)
+                if span is not None:
+                    span.end(SUCCESS, stored)
 
         return SUCCESS, write
 

@@ -44,6 +44,7 @@ from gateway.retrieval.fetch import InstanceRef, Manifest, RetrievalFailed, Seri
 from gateway.retrieval.locating import Locator
 from gateway.retrieval.membership import belongs
 from gateway.settings import PacsNode, Settings
+from gateway.tracing import MOVE_ARRIVALS, move_arrivals
 from translators.uids import InstanceId, SeriesId
 
 log = logging.getLogger(__name__)
@@ -362,9 +363,13 @@ class Fetcher:
             if request.sops is not None
             else set(fetch.manifest.uids) if fetch.listed else None
         )
-        self.scp.register(PendingMove(msg_id, fetch.id.study, fetch.id.series, expected, on_instance))
+        # Traced request: a span per sub-operation arriving, under the C-MOVE's (gateway/tracing.py).
+        trace = move_arrivals(node.name)
+        self.scp.register(PendingMove(msg_id, fetch.id.study, fetch.id.series, expected, on_instance,
+                                      trace=trace))
         if request.compressed_first:
             self.scp.prefer_compressed(True)
+        traced = MOVE_ARRIVALS.set(trace)
         try:
             # With replicas, the PACS may deliver to another replica's storage SCP (one AE title behind
             # one Service): the coordinator publishes the move and copies in what that replica announces.
@@ -377,6 +382,7 @@ class Fetcher:
                     cancel=fetch.cancel,
                 )
         finally:
+            MOVE_ARRIVALS.reset(traced)
             self.scp.unregister(msg_id)
             if request.compressed_first:
                 self.scp.prefer_compressed(False)

@@ -3,6 +3,9 @@ decoded with the protobuf classes of opentelemetry-proto (what the exporter itse
 
 * a QIDO and a WADO against a real PACS (the in-process pynetdicom Q/R SCP) each give a SERVER span
   with a DIMSE child span (C-FIND, C-GET) of the same trace, on the worker thread;
+* a WADO on a ``retrieve: move`` node: the C-MOVE's span has a SERVER span ``DIMSE C-STORE`` per
+  instance the PACS sent to the gateway's storage SCP (whichever ``scp_engine`` the run uses,
+  ``GATEWAY_GATEWAY__DIMSE_ENGINE``), children of the C-MOVE's span;
 * an incoming W3C ``traceparent`` is continued (its trace id, its span as the parent), an unsampled
   one is not exported;
 * no patient data anywhere in what was exported: the names, IDs and UIDs of the test data (sent in
@@ -37,7 +40,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from gateway.demo_data import DEMO_STUDIES, generate_demo_datasets
 from gateway.dimse.demo_pacs import DemoPacs
 from gateway.settings import settings_from_dict
-from tests.support.server import running_gateway
+from tests.support.multipart import parse_multipart
+from tests.support.server import free_port, running_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 CT = next(s for s in DEMO_STUDIES if s["accession_number"] == "A2303140011")
@@ -222,6 +226,51 @@ OFF_SCRIPT = textwrap.dedent("""
             status = answer.status_code
     print(json.dumps({"status": status, "otel": sorted(m for m in sys.modules if m.startswith("opentelemetry"))}))
 """)
+
+
+def test_a_c_move_retrieve_traces_each_c_store_arriving_at_the_storage_scp(tmp_path):
+    study, series = CT["study_uid"], AXIAL["series_uid"]
+    scp_port = free_port()
+    with otlp_receiver() as receiver, DemoPacs(generate_demo_datasets(), ae_title="TRCMOVE",
+                                               move_destinations={"DICOMWEBGW": ("127.0.0.1", scp_port)}) as pacs:
+        settings = settings_from_dict({
+            "gateway": {"ae_title": "DICOMWEBGW", "dimse_host": "127.0.0.1", "dimse_port": scp_port},
+            "spool": {"path": str(tmp_path / "spool")},
+            "nodes": [{"name": "mv", "ae_title": "TRCMOVE", "host": "127.0.0.1", "port": pacs.port,
+                       "retrieve": "move"}],
+            "profiling": {"enabled": False},   # its probe's C-MOVE would be no request's, but arrive too
+            "tracing": {"enabled": True, "endpoint": receiver.url}})
+        with running_gateway(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
+            answer = client.get(f"/dicom-web/studies/{study}/series/{series}",
+                                headers={"Accept": 'multipart/related; type="application/dicom"'})
+            assert answer.status_code == 200
+            assert len(parse_multipart(answer.content, answer.headers["content-type"])) == AXIAL["num_instances"]
+            deadline = time.monotonic() + 30
+            while 'operation="move",outcome=' not in client.get("/metrics").text:
+                assert time.monotonic() < deadline, "the C-MOVE did not end"
+                time.sleep(0.1)
+    assert pacs.counters["move"] >= 1
+
+    spans = receiver.spans()
+    (wado,) = [s for s in spans if s.kind == Span.SPAN_KIND_SERVER and s.name.startswith("GET ")]
+    assert wado.name == "GET /dicom-web/studies/{study}/series/{series}"
+    moves = [s for s in spans if s.name == "DIMSE C-MOVE"]
+    assert moves and all(m.parent_span_id == wado.span_id and m.kind == Span.SPAN_KIND_CLIENT for m in moves)
+    stores = [s for s in spans if s.name == "DIMSE C-STORE"]
+    assert len(stores) == AXIAL["num_instances"], "one span per instance the PACS sent"
+    for store in stores:
+        assert store.kind == Span.SPAN_KIND_SERVER and store.trace_id == wado.trace_id
+        assert store.parent_span_id in {m.span_id for m in moves}, "a child of its C-MOVE's span"
+        a = attrs(store)
+        assert (a["dimse.node"], a["dimse.operation"], a["dimse.command"]) == ("mv", "store", "C-STORE")
+        assert a["dimse.outcome"] == "ok" and a["dimse.status"] == 0
+        assert store.status.code != Status.STATUS_CODE_ERROR
+        parent = next(m for m in moves if m.span_id == store.parent_span_id)
+        assert parent.start_time_unix_nano <= store.start_time_unix_nano <= store.end_time_unix_nano
+    assert sum(attrs(m)["dimse.completed"] for m in moves) == AXIAL["num_instances"]   # the PACS agrees
+    payload = b"".join(receiver.bodies)
+    leaked = [u for u in (study, series, *AXIAL["sop_instance_uids"]) if u.encode() in payload]
+    assert not leaked, f"UIDs in the exported spans: {leaked}"
 
 
 def test_tracing_off_exports_nothing_and_imports_no_opentelemetry(tmp_path):

@@ -510,3 +510,63 @@ def test_spans_of_requests_and_dimse_work_and_the_json_log_carries_the_trace_id(
     line = json.loads(stream.getvalue().splitlines()[0])
     assert line["request_id"] == "req-9" and line["trace_id"] == format(server.context.trace_id, "032x")
     assert not tracing.started
+
+
+def test_c_stores_arriving_for_a_traced_c_move_are_spans_under_its_span_on_both_router_paths():
+    """The storage SCP's arrivals (ArrivalRouter.store: pynetdicom's engine; accept then write: the
+    fast one) of a move issued in a traced request: a SERVER span each, child of the C-MOVE's span,
+    with the status and outcome and no UID; a move issued untraced carries no trace at all."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from gateway.dimse.arrivals_routing import REFUSED_NOT_AUTHORISED, SUCCESS, ArrivalRouter
+    from gateway.pacs import PendingMove
+    from gateway.settings import TracingSection
+    from gateway.tracing import ACTIVE, MOVE_ARRIVALS, Tracing, move_arrivals
+    from tests.unit.test_arrivals_routing import Sink, arrival
+
+    assert move_arrivals("n") is None                      # no traced request: nothing to carry
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(TracingSection(enabled=True), {})
+    tracing.start(exporter=exporter)
+    router = ArrivalRouter()
+    sink = Sink(fail=False)
+    active = ACTIVE.set(tracing)
+    try:
+        trace = move_arrivals("n")
+        assert trace is not None
+        router.register(PendingMove(7, STUDY, SERIES, {SOP, SOP + "1", SOP + "2"}, sink, trace=trace))
+        issuing = MOVE_ARRIVALS.set(trace)
+        move = tracing.dimse("n", "move")
+        MOVE_ARRIVALS.reset(issuing)
+    finally:
+        ACTIVE.reset(active)
+    assert move is not None
+    move.begin()                                           # on the worker thread, before the C-MOVE-RQ
+    assert router.store(arrival(SOP, msg_id=7, study=STUDY, series=SERIES)) == SUCCESS
+    assert router.store(arrival(SOP, msg_id=7, study=STUDY, series=SERIES)) == REFUSED_NOT_AUTHORISED
+    status, write = router.accept(arrival(SOP + "1", msg_id=7, study=STUDY, series=SERIES))
+    assert status == SUCCESS and write is not None
+    write()
+    sink.fail = True
+    status, write = router.accept(arrival(SOP + "2", msg_id=7, study=STUDY, series=SERIES))
+    assert status == SUCCESS and write is not None
+    write()                                                # acknowledged, then the write failed
+    move.end("ok", None)
+    asyncio.run(tracing.close())
+
+    spans = exporter.get_finished_spans()
+    (c_move,) = [s for s in spans if s.name == "DIMSE C-MOVE"]
+    stores = [s for s in spans if s.name == "DIMSE C-STORE"]
+    assert len(stores) == 4 and len(spans) == 5
+    for span in stores:
+        assert span.kind == SpanKind.SERVER and span.parent.span_id == c_move.context.span_id
+        assert span.context.trace_id == c_move.context.trace_id
+        assert {k: span.attributes[k] for k in ("dimse.node", "dimse.operation", "dimse.command")} == {
+            "dimse.node": "n", "dimse.operation": "store", "dimse.command": "C-STORE"}
+    assert [(s.attributes["dimse.outcome"], s.attributes["dimse.status"], s.status.status_code) for s in stores] \
+        == [("ok", 0, StatusCode.UNSET), ("refused", REFUSED_NOT_AUTHORISED, StatusCode.ERROR),
+            ("ok", 0, StatusCode.UNSET), ("not_stored", 0, StatusCode.ERROR)]
+    assert stores[3].attributes["error.type"] == "not_stored"
+    exported = repr([(s.name, dict(s.attributes)) for s in spans])
+    assert STUDY not in exported and SERIES not in exported and SOP not in exported
