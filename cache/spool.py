@@ -98,6 +98,8 @@ class Spool:
         self._tmp_names = itertools.count()   # next() on it is atomic under the GIL: any thread
         self._folders: set[str] = set()       # node folders known to exist
         self._prepared: deque[tuple[int, Path]] = deque()   # temp files created ahead (temp_file)
+        self._retired: deque[Path] = deque()   # prepared names of files linked into place (commit)
+        self._no_links = False                 # the filesystem refused a hard link: rename instead
         self._wanted = threading.Event()
         self._preparer: threading.Thread | None = None
         self._closed = False
@@ -155,6 +157,7 @@ class Spool:
         while not self._closed:
             self._wanted.wait()
             self._wanted.clear()
+            self._unlink_retired()
             while len(self._prepared) < PREPARED_TEMP_FILES and not self._closed:
                 try:
                     item = self._create_temp()
@@ -164,7 +167,16 @@ class Spool:
                 self._prepared.append(item)
         self._drop_prepared()
 
+    def _unlink_retired(self) -> None:
+        while True:
+            try:
+                path = self._retired.popleft()
+            except IndexError:
+                return
+            path.unlink(missing_ok=True)
+
     def _drop_prepared(self) -> None:
+        self._unlink_retired()
         while True:
             try:
                 fd, path = self._prepared.popleft()
@@ -209,11 +221,13 @@ class Spool:
             size = tmp.stat().st_size
         entry = SpoolEntry(instance, sop_class_uid, transfer_syntax, final, size, pins=1 if pin else 0)
         key = (instance.node, instance.sop)
+        if instance.node not in self._folders:
+            folder.mkdir(exist_ok=True)
+            self._folders.add(instance.node)     # atomic under the GIL; mkdir is idempotent
+        linked = self._link_prepared(tmp, final)
         with self._lock:
-            if instance.node not in self._folders:
-                folder.mkdir(exist_ok=True)
-                self._folders.add(instance.node)
-            os.replace(tmp, final)
+            if not linked:
+                os.replace(tmp, final)
             old = self._entries.pop(key, None)
             if old is not None:
                 # Replaced (a second retrieval of the same instance): its holders unpin the old
@@ -236,6 +250,27 @@ class Spool:
             except Exception:  # noqa: BLE001 - derived data is an optimisation; reads recompute it
                 log.warning("post-commit processing of a spooled instance failed", exc_info=True)
         return entry
+
+    def _link_prepared(self, tmp: Path, final: Path) -> bool:
+        """Put a prepared temp file in place by ``link(2)``, leaving its prepared name for the
+        preparer thread to unlink. Why not ``rename(2)``: a rename out of the prepared folder locks
+        that folder, which the preparer holds while it creates the next files (on ext4 an inode
+        allocation can take hundreds of microseconds): the association thread spun on that lock
+        between two instances (7 % of the gateway's CPU in a cold C-GET, perf). A link locks only the
+        node's folder. False (rename instead) for another temp file, an instance already in place
+        (a second retrieval replaces it) or a filesystem without hard links."""
+        if tmp.parent != self._ready or self._no_links:
+            return False
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError:
+            self._no_links = True
+            return False
+        self._retired.append(tmp)
+        self._wanted.set()
+        return True
 
     # ---------------------------------------------------------------- reading
 

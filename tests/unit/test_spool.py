@@ -177,3 +177,40 @@ def test_temp_files_are_created_ahead_and_cleaned_up(tmp_path):
     assert sorted(p.name for p in ready.iterdir()) == [path.name]   # only the one handed out is left
     Spool(tmp_path, max_bytes=10_000)                     # a restart clears leftovers
     assert list(ready.iterdir()) == []
+
+
+def _names_settle(folder, count, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while len(list(folder.iterdir())) != count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(list(folder.iterdir()))
+
+
+def test_prepared_files_are_linked_into_place_and_their_names_dropped_by_the_preparer(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    entries = [put(spool, bytes([n]) * 10, str(n)) for n in range(1, 6)]
+    for n, entry in enumerate(entries, start=1):
+        assert entry.path.read_bytes() == bytes([n]) * 10
+        assert entry.path.stat().st_nlink in (1, 2)      # 2 until the preparer drops the old name
+    # the prepared folder ends up holding only files created ahead, none of the five written
+    assert _names_settle(tmp_path / ".prepared", PREPARED_TEMP_FILES) == PREPARED_TEMP_FILES
+    assert all(e.path.stat().st_nlink == 1 for e in entries)
+    assert all(p.stat().st_size == 0 for p in (tmp_path / ".prepared").iterdir())
+    # a second retrieval of an instance in place replaces it (a link cannot)
+    again = put(spool, b"new", "3")
+    assert again.path == entries[2].path and again.path.read_bytes() == b"new"
+    assert spool.total_bytes == 4 * 10 + 3
+    spool.close()
+
+
+def test_a_filesystem_without_hard_links_gets_renames(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    spool = Spool(tmp_path, max_bytes=10_000)
+    first, second = put(spool, b"a", "1"), put(spool, b"b", "2")
+    assert (first.path.read_bytes(), second.path.read_bytes()) == (b"a", b"b")
+    assert first.path.stat().st_nlink == 1
+    assert _names_settle(tmp_path / ".prepared", PREPARED_TEMP_FILES) == PREPARED_TEMP_FILES
+    spool.close()
