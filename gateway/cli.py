@@ -51,6 +51,7 @@ def _run_server(settings: Settings, host: str, port: int, allow_unauthenticated:
     if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         print("http.event_loop is uvloop but uvloop is not installed", file=sys.stderr)
         return 2
+    log.info("serving on %s:%d, event loop %s", host, port, loop)
     preload_streaming()
     uvicorn.run(create_app(settings, **app_kwargs), host=host, port=port, loop=loop, workers=1,
                 lifespan="on", log_config=None, log_level=settings.logging.level, proxy_headers=False,

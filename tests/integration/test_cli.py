@@ -97,6 +97,25 @@ def test_serve_with_config_and_env_override(tmp_path, pacs):
         proc.wait(20)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_serve_runs_on_the_configured_event_loop(tmp_path, pacs, loop):
+    """http.event_loop: asyncio by default (uvloop's socket writes hold the GIL), uvloop on request."""
+    cfg = write_config(tmp_path, [{"name": "p", "ae_title": "ECHOME", "host": "127.0.0.1", "port": pacs.port}])
+    port = free_port()
+    env = dict(os.environ, GATEWAY_CONFIG=str(cfg))
+    if loop == "uvloop":
+        env["GATEWAY_HTTP__EVENT_LOOP"] = "uvloop"
+    proc = subprocess.Popen(CLI + ["serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz?echo=1").json()["nodes"]["p"]["ok"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert f"serving on 127.0.0.1:{port}, event loop {loop}" in out
+
+
 def test_demo_command_serves_the_demo_studies():
     port = free_port()
     proc = subprocess.Popen(CLI + ["demo", "--port", str(port)], stdout=subprocess.PIPE,
