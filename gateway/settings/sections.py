@@ -139,7 +139,7 @@ class HttpSection:
     tls_key_file: str | None = None     # ... and its private key
     # asyncio (default) or uvloop. uvloop writes to a socket while holding the GIL, so every
     # multipart part of a cold retrieve stalls the DIMSE thread receiving the next instances:
-    # measured, a cold study C-GET took 1.7x as long with uvloop; uvloop serves ~15 % more small
+    # measured, a cold study C-GET took 1.3-1.7x as long with uvloop; uvloop serves ~15 % more small
     # cached QIDO requests per second (docs/architecture.md, "HTTP edge").
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
