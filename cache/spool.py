@@ -224,9 +224,8 @@ class Spool:
         if instance.node not in self._folders:
             folder.mkdir(exist_ok=True)
             self._folders.add(instance.node)     # atomic under the GIL; mkdir is idempotent
-        linked = self._link_prepared(tmp, final)
-        with self._lock:
-            if not linked:
+        with self._lock:   # the file in place and its entry indexed in one step, as one commit
+            if not self._link_prepared(tmp, final):
                 os.replace(tmp, final)
             old = self._entries.pop(key, None)
             if old is not None:
