@@ -23,6 +23,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 
 from cache.spool import Spool, SpoolEntry
+from translators import frame_transcode as ft
 from translators import frames as fr
 from translators.dicom_json import dataset_to_json
 from translators.part10_scan import Unscannable, index_native
@@ -154,7 +155,7 @@ class InstanceReader:
                 with open(entry.path, "rb") as fh:
                     header = dcmread(fh, stop_before_pixels=True)
                 entry.derived["header"] = header
-            return fr.transcode_frame(frame, index, header, target_ts)
+            return ft.transcode_frame(frame, index, header, target_ts)
         return await self.run(work)  # type: ignore[no-any-return]
 
     # ---------------------------------------------------------------- whole instance
@@ -184,7 +185,7 @@ class InstanceReader:
     async def transcoded(self, entry: SpoolEntry, target_ts: str) -> bytes:
         def work() -> bytes:
             with open(entry.path, "rb") as fh:
-                return fr.transcode_part10(fh.read(), target_ts)
+                return ft.transcode_part10(fh.read(), target_ts)
         return await self.run(work)  # type: ignore[no-any-return]
 
     async def dataset(self, entry: SpoolEntry) -> Dataset:

@@ -1,4 +1,4 @@
-"""Frames of a stored Part-10 file: where they are, how to label them, how to transcode them.
+"""Frames of a stored Part-10 file: where they are, how to read them, how to label them.
 
 Pure functions over a file object the caller opens (no sockets, no HTTP). WADO-RS frames and
 pixel data (PS3.18 §10.4, media types §8.7.3.3, Table 8.7.3-5) are served from the spool file:
@@ -11,7 +11,7 @@ pixel data (PS3.18 §10.4, media types §8.7.3.3, Table 8.7.3-5) are served from
 3. :func:`media_type_for_transfer_syntax` labels each part; :func:`transfer_syntaxes_for_media_type`
    is the inverse used in Accept negotiation.
 4. When the client cannot take the stored encoding (e.g. :data:`CORNERSTONE_UNDECODABLE`),
-   :func:`can_transcode` says whether :func:`transcode_frame` / :func:`transcode_part10` can.
+   :mod:`translators.frame_transcode` re-encodes the frame or the whole file.
 
 Errors (all ``ValueError``)::
 
@@ -19,48 +19,33 @@ Errors (all ``ValueError``)::
      ├── FrameError       frame number outside 1..NumberOfFrames (client error, 400)
      ├── NotIndexable     the stored file's pixel data cannot be located or split (server side)
      └── TranscodeError   no decoder/encoder for the pair, or the codec refused this image
+                          (raised by translators.frame_transcode; defined here with its siblings)
 
 Out of scope: Explicit VR Big Endian and Deflated files (``NotIndexable``: transcode them with
-:func:`transcode_part10` first), and frames that are not byte-aligned are re-aligned by
-:func:`read_frame` only for Bits Allocated 1 native data.
+:func:`translators.frame_transcode.transcode_part10` first), and frames that are not byte-aligned
+are re-aligned by :func:`read_frame` only for Bits Allocated 1 native data.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from io import BytesIO
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.encoders.base import get_encoder
-from pydicom.pixels.utils import decompress, pack_bits
-from pydicom.uid import UID
 
-from translators.syntaxes import (
-    DEFLATED_LE,
-    ENCAPSULATED_UNCOMPRESSED,
-    JPEG_2000_LOSSLESS,
-    JPEG_LS_LOSSLESS,
-    RLE_LOSSLESS,
-)
+from translators.syntaxes import DEFLATED_LE, ENCAPSULATED_UNCOMPRESSED, RLE_LOSSLESS
 from translators.syntaxes import EXPLICIT_VR_BE as EXPLICIT_BE
 from translators.syntaxes import EXPLICIT_VR_LE as EXPLICIT_LE
 from translators.syntaxes import IMPLICIT_VR_LE as IMPLICIT_LE
 
 __all__ = [
-    "CORNERSTONE_UNDECODABLE", "FrameError", "FrameIndex", "NotIndexable", "TranscodeError", "can_transcode",
-    "index_part10", "media_type_for_transfer_syntax", "read_frame", "transcode_frame", "transcode_part10",
-    "transfer_syntaxes_for_media_type",
+    "CORNERSTONE_UNDECODABLE", "FrameError", "FrameIndex", "NotIndexable", "TranscodeError",
+    "index_part10", "media_type_for_transfer_syntax", "read_frame", "transfer_syntaxes_for_media_type",
 ]
 
 
@@ -101,9 +86,9 @@ _MEDIA_TYPES: dict[str, tuple[str, ...]] = {
 _ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 _BY_LOWER = {name.lower(): name for name in _MEDIA_TYPES}
 _RETIRED_JPEG = _ts("52", "53", "54", "55", "56", "58", "59", "60", "61", "62", "63", "64", "65", "66")
-_NATIVE_ALL = (IMPLICIT_LE, EXPLICIT_LE, ENCAPSULATED_UNCOMPRESSED, DEFLATED_LE, EXPLICIT_BE)
+NATIVE_ALL = (IMPLICIT_LE, EXPLICIT_LE, ENCAPSULATED_UNCOMPRESSED, DEFLATED_LE, EXPLICIT_BE)
 _MEDIA_TYPE_OF: dict[str, str] = {
-    **{ts: "application/octet-stream" for ts in _NATIVE_ALL},
+    **{ts: "application/octet-stream" for ts in NATIVE_ALL},
     **{ts: "image/jpeg" for ts in _RETIRED_JPEG},
     **{ts: name for name, uids in _MEDIA_TYPES.items() if name != "application/octet-stream" for ts in uids},
 }
@@ -113,11 +98,8 @@ CORNERSTONE_UNDECODABLE: frozenset[str] = frozenset(_ts("92", "93")) | _VIDEO
 """Stored encodings cornerstone 5.x cannot decode (JPEG 2000 Part 2 multi-component, video): transcode
 or refuse (docs/architecture.md, "Retrieval")."""
 
-# Transcoding: what pydicom can read as native pixels, and what it can write.
-_NATIVE_SOURCES = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE})
-_NATIVE_TARGETS = frozenset({IMPLICIT_LE, EXPLICIT_LE})
-# Only lossless targets: lossy re-encoding needs quality parameters a WADO request cannot carry.
-_LOSSLESS_TARGETS = frozenset({RLE_LOSSLESS, JPEG_LS_LOSSLESS, JPEG_2000_LOSSLESS})
+# Native little endian: split by arithmetic here, read as pixels without a codec by frame_transcode.
+NATIVE_SOURCES = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE})
 
 _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"})
@@ -266,20 +248,20 @@ def _index_part10(fp: BinaryIO) -> FrameIndex | None:
     elif not implicit:
         length = struct.unpack("<H", head[6:8])[0]
 
-    rows = _int(header, "Rows")
-    columns = _int(header, "Columns")
+    rows = header_int(header, "Rows")
+    columns = header_int(header, "Columns")
     if rows < 1 or columns < 1:
         raise NotIndexable("missing or zero Rows / Columns")
     keyword = _PIXEL_TAGS[group << 16 | element]
     default_bits = {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(keyword, 0)
-    bits = _int(header, "BitsAllocated", default_bits)
+    bits = header_int(header, "BitsAllocated", default_bits)
     if bits < 1 or (bits != 1 and bits % 8):
         raise NotIndexable(f"unsupported Bits Allocated {bits}")
-    spp = _int(header, "SamplesPerPixel", 1)
-    nframes = max(_int(header, "NumberOfFrames", 1), 1)
+    spp = header_int(header, "SamplesPerPixel", 1)
+    nframes = max(header_int(header, "NumberOfFrames", 1), 1)
 
     if length != _UNDEFINED:
-        if ts not in _NATIVE_SOURCES:
+        if ts not in NATIVE_SOURCES:
             raise NotIndexable(f"defined-length Pixel Data in compressed transfer syntax {ts}")
         frame_bits = _frame_bits(rows, columns, spp, bits, str(header.get("PhotometricInterpretation", "")))
         frames = _native_spans(value_offset, length, frame_bits, nframes)
@@ -299,7 +281,9 @@ def _index_part10(fp: BinaryIO) -> FrameIndex | None:
                       keyword)
 
 
-def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+def header_int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    """An integer attribute of the image pixel module (``default`` when absent or empty; a value
+    that is not an integer: :class:`NotIndexable`)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return default
@@ -465,148 +449,3 @@ def transfer_syntaxes_for_media_type(media_type: str) -> list[str]:
     name = media_type.split(";", 1)[0].strip().lower()
     name = _BY_LOWER.get(_ALIASES.get(name, name), "")
     return list(_MEDIA_TYPES.get(name, ()))
-
-
-# --------------------------------------------------------------------------- transcoding
-
-
-@cache
-def _decodable(ts: str) -> bool:
-    if ts in _NATIVE_SOURCES:
-        return True
-    if ts in _NATIVE_ALL:  # big endian, encapsulated uncompressed: no pydicom path to native LE
-        return False
-    try:
-        return bool(get_decoder(ts).is_available)
-    except (NotImplementedError, ValueError):
-        return False
-
-
-@cache
-def _encodable(ts: str) -> bool:
-    if ts in _NATIVE_TARGETS:
-        return True
-    if ts not in _LOSSLESS_TARGETS:
-        return False
-    try:
-        return bool(get_encoder(ts).is_available)
-    except (NotImplementedError, ValueError):
-        return False
-
-
-def can_transcode(source_ts: str, target_ts: str) -> bool:
-    """Whether stored ``source_ts`` pixel data can be delivered in ``target_ts`` here.
-
-    True for the identity, any decodable source (native little endian, or a compressed syntax with
-    an installed pydicom decoder) to Explicit/Implicit VR Little Endian, and to the lossless
-    encodings with an installed encoder: RLE Lossless (pydicom), JPEG-LS Lossless (pyjpegls),
-    JPEG 2000 Lossless (pylibjpeg-openjpeg). Lossy targets other than the identity are refused.
-    """
-    return source_ts == target_ts or (_decodable(source_ts) and _encodable(target_ts))
-
-
-@contextmanager
-def _codec_errors(what: str) -> Iterator[None]:
-    # pydicom and its plugins raise RuntimeError, ValueError, AttributeError, NotImplementedError...:
-    # translate them once, here.
-    try:
-        yield
-    except TranscodeError:
-        raise
-    except Exception as exc:
-        raise TranscodeError(f"{what}: {exc}") from exc
-
-
-def transcode_frame(frame: bytes, index: FrameIndex, header: Dataset, target_ts: str) -> bytes:
-    """One frame from :func:`read_frame`, re-encoded in ``target_ts`` (PS3.5 §8.2, Annex A.4).
-
-    ``header`` supplies Bits Stored, Pixel Representation, Photometric Interpretation and Planar
-    Configuration. Native output is pixel-interleaved (Planar Configuration 0) little endian;
-    decoded YCbCr (compressed, or native YBR_FULL_422) becomes RGB, as pydicom's ``decompress``
-    does, so a client must then be told Photometric Interpretation RGB. Compressed output is one
-    codestream (lossless only).
-    Raises :class:`TranscodeError` when :func:`can_transcode` is false or the codec fails (e.g.
-    JPEG 2000 encoding of images under 32x32 pixels, JPEG-LS of more than 16 bits).
-    """
-    source = index.transfer_syntax
-    if not can_transcode(source, target_ts):
-        raise TranscodeError(f"cannot transcode {source} to {target_ts}")
-    if source == target_ts or (source in _NATIVE_SOURCES and target_ts in _NATIVE_TARGETS):
-        return frame
-    opts = _pixel_options(index, header)
-    native = source in _NATIVE_SOURCES
-    with _codec_errors(f"decoding a {source} frame"):
-        decoder = get_decoder(EXPLICIT_LE if native else source)
-        src = frame if native else encapsulate([frame])
-        # YCbCr is converted to RGB except for native YBR_FULL, a valid input for every encoder here.
-        as_rgb = not native or opts["photometric_interpretation"] == "YBR_FULL_422"
-        arr, meta = decoder.as_array(src, index=0, **{**opts, "as_rgb": as_rgb})
-    if target_ts in _NATIVE_TARGETS:
-        return _native_bytes(arr, index.bits_allocated, int(opts["pixel_representation"]))
-    opts.update(photometric_interpretation=meta["photometric_interpretation"], planar_configuration=0)
-    with _codec_errors(f"encoding a frame as {target_ts}"):
-        return bytes(get_encoder(target_ts).encode(arr, **opts))
-
-
-def _pixel_options(index: FrameIndex, header: Dataset) -> dict[str, Any]:
-    spp = index.samples_per_pixel
-    photometric = header.get("PhotometricInterpretation") or ("MONOCHROME2" if spp == 1 else "RGB")
-    return {
-        "rows": index.rows,
-        "columns": index.columns,
-        "samples_per_pixel": spp,
-        "bits_allocated": index.bits_allocated,
-        "bits_stored": _int(header, "BitsStored", index.bits_allocated),
-        "pixel_representation": _int(header, "PixelRepresentation", 0),
-        "photometric_interpretation": str(photometric),
-        "planar_configuration": _int(header, "PlanarConfiguration", 0),
-        "number_of_frames": 1,
-        "pixel_keyword": index.pixel_keyword,
-    }
-
-
-def _native_bytes(arr: np.ndarray[Any, Any], bits_allocated: int, pixel_representation: int) -> bytes:
-    if bits_allocated == 1:
-        return bytes(pack_bits(arr))
-    if arr.dtype.kind in "iu":
-        kind = "i" if pixel_representation else "u"
-        arr = arr.astype(f"<{kind}{bits_allocated // 8}", copy=False)
-    else:
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-    return arr.tobytes()
-
-
-def transcode_part10(data: bytes, target_ts: str) -> bytes:
-    """The Part-10 file ``data`` re-encoded in ``target_ts`` (PS3.10 §7.1, PS3.5 §8.2, Annex A.4).
-
-    Compressed pixel data is decompressed (YCbCr lossy JPEG becomes RGB) and, for a compressed
-    target, recompressed with pydicom's ``Dataset.compress``; every other element is kept, the
-    SOP Instance UID included, and the file meta Transfer Syntax UID is updated. The identity
-    returns ``data`` unchanged. Raises :class:`TranscodeError` when not possible.
-    """
-    with _codec_errors("reading the instance"):
-        ds = dcmread(BytesIO(data))
-    source = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    if source == target_ts:
-        return data
-    if not can_transcode(source, target_ts):
-        raise TranscodeError(f"cannot transcode {source} to {target_ts}")
-    has_pixels = "PixelData" in ds
-    if target_ts not in _NATIVE_TARGETS and ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
-        raise TranscodeError("float pixel data has no compressed transfer syntax (PS3.5 §8.2)")
-    with _codec_errors(f"transcoding {source} to {target_ts}"):
-        if has_pixels and source not in _NATIVE_SOURCES:
-            decompress(ds, as_rgb=True, generate_instance_uid=False)
-            for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
-                if keyword in ds:
-                    del ds[keyword]
-        if has_pixels and target_ts not in _NATIVE_TARGETS:
-            arr = None
-            if ds.get("PhotometricInterpretation") == "YBR_FULL_422":  # subsampled (PS3.3 C.7.6.3.1.2)
-                arr = ds.pixel_array  # as RGB, like the frames
-                ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
-            ds.compress(target_ts, arr, generate_instance_uid=False)
-        ds.file_meta.TransferSyntaxUID = UID(target_ts)
-        out = BytesIO()
-        ds.save_as(out, enforce_file_format=True, implicit_vr=target_ts == IMPLICIT_LE, little_endian=True)
-    return out.getvalue()

@@ -19,9 +19,9 @@ from typing import Literal
 
 from pydicom.uid import UID
 
+from translators.frame_transcode import can_transcode
 from translators.frames import (
     CORNERSTONE_UNDECODABLE,
-    can_transcode,
     media_type_for_transfer_syntax,
     transfer_syntaxes_for_media_type,
 )

@@ -10,7 +10,7 @@ The rules (written once here; the engines only open associations and send one C-
   before and, for a sequence known whole, from what comes after.
 * **Transcoding only when refused**: an instance goes on the context of its own transfer syntax when
   the PACS accepted it; only when the PACS refused that syntax is it transcoded
-  (``translators.frames.transcode_part10``) to the native fallback the PACS accepted
+  (``translators.frame_transcode.transcode_part10``) to the native fallback the PACS accepted
   (:func:`gateway.dimse.contexts.store_fallback`), into ``workdir``, removed after the C-STORE.
 * **Nothing unconfirmed is a success** (PS3.4 B.2.3): after an abort, a timeout or a lost connection
   *during* a C-STORE, the instance in flight and every one after it are processing failures (0110),
@@ -37,7 +37,7 @@ from gateway.dimse.contexts import Context, StorePair, proposed_pairs, store_fal
 from gateway.errors import GatewayError
 from gateway.pacs import StoreItem, StoreResult
 from gateway.settings import PacsNode
-from translators.frames import transcode_part10
+from translators.frame_transcode import transcode_part10
 
 log = logging.getLogger(__name__)
 

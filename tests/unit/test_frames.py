@@ -1,4 +1,4 @@
-"""Tests for translators.frames (PS3.5 §8.2 and Annex A.4, PS3.18 Table 8.7.3-5)."""
+"""Tests for translators.frames and .frame_transcode (PS3.5 §8.2 and Annex A.4, PS3.18 Table 8.7.3-5)."""
 
 from __future__ import annotations
 
@@ -32,18 +32,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from translators.frame_transcode import can_transcode, transcode_frame, transcode_part10
 from translators.frames import (
     CORNERSTONE_UNDECODABLE,
     FrameError,
     FrameIndex,
     NotIndexable,
     TranscodeError,
-    can_transcode,
     index_part10,
     media_type_for_transfer_syntax,
     read_frame,
-    transcode_frame,
-    transcode_part10,
     transfer_syntaxes_for_media_type,
 )
 
