@@ -19,7 +19,9 @@ Services (PS3.4 Annex C, all on one AE):
 - C-STORE of every storage SOP class pynetdicom knows, in any transfer syntax pynetdicom knows.
 
 Keys of a level below the query level (e.g. SOPInstanceUID in a STUDY query) are neither matched nor
-returned; attributes this module does not classify are treated as belonging to the query level.
+returned; attributes :mod:`gateway.dimse.demo_pacs_model` does not classify are treated as belonging
+to the query level. That module holds the stored instances' record and the information model (levels,
+unique and computed keys); this one the AE, its event handlers and the server lifecycle.
 """
 
 from __future__ import annotations
@@ -29,17 +31,12 @@ import logging
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -59,6 +56,22 @@ from pynetdicom.dimse_messages import C_CANCEL_RQ
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
+from gateway.dimse.demo_pacs_model import (
+    ALL_COMPUTED,
+    AVAILABLE_TRANSFER_SYNTAX_UID,
+    LEVELS,
+    MATCHABLE_COMPUTED,
+    MODALITIES_IN_STUDY,
+    RETRIEVE_AE_TITLE,
+    SPECIFIC_CHARACTER_SET,
+    UNIQUE_KEYS,
+    Hierarchy,
+    StoredInstance,
+    check_level,
+    ensure_file_meta,
+    level_of,
+    value_str,
+)
 from gateway.dimse.process import configure_pynetdicom
 from gateway.dimse.socket_tuning import busy, guard_reactor
 from translators.matching import DEFAULT_IGNORED_KEYS, build_response, dataset_matches, element_matches
@@ -71,8 +84,6 @@ CANCEL = 0xFE00
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 MAX_REQUESTED_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 
-LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-_MODEL_LEVELS = {"PATIENT": LEVELS, "STUDY": LEVELS[1:]}  # Patient Root, Study Root (C.6.1, C.6.2)
 VERIFICATION = UID("1.2.840.10008.1.1")
 PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET = (
     UID(f"1.2.840.10008.5.1.4.1.2.1.{n}") for n in (1, 2, 3)
@@ -88,156 +99,6 @@ _UNCOMPRESSED = {
     DeflatedExplicitVRLittleEndian,
 }
 COUNTER_NAMES = ("associations", "echo", "find", "get", "move", "store", "cancel", "sent", "aborted")
-
-
-def _tags(keywords: str) -> frozenset[int]:
-    tags = [tag_for_keyword(k) for k in keywords.split()]
-    assert None not in tags, keywords
-    return frozenset(int(t) for t in tags if t is not None)
-
-
-_UNIQUE_KEYS = (0x00100020, 0x0020000D, 0x0020000E, 0x00080018)  # PatientID, Study/Series/SOP Instance UID
-_SPECIFIC_CHARACTER_SET = 0x00080005
-_QUERY_RETRIEVE_LEVEL = 0x00080052
-_RETRIEVE_AE_TITLE = 0x00080054
-_MODALITIES_IN_STUDY = 0x00080061
-_AVAILABLE_TRANSFER_SYNTAX_UID = 0x00083002
-
-# Attributes computed from the whole hierarchy, by the level they describe.
-_COMPUTED = {
-    "PATIENT": _tags(
-        "NumberOfPatientRelatedStudies NumberOfPatientRelatedSeries NumberOfPatientRelatedInstances"
-    ),
-    "STUDY": _tags(
-        "NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances ModalitiesInStudy SOPClassesInStudy"
-    ),
-    "SERIES": _tags("NumberOfSeriesRelatedInstances"),
-}
-_ALL_COMPUTED = frozenset().union(*_COMPUTED.values())
-_MATCHABLE_COMPUTED = _tags("ModalitiesInStudy SOPClassesInStudy")
-# Where well-known attributes live (PS3.4 C.6.1.1, C.6.2.1); patient attributes are group 0010.
-_LEVEL_KEYS = {
-    "STUDY": _COMPUTED["STUDY"]
-    | _tags(
-        """StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID ReferringPhysicianName
-        StudyDescription PatientAge PatientSize PatientWeight IssuerOfAccessionNumberSequence
-        NameOfPhysiciansReadingStudy ProcedureCodeSequence AdmittingDiagnosesDescription"""
-    ),
-    "SERIES": _COMPUTED["SERIES"]
-    | _tags(
-        """SeriesInstanceUID Modality SeriesNumber SeriesDescription SeriesDate SeriesTime BodyPartExamined
-        Laterality ProtocolName PerformedProcedureStepStartDate PerformedProcedureStepStartTime
-        PerformedProcedureStepID RequestAttributesSequence FrameOfReferenceUID Manufacturer
-        ManufacturerModelName StationName InstitutionName OperatorsName PerformingPhysicianName"""
-    ),
-    "IMAGE": _tags(
-        """SOPInstanceUID SOPClassUID InstanceNumber ImageType ContentDate ContentTime AcquisitionDate
-        AcquisitionTime AcquisitionDateTime AcquisitionNumber Rows Columns BitsAllocated BitsStored HighBit
-        PixelRepresentation SamplesPerPixel PhotometricInterpretation NumberOfFrames ImagePositionPatient
-        ImageOrientationPatient SliceLocation SliceThickness PixelSpacing WindowCenter WindowWidth
-        AvailableTransferSyntaxUID ContentLabel ContentDescription ConceptNameCodeSequence CompletionFlag
-        VerificationFlag InstanceCreationDate InstanceCreationTime"""
-    ),
-}
-
-
-def _level_of(tag: int, query_level: str) -> str:
-    for level in ("IMAGE", "SERIES", "STUDY"):
-        if tag in _LEVEL_KEYS[level]:
-            return level
-    if tag >> 16 == 0x0010 or tag in _COMPUTED["PATIENT"]:
-        return "PATIENT"
-    return query_level
-
-
-
-
-@dataclass(frozen=True, slots=True)
-class _Instance:
-    dataset: Dataset  # for matching, with file_meta; without Pixel Data when ``raw`` is kept
-    raw: bytes | None  # the Part 10 bytes as read or received, sent again as they are
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> _Instance:
-        return cls(_ensure_file_meta(dcmread(BytesIO(raw), force=True, stop_before_pixels=True)), raw)
-
-    @property
-    def transfer_syntax(self) -> UID:
-        return UID(self.dataset.file_meta.TransferSyntaxUID)
-
-    def outgoing(self) -> Dataset:
-        """The whole dataset, re-read from the stored bytes so it keeps its transfer syntax."""
-        if self.raw is None:
-            return self.dataset
-        ds = dcmread(BytesIO(self.raw), force=True)
-        if "TransferSyntaxUID" not in getattr(ds, "file_meta", ()):
-            ds.file_meta = self.dataset.file_meta  # a bare dataset file, without Part 10 header
-        return ds
-
-
-def _ensure_file_meta(ds: Dataset) -> Dataset:
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if not ds.get(keyword):
-            raise ValueError(f"dataset has no {keyword}")
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
-        meta = ds.file_meta = FileMetaDataset()
-    if "TransferSyntaxUID" not in meta:
-        implicit = ds.original_encoding[0]
-        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-    meta.setdefault("MediaStorageSOPClassUID", ds.SOPClassUID)
-    meta.setdefault("MediaStorageSOPInstanceUID", ds.SOPInstanceUID)
-    return ds
-
-
-def _str(ds: Dataset, tag: int) -> str:
-    value = ds.get(tag)
-    return "" if value is None or value.value is None else str(value.value)
-
-
-class _Hierarchy:
-    """Counts and modalities of every patient, study and series, for the computed keys."""
-
-    def __init__(self, instances: Iterable[_Instance]) -> None:
-        self.series_instances: Counter[str] = Counter()
-        self.study_instances: Counter[str] = Counter()
-        self.patient_instances: Counter[str] = Counter()
-        self.study_series: dict[str, dict[str, None]] = {}
-        self.patient_series: dict[str, dict[str, None]] = {}
-        self.patient_studies: dict[str, dict[str, None]] = {}
-        self.study_modalities: dict[str, dict[str, None]] = {}
-        self.study_sop_classes: dict[str, dict[str, None]] = {}
-        for inst in instances:
-            ds = inst.dataset
-            patient, study, series = (_str(ds, tag) for tag in _UNIQUE_KEYS[:3])
-            self.series_instances[series] += 1
-            self.study_instances[study] += 1
-            self.patient_instances[patient] += 1
-            self.study_series.setdefault(study, {})[series] = None
-            self.patient_series.setdefault(patient, {})[series] = None
-            self.patient_studies.setdefault(patient, {})[study] = None
-            if ds.get("Modality"):
-                self.study_modalities.setdefault(study, {})[str(ds.Modality)] = None
-            self.study_sop_classes.setdefault(study, {})[str(ds.SOPClassUID)] = None
-
-    def computed(self, level: str, ds: Dataset) -> list[DataElement]:
-        patient, study, series = (_str(ds, tag) for tag in _UNIQUE_KEYS[:3])
-        if level == "PATIENT":
-            return [
-                DataElement(0x00201200, "IS", len(self.patient_studies[patient])),
-                DataElement(0x00201202, "IS", len(self.patient_series[patient])),
-                DataElement(0x00201204, "IS", self.patient_instances[patient]),
-            ]
-        if level == "STUDY":
-            return [
-                DataElement(_MODALITIES_IN_STUDY, "CS", sorted(self.study_modalities.get(study, {}))),
-                DataElement(0x00080062, "UI", list(self.study_sop_classes[study])),
-                DataElement(0x00201206, "IS", len(self.study_series[study])),
-                DataElement(0x00201208, "IS", self.study_instances[study]),
-            ]
-        if level == "SERIES":
-            return [DataElement(0x00201209, "IS", self.series_instances[series])]
-        return []
 
 
 class DemoPacs:
@@ -283,7 +144,7 @@ class DemoPacs:
         self.received_identifiers: list[Dataset] = []  # C-FIND identifiers, as the peer sent them
         self.received_retrieve_identifiers: list[Dataset] = []  # C-GET and C-MOVE identifiers
         self._lock = threading.Lock()
-        self._instances: dict[str, _Instance] = {}
+        self._instances: dict[str, StoredInstance] = {}
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
         for ds in datasets or ():
@@ -295,13 +156,13 @@ class DemoPacs:
 
     def add(self, ds: Dataset) -> None:
         """Hold ``ds`` (not a copy); a missing file meta / Transfer Syntax UID is filled in place."""
-        self._put(_Instance(_ensure_file_meta(ds), None))
+        self._put(StoredInstance(ensure_file_meta(ds), None))
 
     def add_file(self, path: Path) -> None:
         """Hold the file's bytes, to send them unchanged; only the attributes before Pixel Data are parsed."""
-        self._put(_Instance.from_bytes(Path(path).read_bytes()))
+        self._put(StoredInstance.from_bytes(Path(path).read_bytes()))
 
-    def _put(self, inst: _Instance) -> None:
+    def _put(self, inst: StoredInstance) -> None:
         with self._lock:
             self._instances[str(inst.dataset.SOPInstanceUID)] = inst
 
@@ -315,7 +176,7 @@ class DemoPacs:
         with self._lock:
             return list(self._instances)
 
-    def _snapshot(self) -> list[_Instance]:
+    def _snapshot(self) -> list[StoredInstance]:
         with self._lock:
             return list(self._instances.values())
 
@@ -397,7 +258,7 @@ class DemoPacs:
     def _on_store(self, event: evt.Event) -> int:
         self._count("store")
         try:
-            self._put(_Instance.from_bytes(event.encoded_dataset()))
+            self._put(StoredInstance.from_bytes(event.encoded_dataset()))
         except ValueError:
             return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
         return 0x0000
@@ -420,7 +281,7 @@ class DemoPacs:
                 status.ErrorComment = self.fail_comment
             yield status, None
             return
-        level = _check_level(identifier, _FIND[str(event.request.AffectedSOPClassUID)], hierarchical=True)
+        level = check_level(identifier, _FIND[str(event.request.AffectedSOPClassUID)], hierarchical=True)
         if level is None:
             yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
             return
@@ -440,7 +301,7 @@ class DemoPacs:
                 yield CANCEL, None
                 return
             response = build_response(returned, candidate, pn_case_insensitive=not self.case_sensitive_pn)
-            if _RETRIEVE_AE_TITLE in response:
+            if RETRIEVE_AE_TITLE in response:
                 response.RetrieveAETitle = self.ae_title
             matches += 1
             yield status, response
@@ -468,15 +329,15 @@ class DemoPacs:
         status = PENDING
         for elem in identifier:
             tag = int(elem.tag)
-            if LEVELS.index(_level_of(tag, level)) > depth:
+            if LEVELS.index(level_of(tag, level)) > depth:
                 continue  # "shall not be returned" (C.4.1.2.2): a key below the query level
-            if tag in _ALL_COMPUTED and not self.return_counts:
+            if tag in ALL_COMPUTED and not self.return_counts:
                 status = PENDING_OPTIONAL_KEYS_UNSUPPORTED
             else:
                 returned.add(elem)
-            if tag in _ALL_COMPUTED and tag not in _MATCHABLE_COMPUTED:
+            if tag in ALL_COMPUTED and tag not in MATCHABLE_COMPUTED:
                 continue  # counts are return keys only
-            if tag == _MODALITIES_IN_STUDY and not self.honour_modalities_in_study:
+            if tag == MODALITIES_IN_STUDY and not self.honour_modalities_in_study:
                 continue
             matching.add(elem)
         return matching, returned, status
@@ -484,29 +345,29 @@ class DemoPacs:
     def _candidates(self, level: str, identifier: Dataset) -> Iterator[Dataset]:
         """One dataset per entity at ``level``: the identifier's attributes of its first instance."""
         instances = self._snapshot()
-        hierarchy = _Hierarchy(instances)
-        wanted = [int(tag) for tag in identifier.keys()] + [_SPECIFIC_CHARACTER_SET]
-        entity_key = _UNIQUE_KEYS[LEVELS.index(level)]
+        hierarchy = Hierarchy(instances)
+        wanted = [int(tag) for tag in identifier.keys()] + [SPECIFIC_CHARACTER_SET]
+        entity_key = UNIQUE_KEYS[LEVELS.index(level)]
         seen: set[str] = set()
         for inst in instances:
             ds = inst.dataset
-            key = _str(ds, entity_key)
+            key = value_str(ds, entity_key)
             if key in seen:
                 continue
             seen.add(key)
             candidate = Dataset()
             for tag in wanted:
-                if tag in ds and tag not in _ALL_COMPUTED:
+                if tag in ds and tag not in ALL_COMPUTED:
                     candidate.add(ds[tag])
             for computed in hierarchy.computed(level, ds):
                 candidate.add(computed)
             if level == "IMAGE":
-                candidate.add(DataElement(_AVAILABLE_TRANSFER_SYNTAX_UID, "UI", inst.transfer_syntax))
+                candidate.add(DataElement(AVAILABLE_TRANSFER_SYNTAX_UID, "UI", inst.transfer_syntax))
             yield candidate
 
-    def _select(self, identifier: Dataset, level: str) -> list[_Instance]:
+    def _select(self, identifier: Dataset, level: str) -> list[StoredInstance]:
         """Instances named by the retrieve identifier's unique keys (PS3.4 C.4.2.2.1, C.4.3.2.1)."""
-        keys = [identifier[t] for t in _UNIQUE_KEYS[: LEVELS.index(level) + 1] if t in identifier]
+        keys = [identifier[t] for t in UNIQUE_KEYS[: LEVELS.index(level) + 1] if t in identifier]
         return [
             inst
             for inst in self._snapshot()
@@ -515,11 +376,11 @@ class DemoPacs:
 
     def _retrieve_request(
         self, name: str, event: evt.Event, models: dict[str, str]
-    ) -> tuple[int, list[_Instance]]:
+    ) -> tuple[int, list[StoredInstance]]:
         identifier = self._received(name, event)
         if self.fail_status is not None:
             return self.fail_status, []
-        level = _check_level(identifier, models[str(event.request.AffectedSOPClassUID)], hierarchical=False)
+        level = check_level(identifier, models[str(event.request.AffectedSOPClassUID)], hierarchical=False)
         if level is None:
             return IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, []
         instances = self._select(identifier, level)
@@ -527,7 +388,9 @@ class DemoPacs:
         LOGGER.info("C-%s %s from %s: %d instances", name.upper(), level, requestor, len(instances))
         return 0x0000, instances
 
-    def _send(self, event: evt.Event, instances: list[_Instance]) -> Iterator[tuple[int, Dataset | None]]:
+    def _send(
+        self, event: evt.Event, instances: list[StoredInstance]
+    ) -> Iterator[tuple[int, Dataset | None]]:
         for inst in instances:
             if event.is_cancelled:
                 yield CANCEL, None
@@ -564,21 +427,9 @@ class DemoPacs:
         yield from self._send(event, instances)
 
 
-def _check_level(identifier: Dataset, model: str, *, hierarchical: bool) -> str | None:
-    """The identifier's Query/Retrieve Level if valid for ``model`` with its unique keys present."""
-    level = _str(identifier, _QUERY_RETRIEVE_LEVEL).strip().upper()
-    if level not in _MODEL_LEVELS[model]:
-        return None
-    first = LEVELS.index(_MODEL_LEVELS[model][0])
-    depth = LEVELS.index(level)
-    # C-FIND needs the unique keys above the level; C-GET/C-MOVE also the one at the level.
-    required = _UNIQUE_KEYS[first:depth] if hierarchical else _UNIQUE_KEYS[first : depth + 1]
-    if any(not _str(identifier, tag).strip() for tag in required):
-        return None
-    return level
 
 
-def _storage_contexts(instances: Iterable[_Instance]) -> list[PresentationContext]:
+def _storage_contexts(instances: Iterable[StoredInstance]) -> list[PresentationContext]:
     """Contexts to propose to a C-MOVE destination: each SOP class in each stored transfer syntax."""
     wanted: dict[tuple[str, tuple[str, ...]], None] = {}
     for inst in instances:
