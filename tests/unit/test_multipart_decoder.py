@@ -217,3 +217,21 @@ def test_any_split_parses_identically(parts, data, leading_crlf, final_crlf, epi
     assert decode(body, boundary) == (expected, [])
     cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=8))
     assert decode(body, boundary, cuts) == (expected, [])
+
+
+def test_part_bodies_pass_as_views_of_the_fed_chunks():
+    """Inside a part, a chunk without a delimiter is passed on as views of it (no copy through the
+    buffer), the last len(delimiter) - 1 bytes held back; the bytes come out exact."""
+    boundary = "dwg-0123456789abcdef"
+    payload = bytes(range(256)) * 4096                       # 1 MiB
+    body = (part_header(boundary, "application/dicom", first=True) + payload + closing(boundary))
+    decoder = MultipartDecoder(boundary)
+    events = []
+    for start in range(0, len(body), 65536):
+        events += decoder.feed(body[start:start + 65536])
+    events += decoder.close()
+    data = [e.data for e in events if isinstance(e, PartData)]
+    assert b"".join(bytes(d) for d in data) == payload
+    views = [d for d in data if isinstance(d, memoryview)]
+    assert sum(len(v) for v in views) > 0.99 * len(payload)
+    assert [type(e) for e in events if not isinstance(e, PartData)] == [PartStart, PartEnd]
