@@ -20,6 +20,11 @@ Degradation (docs/architecture.md, "Cache": Redis failures never fail a request)
   :meth:`RedisCache.ping`) ends the outage with one info line.
 - A value of the wrong type (``WRONGTYPE``), a non-integer counter or a malformed stream id is a
   miss, counted in :attr:`RedisCache.foreign_values`; it is not an outage.
+- The connection pool is bounded (``max_connections``; None: no bound). A full pool is local
+  back-pressure, not an outage: the call answers its miss value and counts in
+  :attr:`RedisCache.pool_full`, Redis stays in use for the others. (redis-py bounds a pool at 100
+  unless told; past that it raises ``MaxConnectionsError``, a ``ConnectionError``: 100 concurrent
+  requests sent the whole process to "serving without cache" for ``retry_interval``.)
 - Every command runs in its own task that the caller awaits through :func:`asyncio.shield`: a
   request that is cancelled (client gone) or out of time stops waiting, but the command itself is
   never cancelled mid-way. (Cancelling redis-py while it sets a fresh connection up can leave that
@@ -42,7 +47,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache.base import StreamEntry, StrSet, Versioned, VersionedKey
@@ -111,6 +116,9 @@ class _Foreign(Exception):
     """A reply we cannot use (wrong type, not a number): the call answers its miss value."""
 
 
+UNBOUNDED = 2**31 - 1   # max_connections None: no bound of ours (redis-py's own default is 100)
+
+
 class RedisCache:
     shared = True
 
@@ -136,7 +144,7 @@ class RedisCache:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),     # no hidden retries: one call costs at most `timeout`
-            max_connections=max_connections,
+            max_connections=max_connections or UNBOUNDED,
             **tls,
         )
         if password is not None:
@@ -159,6 +167,8 @@ class RedisCache:
         """Calls that fell back to the miss value because Redis was unreachable or slow."""
         self.foreign_values = 0
         """Calls that met a value of the wrong type or shape under one of our keys."""
+        self.pool_full = 0
+        """Calls answered with their miss value because every pooled connection was busy."""
 
     def __repr__(self) -> str:
         return f"RedisCache({self._where}, prefix={self._prefix!r}, timeout={self._timeout})"
@@ -187,6 +197,12 @@ class RedisCache:
                 result = await asyncio.shield(task)
         except _Foreign as exc:
             self._foreign(str(exc))
+            return miss
+        except MaxConnectionsError:
+            self.pool_full += 1
+            level = logging.WARNING if self.pool_full == 1 else logging.DEBUG
+            log.log(level, "Redis cache at %s: all %d pooled connections busy; a call served as a miss",
+                    self._where, self._pool.max_connections)
             return miss
         except (RedisError, OSError) as exc:    # OSError covers the builtin TimeoutError
             if not _is_outage(exc):

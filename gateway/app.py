@@ -45,6 +45,8 @@ from gateway.tracing import Tracing, TracingMiddleware
 
 log = logging.getLogger(__name__)
 
+BACKGROUND_CONNECTIONS = 64   # Redis connections beyond one per concurrent request (make_cache)
+
 EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "Warning", NODE_HEADER,
                    "X-Request-ID"]
 
@@ -54,9 +56,12 @@ def make_cache(settings: Settings) -> Cache:
         from cache.redis import RedisCache  # imports redis only when a URL is configured
 
         c = settings.cache
+        # One connection per request the process may serve at once, and some for the replicas'
+        # background work (leases, streams, detached commands of cancelled callers).
         return RedisCache(settings.cache.url, prefix=c.prefix, timeout=c.timeout, password=c.password(),
                           tls_ca_file=c.tls.ca_file, tls_cert_file=c.tls.cert_file,
-                          tls_key_file=c.tls.key_file)
+                          tls_key_file=c.tls.key_file,
+                          max_connections=settings.limits.max_requests_total + BACKGROUND_CONNECTIONS)
     return MemoryCache(max_entries=settings.cache.max_entries, prefix=settings.cache.prefix,
                        max_bytes=settings.cache.max_bytes)
 

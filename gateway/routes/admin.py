@@ -71,6 +71,9 @@ async def metrics(request: Request) -> PlainTextResponse:
          "retrievals that ended with instances the PACS did not deliver", state.retrieval.incomplete),
         ("dwg_cache_failures_total", "counter", "cache operations that failed (served without cache)",
          getattr(state.cache, "failures", 0)),
+        ("dwg_cache_pool_full_total", "counter",
+         "cache operations served as a miss because every Redis connection was busy",
+         getattr(state.cache, "pool_full", 0)),
     ]
     lines: list[str] = []
     for name, kind, help_text, value in values:

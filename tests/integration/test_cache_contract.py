@@ -536,3 +536,33 @@ def test_redis_cancelled_callers_leave_the_pool_usable(redis_url: str, raw_redis
         leftover = list(raw_redis.scan_iter(match=prefix + "*"))
         if leftover:
             raw_redis.delete(*leftover)
+
+
+def test_redis_a_full_connection_pool_is_a_miss_not_an_outage(redis_url: str, raw_redis: redis.Redis,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """More concurrent calls than pooled connections: the extra ones answer their miss value at
+    once (``pool_full``), Redis is not declared unavailable, and the next calls use it again."""
+    prefix = f"test:{secrets.token_hex(6)}:"
+
+    async def scenario() -> None:
+        c = RedisCache(redis_url, prefix=prefix, timeout=HEALTHY_TIMEOUT, max_connections=2)
+        try:
+            await c.set("k", b"v", 30)
+            answers = await asyncio.gather(*(c.get("k") for _ in range(20)))
+            assert set(answers) == {b"v", None} and answers.count(b"v") >= 2
+            assert c.pool_full == answers.count(None) > 0
+            assert c.failures == 0 and not c.degraded
+            assert [await c.get("k") for _ in range(5)] == [b"v"] * 5   # Redis still in use
+        finally:
+            await c.close()
+
+    with caplog.at_level(logging.INFO, logger="cache.redis"):
+        try:
+            run(scenario())
+        finally:
+            leftover = list(raw_redis.scan_iter(match=prefix + "*"))
+            if leftover:
+                raw_redis.delete(*leftover)
+    assert "unavailable" not in caplog.text
+    assert sum("pooled connections busy" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING) == 1
