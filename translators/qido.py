@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
@@ -36,6 +36,8 @@ DIMSE_LEVEL: dict[str, str] = {"study": "STUDY", "series": "SERIES", "instance":
 STUDY_UID = 0x0020000D
 SERIES_UID = 0x0020000E
 SOP_UID = 0x00080018
+SOP_CLASS_UID = 0x00080016
+INSTANCE_NUMBER = 0x00200013
 MODALITIES_IN_STUDY = 0x00080061
 MODALITY = 0x00080060
 RETRIEVE_AET = 0x00080054
@@ -457,8 +459,28 @@ def uid_of(level: Level) -> int:
     return {"study": STUDY_UID, "series": SERIES_UID, "instance": SOP_UID}[level]
 
 
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+"""VRs whose bytes are their text whatever the Specific Character Set (PS3.5 §6.2: default repertoire)."""
+
+
 def text_value(ds: Dataset, tag: int) -> str:
-    """The element's value as text (multi-values joined by backslash); "" when absent or empty."""
+    """The element's value as text (multi-values joined by backslash); "" when absent or empty.
+
+    An element still raw (as read off the wire) in an ASCII VR is read off its bytes, each value
+    stripped of its padding as pydicom strips it, instead of through pydicom's value conversion
+    (~15 us an element, ~1 us so): the retrieval's IMAGE-level manifest reads five of every match
+    of a series on the event loop while the C-GET it overlaps needs the GIL (docs/architecture.md,
+    "Retrieval")."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return ""
+    if isinstance(raw, RawDataElement):
+        vr = raw.VR or _dictionary_vr(tag)
+        if vr in _ASCII_VRS:
+            if not raw.value:
+                return ""
+            text = bytes(raw.value).decode("ascii", "replace")
+            return "\\".join(v.strip("\0 ") for v in text.split("\\"))
     elem = ds.get(tag)
     if elem is None or elem.value is None:
         return ""
@@ -466,6 +488,13 @@ def text_value(ds: Dataset, tag: int) -> str:
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:   # private or unknown: pydicom decides
+        return None
 
 
 def _number(ds: Dataset, tag: int) -> float:
@@ -489,7 +518,7 @@ def sort_key(level: Level) -> Callable[[Dataset], tuple[object, ...]]:
         return (*study(ds), _number(ds, 0x00200011), text_value(ds, SERIES_UID))
 
     def instance(ds: Dataset) -> tuple[object, ...]:
-        return (*series(ds), _number(ds, 0x00200013), text_value(ds, SOP_UID))
+        return (*series(ds), _number(ds, INSTANCE_NUMBER), text_value(ds, SOP_UID))
 
     return {"study": study, "series": series, "instance": instance}[level]
 
