@@ -60,6 +60,7 @@ class Scan:
 
     transfer_syntax: str
     values: dict[int, bytes] = field(default_factory=dict)
+    meta: dict[int, bytes] = field(default_factory=dict)   # raw values of the file meta (group 0002)
     pixel_tag: int | None = None
     pixel_offset: int = 0      # offset of the pixel element's value
     pixel_length: int = 0      # its length field (0xFFFFFFFF: undefined, encapsulated)
@@ -72,14 +73,14 @@ def scan(data: bytes | memoryview, wanted: frozenset[int], *, stop_after: int = 
     view = memoryview(data).cast("B")
     if len(view) < 144 or bytes(view[128:132]) != b"DICM":
         raise Unscannable("no Part-10 preamble")
-    pos, ts = _file_meta(view)
+    pos, ts, meta = _file_meta(view)
     if ts == IMPLICIT_VR_LE:
         implicit = True
     elif ts.startswith(_STANDARD) and ts not in (EXPLICIT_VR_BE, DEFLATED_LE):
         implicit = False
     else:
         raise Unscannable(f"transfer syntax {ts} is not read here")
-    found = Scan(ts)
+    found = Scan(ts, meta=meta)
     end = len(view)
     if implicit and pos + 6 <= end and bytes(view[pos + 4:pos + 6]) in _LONG | _SHORT:
         # pydicom reads such a data set as explicit whatever the meta says: leave it to pydicom
@@ -107,20 +108,21 @@ def scan(data: bytes | memoryview, wanted: frozenset[int], *, stop_after: int = 
     return found
 
 
-def _file_meta(view: memoryview) -> tuple[int, str]:
-    """Skip the group 0002 elements (Explicit VR LE); the data set's offset and transfer syntax."""
-    pos, ts = 132, ""
+def _file_meta(view: memoryview) -> tuple[int, str, dict[int, bytes]]:
+    """Read the group 0002 elements (Explicit VR LE): the data set's offset, the transfer syntax and
+    the raw values of the meta."""
+    pos, meta = 132, {}
     end = len(view)
     while pos + 8 <= end and _U16.unpack_from(view, pos)[0] == 0x0002:
         tag, vr, length, header = _element(view, pos, False)
         if length == _UNDEFINED or pos + header + length > end:
             raise Unscannable("malformed file meta information")
-        if tag == _TS_TAG:
-            ts = bytes(view[pos + header:pos + header + length]).decode("ascii", "replace").rstrip("\x00 ")
+        meta[tag] = bytes(view[pos + header:pos + header + length])
         pos += header + length
+    ts = _text(meta.get(_TS_TAG))
     if not ts:
         raise Unscannable("no transfer syntax in the file meta information")
-    return pos, ts
+    return pos, ts, meta
 
 
 def _element(view: memoryview, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:

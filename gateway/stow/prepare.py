@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,7 +152,6 @@ _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 _HEADER_TAGS = frozenset({_SOP_CLASS, _SOP_INSTANCE, part10_scan.STUDY_INSTANCE_UID,
                           part10_scan.SERIES_INSTANCE_UID})
 _META_CLASS, _META_INSTANCE, _META_SYNTAX = 0x00020002, 0x00020003, 0x00020010
-_META_LONG = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"})
 
 
 def _uid_text(raw: bytes | None) -> str:
@@ -166,30 +164,6 @@ def _uid_text(raw: bytes | None) -> str:
     return raw.decode("ascii").rstrip("\0 ")
 
 
-def _meta_uids(head: bytes) -> dict[int, str]:
-    """The UIDs of the file meta (group 0002, Explicit VR Little Endian, PS3.10 §7.1) after the
-    preamble and ``DICM``."""
-    found: dict[int, str] = {}
-    pos = 132
-    while pos + 8 <= len(head):
-        group, element, vr = struct.unpack_from("<HH2s", head, pos)
-        if group != 0x0002:
-            return found
-        if vr in _META_LONG:
-            if pos + 12 > len(head):
-                break
-            length, header = struct.unpack_from("<I", head, pos + 8)[0], 12
-        else:
-            length, header = struct.unpack_from("<H", head, pos + 6)[0], 8
-        if pos + header + length > len(head):
-            break
-        tag = group << 16 | element
-        if tag in (_META_CLASS, _META_INSTANCE, _META_SYNTAX):
-            found[tag] = _uid_text(head[pos + header:pos + header + length])
-        pos += header + length
-    raise part10_scan.Unscannable("the file meta runs past the head")
-
-
 def _scan_header(path: Path) -> Header:
     """The common case without pydicom: a Part-10 file whose meta matches its data set, read from its
     first bytes. :class:`translators.part10_scan.Unscannable` for anything else (the caller then reads
@@ -197,13 +171,12 @@ def _scan_header(path: Path) -> Header:
     with path.open("rb") as fh:
         head = fh.read(_HEAD)
     found = part10_scan.scan(head, _HEADER_TAGS, stop_after=part10_scan.SERIES_INSTANCE_UID)
-    meta = _meta_uids(head)
-    values = found.values
+    values, meta = found.values, found.meta
     header = Header(_uid_text(values.get(_SOP_CLASS)), _uid_text(values.get(_SOP_INSTANCE)),
-                    meta.get(_META_SYNTAX, ""), _uid_text(values.get(part10_scan.STUDY_INSTANCE_UID)),
+                    _uid_text(meta.get(_META_SYNTAX)), _uid_text(values.get(part10_scan.STUDY_INSTANCE_UID)),
                     _uid_text(values.get(part10_scan.SERIES_INSTANCE_UID)))
-    if (not header.syntax or meta.get(_META_CLASS) != header.sop_class
-            or meta.get(_META_INSTANCE) != header.sop_instance):
+    if (not header.syntax or _uid_text(meta.get(_META_CLASS)) != header.sop_class
+            or _uid_text(meta.get(_META_INSTANCE)) != header.sop_instance):
         raise part10_scan.Unscannable("the file meta does not match the data set")
     return header
 
