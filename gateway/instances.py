@@ -26,14 +26,12 @@ from cache.spool import Spool, SpoolEntry
 from translators import frame_transcode as ft
 from translators import frames as fr
 from translators.dicom_json import dataset_to_json
-from translators.part10_scan import Unscannable, index_native
+from translators.part10_scan import HEAD, Unscannable, index_native
 
 PLACEHOLDER = "@@DWG_BASE@@"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 CHUNK = 1 << 20
-HEAD = 64 << 10
-"""Bytes read to find a native instance's pixel data element without pydicom (headers are ~2-20 KiB)."""
 INLINE_THRESHOLD = 4096
 LOSSY = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
                    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.100",

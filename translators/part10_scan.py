@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from translators import frames as fr
 from translators.syntaxes import DEFLATED_LE, EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE
 
-__all__ = ["Scan", "Unscannable", "index_native", "scan", "study_series"]
+__all__ = ["HEAD", "Scan", "Unscannable", "index_native", "scan", "study_series"]
 
+HEAD = 64 << 10
+"""Bytes of a file to hand to :func:`scan` for its header: the file meta and the top-level elements
+before the pixel data (headers are ~2-20 KiB; a longer one is Unscannable and goes to pydicom)."""
 STUDY_INSTANCE_UID = 0x0020000D
 SERIES_INSTANCE_UID = 0x0020000E
 _SAMPLES, _PHOTOMETRIC, _FRAMES = 0x00280002, 0x00280004, 0x00280008

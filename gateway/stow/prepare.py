@@ -146,8 +146,6 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "")
 
 
-_HEAD = 64 * 1024
-"""Bytes read for the fast path: the file meta and the data set up to the Series Instance UID."""
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 _HEADER_TAGS = frozenset({_SOP_CLASS, _SOP_INSTANCE, part10_scan.STUDY_INSTANCE_UID,
                           part10_scan.SERIES_INSTANCE_UID})
@@ -169,7 +167,7 @@ def _scan_header(path: Path) -> Header:
     first bytes. :class:`translators.part10_scan.Unscannable` for anything else (the caller then reads
     it with pydicom, so the answer is the same, only slower)."""
     with path.open("rb") as fh:
-        head = fh.read(_HEAD)
+        head = fh.read(part10_scan.HEAD)
     found = part10_scan.scan(head, _HEADER_TAGS, stop_after=part10_scan.SERIES_INSTANCE_UID)
     values, meta = found.values, found.meta
     header = Header(_uid_text(values.get(_SOP_CLASS)), _uid_text(values.get(_SOP_INSTANCE)),
