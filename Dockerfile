@@ -25,10 +25,12 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # The same lock as the demo and the SBOM (sbom/runtime.cdx.json describes exactly this): exact
-# versions with sha256 hashes, binary wheels only, then the project itself without resolving
-# anything (its build backend is in the lock too).
+# versions with sha256 hashes, binary wheels only, installed as the whole closure without resolving
+# (--no-deps; scripts/venv.sh says why) and checked, then the project itself the same way (its
+# build backend is in the lock too).
 COPY requirements/runtime.txt ./requirements/runtime.txt
-RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements/runtime.txt
+RUN pip install --no-cache-dir --require-hashes --no-deps --only-binary=:all: -r requirements/runtime.txt \
+    && pip check
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY translators ./translators

@@ -5,9 +5,13 @@
 #   bash scripts/venv.sh bare VENV_DIR                 a venv with pip only (scripts/test.sh --latest)
 # - the interpreter is $PYTHON, else python3 (Debian's own, pyenv, anything >= 3.11);
 # - Debian's python3-venv (ensurepip) is installed with apt-get when `venv` cannot bootstrap pip;
-# - requirements/<lock>.txt is installed with --require-hashes (exact versions and sha256 hashes),
-#   then the project itself, editable, with --no-deps --no-build-isolation (its build backend is
-#   in the lock too), so nothing unpinned is ever fetched;
+# - requirements/<lock>.txt is installed with --require-hashes (exact versions and sha256 hashes)
+#   and --no-deps: the lock is the whole closure (uv, every platform), so pip resolves nothing and
+#   never asks the index what exists. (Resolving, pip 23.0 - Debian 12's - met pip-audit's
+#   `CacheControl[filecache]>=0.13.0`, took the newest release from the index instead of the pinned
+#   one and refused it as unpinned: a release weeks after the lock broke the install.) `pip check`
+#   then proves the closure complete. The project itself goes in editable, --no-deps
+#   --no-build-isolation (its build backend is in the lock too): nothing unpinned is ever fetched;
 # - a stamp (the lock's sha256) skips the install when the venv already matches the lock.
 set -euo pipefail
 
@@ -70,7 +74,8 @@ fi
 export PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= PIP_CONSTRAINT= \
        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 log "installing requirements/${which_lock}.txt into $venv"
-"$venv/bin/python" -m pip install --quiet --require-hashes --only-binary=:all: -r "$lock"
+"$venv/bin/python" -m pip install --quiet --require-hashes --no-deps --only-binary=:all: -r "$lock"
 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo_root"
+"$venv/bin/python" -m pip check >&2 || { log "requirements/${which_lock}.txt is not a whole closure: bash scripts/lock.sh"; exit 1; }
 echo "$want" > "$stamp"
 log "$venv ready ($("$venv/bin/python" -c 'import sys; print(sys.version.split()[0])'))"
