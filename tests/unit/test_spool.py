@@ -180,8 +180,18 @@ def test_temp_files_are_created_ahead_and_cleaned_up(tmp_path):
 
 
 def _names_settle(folder, count, timeout=5.0):
+    """The number of names in the prepared folder once it settled: ``count`` files, none of them
+    also linked into a node's folder (a retired name the preparer has yet to drop). A bare count
+    is no sign: created-ahead files and retired names pass through ``count`` together."""
+    def settled():
+        try:
+            names = list(folder.iterdir())
+            return len(names) == count and all(p.stat().st_nlink == 1 for p in names)
+        except FileNotFoundError:           # dropped between the listing and the stat
+            return False
+
     deadline = time.monotonic() + timeout
-    while len(list(folder.iterdir())) != count and time.monotonic() < deadline:
+    while not settled() and time.monotonic() < deadline:
         time.sleep(0.01)
     return len(list(folder.iterdir()))
 
