@@ -162,23 +162,6 @@ def test_a_just_written_instance_is_read_once_from_memory_within_a_bound(tmp_pat
     assert Spool.take_fresh(view) is None and view.path.read_bytes() == b"v" * 10
 
 
-def test_temp_files_are_created_ahead_and_cleaned_up(tmp_path):
-    spool = Spool(tmp_path, max_bytes=10_000)
-    put(spool, b"x", "1")
-    deadline = time.monotonic() + 5
-    ready = tmp_path / ".prepared"
-    while len(list(ready.iterdir())) < PREPARED_TEMP_FILES and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(list(ready.iterdir())) == PREPARED_TEMP_FILES
-    fd, path = spool.temp_file()                          # an open, empty file of the spool's
-    os.close(fd)
-    assert path.parent == ready and path.stat().st_size == 0
-    spool.close()
-    assert sorted(p.name for p in ready.iterdir()) == [path.name]   # only the one handed out is left
-    Spool(tmp_path, max_bytes=10_000)                     # a restart clears leftovers
-    assert list(ready.iterdir()) == []
-
-
 def _names_settle(folder, count, timeout=5.0):
     """The number of names in the prepared folder once it settled: ``count`` files, none of them
     also linked into a node's folder (a retired name the preparer has yet to drop). A bare count
@@ -194,6 +177,20 @@ def _names_settle(folder, count, timeout=5.0):
     while not settled() and time.monotonic() < deadline:
         time.sleep(0.01)
     return len(list(folder.iterdir()))
+
+
+def test_temp_files_are_created_ahead_and_cleaned_up(tmp_path):
+    spool = Spool(tmp_path, max_bytes=10_000)
+    put(spool, b"x", "1")
+    ready = tmp_path / ".prepared"
+    assert _names_settle(ready, PREPARED_TEMP_FILES) == PREPARED_TEMP_FILES
+    fd, path = spool.temp_file()                          # an open, empty file of the spool's
+    os.close(fd)
+    assert path.parent == ready and path.stat().st_size == 0
+    spool.close()
+    assert sorted(p.name for p in ready.iterdir()) == [path.name]   # only the one handed out is left
+    Spool(tmp_path, max_bytes=10_000)                     # a restart clears leftovers
+    assert list(ready.iterdir()) == []
 
 
 def test_prepared_files_are_linked_into_place_and_their_names_dropped_by_the_preparer(tmp_path):
