@@ -75,16 +75,28 @@ class RetrieveOutcome:
 
 @dataclass(frozen=True)
 class StoreItem:
-    """A Part-10 file whose file meta matches its data set (the caller checks that): on disk, or in
-    memory under a ``/proc/self/fd`` path (STOW-RS, gateway/stow/receive.py), read through ``path``."""
+    """A Part-10 file whose file meta matches its data set (the caller checks that): a file on disk
+    (``path``), or bytes held in memory (``pieces``: a STOW-RS part as it was received,
+    gateway/stow/receive.py) that an engine sends as they are and that :meth:`file` writes to an
+    in-memory file only for a reader that needs one (the pynetdicom engine, transcoding)."""
 
-    path: Path
+    path: Path | None      # None: held in memory (``pieces`` and ``materialize``)
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    # Called once, from the engine's thread, when the engine no longer reads ``path`` (its C-STORE
+    # Called once, from the engine's thread, when the engine no longer reads the item (its C-STORE
     # answered, lost or skipped): lets STOW-RS free a part held in memory before the request ends.
     done: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    pieces: Sequence[bytes | memoryview] | None = field(default=None, compare=False, repr=False)
+    materialize: Callable[[], Path] | None = field(default=None, compare=False, repr=False)
+
+    def file(self) -> Path:
+        """The instance as a file: ``path``, or the in-memory item written to one (once, by its owner)."""
+        if self.path is not None:
+            return self.path
+        if self.materialize is None:
+            raise ValueError("a store item with neither a path nor a way to write its bytes to one")
+        return self.materialize()
 
 
 StoreItems = Sequence[StoreItem] | AsyncIterable[StoreItem]

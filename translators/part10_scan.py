@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from translators import frames as fr
 from translators.syntaxes import DEFLATED_LE, EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE
 
-__all__ = ["HEAD", "Scan", "Unscannable", "index_native", "scan", "study_series"]
+__all__ = ["HEAD", "Scan", "Unscannable", "data_set_offset", "index_native", "scan", "study_series"]
 
 HEAD = 64 << 10
 """Bytes of a file to hand to :func:`scan` for its header: the file meta and the top-level elements
@@ -109,6 +109,19 @@ def scan(data: bytes | memoryview, wanted: frozenset[int], *, stop_after: int = 
     if stop_after != 0xFFFFFFFF:
         raise Unscannable("data ended before the tags asked for")
     return found
+
+
+def data_set_offset(head: bytes | memoryview) -> int:
+    """Where the data set of a Part-10 file starts: after the preamble, ``DICM`` and the group 0002
+    elements (PS3.10 §7.1), from the file's first bytes (:data:`HEAD` hold any real file meta).
+    :class:`Unscannable` for bytes that are not a Part-10 file with a transfer syntax in its meta."""
+    view = memoryview(head).cast("B")
+    if len(view) < 132 or bytes(view[128:132]) != b"DICM":
+        raise Unscannable("no Part-10 preamble")
+    offset = _file_meta(view)[0]
+    if offset + 8 > len(view):   # the meta ran to the end of the head: not a data set in sight
+        raise Unscannable("no data set after the file meta information")
+    return offset
 
 
 def _file_meta(view: memoryview) -> tuple[int, str, dict[int, bytes]]:

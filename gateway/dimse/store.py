@@ -153,10 +153,11 @@ class PynetdicomStore:
     def accepted_syntaxes(self, assoc: Association, sop_class: str) -> list[str]:
         return accepted_syntaxes(assoc, sop_class)
 
-    def send(self, assoc: Association, item: StoreItem, path: Path, syntax: str, msg_id: int) -> StoreResult:
+    def send(self, assoc: Association, item: StoreItem, path: Path | None, syntax: str,
+             msg_id: int) -> StoreResult:
         try:
             with busy(assoc):
-                status: Dataset = assoc.send_c_store(path, msg_id=msg_id)
+                status: Dataset = assoc.send_c_store(path or item.file(), msg_id=msg_id)
         except (RuntimeError, ValueError, AttributeError, OSError):
             # RuntimeError: association gone; others: a file the checks let through (never stored).
             log.info("node %s: C-STORE could not be sent", self.node.name, exc_info=True)

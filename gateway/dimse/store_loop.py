@@ -60,9 +60,11 @@ class StoreEngine(Protocol[A]):
 
     def accepted_syntaxes(self, assoc: A, sop_class: str) -> list[str]: ...
 
-    def send(self, assoc: A, item: StoreItem, path: Path, syntax: str, msg_id: int) -> StoreResult:
-        """One C-STORE of ``path`` (``item``'s instance, in ``syntax``) and its answer. Unanswered:
-        an unconfirmed result, and the association aborted (the PACS's state is unknown)."""
+    def send(self, assoc: A, item: StoreItem, path: Path | None, syntax: str, msg_id: int) -> StoreResult:
+        """One C-STORE of ``item``'s instance in ``syntax`` and its answer: from ``path`` (a
+        transcoded copy), or with None from the item itself (its ``pieces`` when the engine sends
+        from memory, else :meth:`StoreItem.file`). Unanswered: an unconfirmed result, and the
+        association aborted (the PACS's state is unknown)."""
         ...
 
     def is_established(self, assoc: A) -> bool: ...
@@ -164,12 +166,13 @@ def _store_one(engine: StoreEngine[A], assoc: A, item: StoreItem, msg_id: int, w
     if not syntaxes:
         return outcomes.store_sop_class_refused()
     if item.transfer_syntax in syntaxes:
-        return engine.send(assoc, item, item.path, item.transfer_syntax, msg_id)
+        return engine.send(assoc, item, None, item.transfer_syntax, msg_id)
     target = store_fallback(syntaxes)
     if target is None:
         return outcomes.store_syntax_refused()
     try:
-        data = transcode_part10(item.path.read_bytes(), target)
+        whole = b"".join(item.pieces) if item.pieces is not None else item.file().read_bytes()
+        data = transcode_part10(whole, target)
     except Exception:  # noqa: BLE001 - TranscodeError, codec errors: the PACS cannot take it
         log.info("node %s: transcoding %s to %s failed", engine.node.name, item.transfer_syntax, target,
                  exc_info=True)
@@ -177,7 +180,7 @@ def _store_one(engine: StoreEngine[A], assoc: A, item: StoreItem, msg_id: int, w
     fd, name = tempfile.mkstemp(dir=workdir, suffix=".dcm")
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
-    del data
+    del data, whole
     try:
         return engine.send(assoc, item, Path(name), target, msg_id)
     finally:

@@ -106,7 +106,7 @@ def prepare_instance_inline(part: Part, study: str | None) -> list[Entry] | None
     on the event loop than a hop to a thread); None for anything else, which goes to
     :func:`prepare_instance` in a thread (pydicom, repairs)."""
     try:
-        header = _scan_header(part.path)
+        header = _scan_header(part.head(part10_scan.HEAD))
     except (part10_scan.Unscannable, OSError):
         return None
     prepared = Prepared()
@@ -133,7 +133,7 @@ def prepare_rest(received: Received, deferred: Sequence[Part], root: str, study:
     for part in parts:
         if not part.complete:
             # The body ended inside this part: report it, with its UIDs when its header arrived.
-            header = _header_or_none(part.path) if media_of(part, root) == DICOM else None
+            header = _header_or_none(part) if media_of(part, root) == DICOM else None
             by_part[part.index] = [Entry(header, status=st.TRUNCATED)]
     trailing = [Entry(None, status=st.TRUNCATED)] if received.truncated_headers else []
     return by_part, trailing
@@ -162,12 +162,11 @@ def _uid_text(raw: bytes | None) -> str:
     return raw.decode("ascii").rstrip("\0 ")
 
 
-def _scan_header(path: Path) -> Header:
+def _scan_header(head: bytes) -> Header:
     """The common case without pydicom: a Part-10 file whose meta matches its data set, read from its
-    first bytes. :class:`translators.part10_scan.Unscannable` for anything else (the caller then reads
-    it with pydicom, so the answer is the same, only slower)."""
-    with path.open("rb") as fh:
-        head = fh.read(part10_scan.HEAD)
+    first bytes (``head``, :data:`translators.part10_scan.HEAD` of them).
+    :class:`translators.part10_scan.Unscannable` for anything else (the caller then reads it with
+    pydicom, so the answer is the same, only slower)."""
     found = part10_scan.scan(head, _HEADER_TAGS, stop_after=part10_scan.SERIES_INSTANCE_UID)
     values, meta = found.values, found.meta
     header = Header(_uid_text(values.get(_SOP_CLASS)), _uid_text(values.get(_SOP_INSTANCE)),
@@ -190,7 +189,8 @@ def read_header(path: Path) -> tuple[Header, str]:
     inconsistent meta means a rewrite through pydicom.
     """
     try:
-        return _scan_header(path), ""
+        with path.open("rb") as fh:
+            return _scan_header(fh.read(part10_scan.HEAD)), ""
     except part10_scan.Unscannable:
         pass
     try:
@@ -239,9 +239,9 @@ def _write(ds: Dataset, workdir: Path) -> Path:
     return Path(name)
 
 
-def _header_or_none(path: Path) -> Header | None:
+def _header_or_none(part: Part) -> Header | None:
     try:
-        return read_header(path)[0]
+        return read_header(part.file())[0]
     except Exception:  # noqa: BLE001 - whatever is unreadable stays unknown
         return None
 
@@ -255,7 +255,7 @@ def _study_matches(prepared: Prepared, header: Header, study: str | None) -> boo
 
 def _prepare_instance(prepared: Prepared, part: Part, study: str | None, workdir: Path) -> None:
     try:
-        header, fix = read_header(part.path)
+        header, fix = read_header(part.file())
     except Exception:  # noqa: BLE001 - not DICOM, or not parseable at all
         prepared.fail(None, st.NOT_DICOM)
         return
@@ -269,15 +269,20 @@ def _accept(prepared: Prepared, part: Part, header: Header, fix: str, study: str
         return
     if not _study_matches(prepared, header, study):
         return
-    path = part.path
     if fix:
         assert workdir is not None
         try:
-            path = repair(part.path, header, workdir, fix)
+            path = repair(part.file(), header, workdir, fix)
         except Exception:  # noqa: BLE001
             prepared.fail(header, st.NOT_DICOM)
             return
-    prepared.store(header, StoreItem(path, header.sop_class, header.sop_instance, header.syntax))
+        item = StoreItem(path, header.sop_class, header.sop_instance, header.syntax)
+    elif part.pieces is not None:   # sent from memory as received; a file only if a reader needs one
+        item = StoreItem(None, header.sop_class, header.sop_instance, header.syntax,
+                         pieces=part.pieces, materialize=part.file)
+    else:
+        item = StoreItem(part.file(), header.sop_class, header.sop_instance, header.syntax)
+    prepared.store(header, item)
 
 
 # ----------------------------------------------------------------------------- application/dicom+json
@@ -303,7 +308,7 @@ class _BulkParts:
             # same part would multiply the upload in memory and in the PACS (it fails that instance).
             return None
         self._used.add(id(part))
-        return part.path.read_bytes(), part.headers.get("content-type", "application/octet-stream")
+        return part.file().read_bytes(), part.headers.get("content-type", "application/octet-stream")
 
 
 def _path_of(uri: str) -> str:
@@ -314,7 +319,7 @@ def _path_of(uri: str) -> str:
 def _prepare_metadata(prepared: Prepared, part: Part, bulk: _BulkParts, study: str | None,
                       workdir: Path) -> None:
     try:
-        datasets: object = orjson.loads(part.path.read_bytes())
+        datasets: object = orjson.loads(part.file().read_bytes())
     except orjson.JSONDecodeError:
         prepared.fail(None, st.BAD_METADATA)
         return

@@ -1,21 +1,23 @@
-"""Receiving a STOW-RS body: every multipart/related part to a file of its own, as it arrives.
+"""Receiving a STOW-RS body: every multipart/related part kept apart, as it arrives.
 
 The body is pushed chunk by chunk through :class:`translators.multipart.MultipartDecoder`; each part
-goes to a file of its own, so memory stays bounded whatever the upload size (PS3.18 §10.5.1;
+is held on its own, so memory stays bounded whatever the upload size (PS3.18 §10.5.1;
 docs/architecture.md, "STOW-RS"):
 
-* an ``application/dicom`` part, while the process's :class:`MemoryWindow` has room: an anonymous
-  in-memory file (``memfd``, named by its ``/proc/self/fd`` path), given back as soon as the PACS
-  interface is done with it (:attr:`gateway.pacs.StoreItem.done`). The instances never touch the
-  disk (creating and filling a file per instance cost as much CPU as sending it, profiled in the
-  STOW benchmark);
+* an ``application/dicom`` part, while the process's :class:`MemoryWindow` has room: in memory as the
+  pieces it arrived in (views of the received chunks, never copied but for small ones), given back as
+  soon as the PACS interface is done with it (:attr:`gateway.pacs.StoreItem.done`). The fast engine
+  sends the pieces as they are; a reader that needs a file gets an in-memory one (``memfd``, named by
+  its ``/proc/self/fd`` path) written on demand (:meth:`Part.file`). The instances never touch the
+  disk (creating and filling a file per instance cost as much CPU as sending it, and an in-memory
+  file per part two copies of every byte, profiled in the STOW benchmark);
 * other parts (read at the end), parts that find the window full (a PACS slower than the upload),
   or without ``memfd``: a temp file in the request's work directory (under the spool's
   ``.incoming``), as before. The body is never held back: reading it while the C-STOREs run costs
   them GIL and CPU time, so the sooner it is in, the sooner they run at full speed (waiting for room
   instead was measured slower).
 
-File writes are small (one HTTP chunk) page-cache writes done on the event loop. Each part is
+Disk writes are small (one HTTP chunk) page-cache writes done on the event loop. Each part is
 announced (``on_part``) the moment its closing delimiter arrives, so it can be stored while the rest
 of the body is still coming.
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -76,16 +77,18 @@ class MemoryWindow:
 
 @dataclass(eq=False)
 class Part:
-    """One received part: its headers (lower-case names) and its body in a file of its own: on disk,
-    or in memory (``fd``, an open memfd that ``path`` names, until :meth:`release`)."""
+    """One received part: its headers (lower-case names) and its body, in a file of its own on disk,
+    or in memory as the pieces it arrived in (``pieces``, until :meth:`release`), written to an
+    in-memory file (``memfd``) only for a reader that needs a file (:meth:`file`)."""
 
     headers: dict[str, str]
-    path: Path
+    _path: Path | None = None   # the file: on disk, or an in-memory part's once written (file())
     size: int = 0
     complete: bool = False   # False: the body ended inside this part
     index: int = 0           # its position in the request
-    fd: int | None = None
+    pieces: list[bytes | memoryview] | None = None
     window: MemoryWindow | None = None
+    _fd: int | None = None   # the memfd an in-memory part was written to
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -94,17 +97,58 @@ class Part:
 
     @property
     def in_memory(self) -> bool:
-        return self.fd is not None
+        return self.pieces is not None
+
+    def file(self) -> Path:
+        """The body as a file (any thread). An in-memory part is written to a memfd at the first
+        call, named by its ``/proc/self/fd`` path, valid until :meth:`release`."""
+        with self._lock:
+            if self._path is None:
+                if self.pieces is None:
+                    raise ValueError("the part was released")
+                fd = os.memfd_create("stow-part", os.MFD_CLOEXEC)
+                _write_all(fd, self.pieces)
+                self._fd, self._path = fd, Path(f"/proc/self/fd/{fd}")
+            return self._path
+
+    def head(self, size: int) -> bytes:
+        """The body's first ``size`` bytes (fewer when it is shorter)."""
+        pieces = self.pieces
+        if pieces is None:
+            with self.file().open("rb") as fh:
+                return fh.read(size)
+        head = bytearray()
+        for piece in pieces:
+            if len(head) >= size:
+                break
+            head += piece[:size - len(head)]
+        return bytes(head)
 
     def release(self) -> None:
-        """Free an in-memory part (idempotent; any thread). Nothing may read ``path`` afterwards: the
-        descriptor number it names is reused."""
+        """Free an in-memory part (idempotent; any thread). Nothing may read it afterwards: the
+        descriptor number its file's path names is reused."""
         with self._lock:
-            fd, self.fd = self.fd, None
+            pieces, fd, self.pieces, self._fd = self.pieces, self._fd, None, None
+            if fd is not None:
+                self._path = None
         if fd is not None:
             os.close(fd)
+        if pieces is not None:
+            pieces.clear()   # emptied in place: a store item still naming the list keeps nothing alive
             if self.window is not None:
                 self.window.give_back(self.size)
+
+
+def _write_all(fd: int, pieces: Iterable[bytes | memoryview]) -> None:
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+_OWN_COPY = 16 << 10
+"""A piece of an in-memory part shorter than this is copied: a view would keep the whole received
+chunk it is part of (up to the HTTP chunk size) alive for a few bytes."""
 
 
 @dataclass
@@ -129,57 +173,62 @@ class _Receiver:
         self.max_parts = max_parts
         self.window = window if window is not None and window.enabled else None
         self.in_memory = in_memory
-        self._fh: BinaryIO | None = None
+        self._fh: BinaryIO | None = None   # the file of the on-disk part being received
+        self._receiving = False            # a part has started and not ended
 
     def apply(self, events: Iterable[mp.Event]) -> None:
         parts = self.received.parts
         for event in events:
             if isinstance(event, mp.PartData):
                 part = parts[-1]
-                if part.window is not None:
-                    if not part.window.has_room():
-                        self._spill(part)   # a large part, or the window filled: the rest on disk
-                    else:
-                        part.window.take(len(event.data))
+                data = event.data
+                if part.pieces is not None:
+                    assert part.window is not None
+                    if part.window.has_room():
+                        part.window.take(len(data))
+                        # Views of the received chunks, which are immutable bytes (the decoder
+                        # passes no view of its own buffer): kept as they are, nothing copied.
+                        part.pieces.append(data if len(data) >= _OWN_COPY else bytes(data))
+                        part.size += len(data)
+                        continue
+                    self._spill(part)   # a large part, or the window filled: the rest on disk
                 assert self._fh is not None
-                self._fh.write(event.data)
-                part.size += len(event.data)
+                self._fh.write(data)
+                part.size += len(data)
             elif isinstance(event, mp.PartStart):
                 if len(parts) >= self.max_parts:   # before it is written, let alone stored
                     raise PayloadTooLarge(f"the STOW-RS body has more than {self.max_parts} parts "
                                           f"(limits.max_stow_parts)")
                 parts.append(self._new_part(event.headers, len(parts)))
+                self._receiving = True
             elif isinstance(event, mp.PartEnd):
                 parts[-1].complete = True
                 self.close()
                 self.on_part(parts[-1])
-            elif isinstance(event, mp.Truncated) and event.in_part and self._fh is None:
+            elif isinstance(event, mp.Truncated) and event.in_part and not self._receiving:
                 self.received.truncated_headers = True
 
     def _new_part(self, headers: dict[str, str], index: int) -> Part:
         window = self.window
         if window is not None and window.has_room() and self.in_memory(
                 mp.parse_media_type(headers.get("content-type", ""))[0]):
-            fd = os.memfd_create("stow-part", os.MFD_CLOEXEC)
-            self._fh = open(fd, "wb", closefd=False)  # noqa: SIM115 - closed at PartEnd or by close()
-            return Part(headers, Path(f"/proc/self/fd/{fd}"), index=index, fd=fd, window=window)
+            return Part(headers, index=index, pieces=[], window=window)
         fd, name = tempfile.mkstemp(dir=self.workdir, suffix=".part")
         self._fh = open(fd, "wb")  # noqa: SIM115 - closed at PartEnd or by close()
         return Part(headers, Path(name), index=index)
 
     def _spill(self, part: Part) -> None:
         """Move the in-memory part being received to a temp file and go on writing there."""
-        assert self._fh is not None and part.fd is not None
-        self._fh.flush()
+        assert part.pieces is not None
         fd, name = tempfile.mkstemp(dir=self.workdir, suffix=".part")
         out = open(fd, "wb")  # noqa: SIM115 - becomes the part's writer, closed at PartEnd or by close()
-        with part.path.open("rb") as held:   # its own offset: the writer's is at the end
-            shutil.copyfileobj(held, out, 1 << 20)
-        self.close()
+        for piece in part.pieces:
+            out.write(piece)
         part.release()   # gives its bytes back to the window
-        part.window, part.path, self._fh = None, Path(name), out
+        part.window, part._path, self._fh = None, Path(name), out
 
     def close(self) -> None:
+        self._receiving = False
         fh, self._fh = self._fh, None
         if fh is not None:
             fh.close()

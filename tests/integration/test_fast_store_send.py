@@ -1,10 +1,12 @@
-"""The fast C-STORE SCU's data set send (``Association.send_file``: a file read and sent one PDU at a
-time), against a pynetdicom SCP with a small maximum PDU so one instance is many fragments: the file's
-data set arrives byte for byte, and a file that ends early aborts the association, never lets the SCP
-store a short data set (docs/architecture.md, "DIMSE edge")."""
+"""The fast C-STORE SCU's data set send (``Association.send_file``: a file read a window at a time;
+``Association.send_pieces``: an instance held in memory as received pieces), against a pynetdicom SCP
+with a small maximum PDU so one instance is many fragments: the data set arrives byte for byte
+whatever the windows and the pieces' boundaries, and a file that ends early aborts the association,
+never lets the SCP store a short data set (docs/architecture.md, "DIMSE edge")."""
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,7 +68,7 @@ def _ct_file(path: Path) -> tuple[StoreItem, bytes]:
     ds.save_as(path, enforce_file_format=True)
     data = path.read_bytes()
     with path.open("rb") as fh:
-        offset = len(data) - fast_store._skip_file_meta(fh, path)   # the data set's start
+        offset = len(data) - fast_store._skip_file_meta(fh)   # the data set's start
     return StoreItem(path, CTImageStorage, str(ds.SOPInstanceUID), ExplicitVRLittleEndian), data[offset:]
 
 
@@ -87,10 +89,36 @@ def test_a_file_that_ends_early_aborts_the_association(scp: Scp, tmp_path: Path)
     assoc = fast_association.request("DICOMWEBGW", _node(scp.port), [(CTImageStorage, [ExplicitVRLittleEndian])])
     assert assoc is not None
     with item.path.open("rb") as fh:
-        length = fast_store._skip_file_meta(fh, item.path)
+        length = fast_store._skip_file_meta(fh)
         assert length == len(data)
         with pytest.raises(OSError, match="ended 1000 bytes early"):
             assoc.send_file(1, cmd.c_store_rq(1, CTImageStorage, item.sop_instance_uid), fh, length + 1000)
     assert not assoc.is_established
     assert scp.aborted.wait(5), "the SCP never saw the abort"
     assert scp.received == []   # nothing short was stored
+
+
+def test_from_memory_the_data_set_arrives_byte_for_byte_whatever_the_pieces(scp: Scp, tmp_path: Path) -> None:
+    rng = random.Random(11)
+    items, expected = [], []
+    for n in range(4):
+        on_disk, data_set = _ct_file(tmp_path / f"{n}.dcm")
+        whole = on_disk.path.read_bytes()
+        cuts = sorted(rng.sample(range(1, len(whole)), 40 if n else 1))   # the first: two pieces
+        pieces = [memoryview(whole)[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)], strict=True)]
+        items.append(StoreItem(None, on_disk.sop_class_uid, on_disk.sop_instance_uid, on_disk.transfer_syntax,
+                               pieces=pieces))
+        expected.append(data_set)
+    results = fast_store.store_all("DICOMWEBGW", _node(scp.port), iter(items), tmp_path, threading.Event())
+    assert [(r.status, r.confirmed) for r in results] == [(0, True)] * 4
+    assert scp.received == expected
+
+
+def test_a_file_larger_than_the_send_window_arrives_byte_for_byte(scp: Scp, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A window of 3 PDUs' worth: the 128 KiB data set goes in several windows, the last one partial.
+    monkeypatch.setattr(fast_association, "SEND_WINDOW", 3 * (SCP_MAX_PDU - 6))
+    items, expected = zip(*(_ct_file(tmp_path / f"{n}.dcm") for n in range(2)), strict=True)
+    results = fast_store.store_all("DICOMWEBGW", _node(scp.port), iter(items), tmp_path, threading.Event())
+    assert [(r.status, r.confirmed) for r in results] == [(0, True)] * 2
+    assert scp.received == list(expected)

@@ -115,6 +115,49 @@ def test_p_data_fragments_respect_the_peer_maximum_and_reassemble(data: bytes, m
     assert joined == data
 
 
+@given(st.binary(max_size=20000), st.integers(2, 5000), st.lists(st.integers(0, 20000), max_size=12),
+       st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_fragments_over_pieces_are_the_same_pdus_as_over_the_whole(data: bytes, step: int, cuts: list[int],
+                                                                   last: bool) -> None:
+    # Any split of the data set into pieces (empty ones too) frames into the bytes p_data_tf gives for
+    # the whole, PDU for PDU; not ``last``: only the final fragment's last bit differs.
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    pieces = [memoryview(data)[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    framed = b"".join(pdu.p_data_fragments(3, pieces, step, last=last))
+    expected = bytearray(b"".join(pdu.p_data_tf(3, data, command=False, max_pdu=step + 6)))
+    if not last:
+        if not data:
+            expected = bytearray()
+        else:
+            control = len(expected) - (len(data) % step or step) - 1   # the final PDV's control byte
+            assert expected[control] == 0x02
+            expected[control] = 0x00
+    assert framed == bytes(expected)
+
+
+def test_a_gathered_send_survives_partial_writes() -> None:
+    from gateway.dimse.fast.association import _send_gathered
+
+    a, b = _pair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        buffers: list[bytes | memoryview] = [bytes([n % 251]) * (n * 37 % 3000) for n in range(1200)]
+        expected = b"".join(buffers)
+        got = bytearray()
+
+        def drain() -> None:
+            while len(got) < len(expected):
+                got.extend(b.recv(777))
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        a.settimeout(10)
+        _send_gathered(a, [memoryview(x) for x in buffers])   # more buffers than one call takes
+        reader.join(10)
+        assert bytes(got) == expected
+
+
 def test_several_pdvs_in_one_pdu() -> None:
     body = (struct.pack(">IBB", 5, 1, 0x03) + b"abc" + struct.pack(">IBB", 2, 3, 0x02)
             + struct.pack(">IBB", 4, 5, 0x00) + b"xy")

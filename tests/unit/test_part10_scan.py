@@ -165,3 +165,17 @@ def _corrupt(cut: int, flips: list[tuple[int, int]]) -> None:
     if expected is not None and uids != expected:
         # belongs() only trusts a fast match; a differing answer must not make a member of a non-member
         assert not belongs(data, uids[0] + "9", uids[1])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_data_set_offset_is_where_pydicom_says_the_meta_ends(name: str) -> None:
+    from translators.part10_scan import data_set_offset
+
+    data = CASES[name]
+    meta_length = int(dcmread(io.BytesIO(data)).file_meta.FileMetaInformationGroupLength)
+    offset = 132 + 12 + meta_length       # preamble, DICM, (0002,0000) and the group it measures
+    assert data_set_offset(data) == offset == data_set_offset(data[:offset + 8])
+    assert data_set_offset(memoryview(data)) == offset
+    for not_part10 in (data[128:], data[:offset], data[:offset + 7], b"\0" * 300):
+        with pytest.raises(Unscannable):
+            data_set_offset(not_part10)

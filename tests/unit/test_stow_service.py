@@ -57,9 +57,9 @@ class FakePacs:
         received: list[StoreItem] = []
         self.calls.append((node.name, received, workdir))
         async for item in each(items):
-            # A part on disk is in the request's work directory; one in memory is an open memfd.
-            assert item.path.is_relative_to(workdir) or str(item.path).startswith("/proc/self/fd/")
-            self.files[item.sop_instance_uid] = item.path.read_bytes()
+            # A part on disk is in the request's work directory; one in memory is its received pieces.
+            assert item.path.is_relative_to(workdir) if item.path is not None else item.pieces is not None
+            self.files[item.sop_instance_uid] = _bytes_of(item)
             self.log.append(("stored", item.sop_instance_uid))
             received.append(item)
         items = received
@@ -287,7 +287,7 @@ def test_temp_files_are_gone_after_success_and_after_a_pacs_error(env):
     run(env, pacs, body)
     (_, items, workdir), = pacs.calls
     assert workdir.parent == env[1].tmp and not workdir.exists()
-    assert all(not i.path.exists() for i in items)
+    assert all(not i.path.exists() if i.path is not None else i.pieces == [] for i in items)  # given back
     failing = FakePacs(error=NodeUnreachable("connection refused", node="n"))
     with pytest.raises(NodeUnreachable):
         run(env, failing, body)
@@ -516,13 +516,17 @@ class DonePacs(FakePacs):
     async def store(self, node, items, workdir):
         received = []
         async for item in each(items):
-            self.paths.append(str(item.path))
-            self.files[item.sop_instance_uid] = item.path.read_bytes()
+            self.paths.append("memory" if item.path is None else str(item.path))
+            self.files[item.sop_instance_uid] = _bytes_of(item)
             received.append(item)
             assert item.done is not None
             item.done()
             self.used_after.append(self.window.used)
         return [StoreResult(0x0000, confirmed=True, sent_syntax=i.transfer_syntax) for i in received]
+
+
+def _bytes_of(item: StoreItem) -> bytes:
+    return b"".join(item.pieces) if item.pieces is not None else item.file().read_bytes()
 
 
 def open_fds() -> int:
@@ -541,7 +545,7 @@ def test_dicom_parts_stay_in_memory_and_each_is_given_back_once_stored(env):
     outcomes = asyncio.run(service.store(settings.nodes[0], root_type=DICOM, boundary=BOUNDARY,
                                          body=chunks(body), study=None))
     assert [o.status for o in outcomes] == [0, 0, 0]
-    assert all(p.startswith("/proc/self/fd/") for p in pacs.paths)   # never on disk
+    assert pacs.paths == ["memory"] * 3   # never on disk
     assert [pacs.files[ds.SOPInstanceUID] for ds in datasets] == [part10(ds) for ds in datasets]
     # Given back one by one as the PACS took them (not at the end of the request), all of it.
     assert pacs.used_after[-1] == 0 and pacs.used_after == sorted(pacs.used_after, reverse=True)
@@ -561,8 +565,8 @@ def test_parts_that_find_the_memory_window_full_go_to_disk(env):
                                          study=None))
     assert [o.status for o in outcomes] == [0, 0, 0]
     (_, items, workdir), = pacs.calls
-    assert str(items[0].path).startswith("/proc/self/fd/")
-    assert all(item.path.parent == workdir for item in items[1:])
+    assert items[0].path is None and items[0].pieces is not None
+    assert all(item.path is not None and item.path.parent == workdir for item in items[1:])
     assert [pacs.files[ds.SOPInstanceUID] for ds in datasets] == [part10(ds) for ds in datasets]
     assert service.window.used == 0 and open_fds() == fds and incoming(env) == []
 
@@ -579,7 +583,7 @@ def test_only_application_dicom_parts_are_held_in_memory(env):
     # Only application/dicom parts are held in memory (the others wait for the end of the body).
     assert service.window.used == 0
     (_, items, _), = pacs.calls
-    assert len(items) == 1 and str(items[0].path).startswith("/proc/self/fd/")
+    assert len(items) == 1 and items[0].path is None and items[0].pieces is not None
 
 
 def test_the_store_loop_gives_every_item_back_once_its_c_store_is_over(tmp_path):
@@ -678,6 +682,26 @@ def test_a_part_that_fills_the_memory_window_moves_to_disk_whole(env):
                                          body=chunks(body_of([(DICOM, part10(ds))])), study=None))
     assert [o.status for o in outcomes] == [0]
     (_, (item,), workdir), = pacs.calls
-    assert item.path.parent == workdir                       # moved to disk half-way
+    assert item.path is not None and item.path.parent == workdir   # moved to disk half-way
     assert pacs.files[ds.SOPInstanceUID] == part10(ds)       # every byte, in order
     assert service.window.used == 0 and open_fds() == fds and incoming(env) == []
+
+
+def test_an_in_memory_part_is_a_file_only_when_a_reader_asks_and_until_it_is_released():
+    from gateway.stow.receive import Part
+
+    window = MemoryWindow(limit=1 << 20)
+    data = bytes(range(256)) * 100
+    pieces: list[bytes | memoryview] = [memoryview(data)[:1000], data[1000:1001], memoryview(data)[1001:]]
+    window.take(len(data))
+    part = Part({}, size=len(data), complete=True, pieces=pieces, window=window)
+    fds = open_fds()
+    assert part.head(1500) == data[:1500] and part.head(10 ** 6) == data and open_fds() == fds   # no file
+    path = part.file()
+    assert path.read_bytes() == data and part.file() == path and open_fds() == fds + 1          # made once
+    part.release()
+    assert open_fds() == fds and pieces == [] and window.used == 0   # emptied in place, window given back
+    part.release()                                                   # idempotent
+    assert window.used == 0
+    with pytest.raises(ValueError):
+        part.file()

@@ -70,6 +70,43 @@ class _Failed:
     is_aborted: bool = False
 
 
+SEND_WINDOW = 1 << 20
+"""Bytes of a data set :meth:`Association.send_file` reads and sends at once (rounded to whole PDUs)."""
+
+_IOV_MAX = 512
+"""Buffers per ``sendmsg`` call (POSIX allows at least 16, Linux 1024)."""
+
+
+def _read_into(file: BinaryIO, view: memoryview, left: int) -> None:
+    """Fill ``view`` from ``file``; OSError when the file ends first (``left``: bytes still owed)."""
+    got = 0
+    while got < len(view):
+        n = file.readinto(view[got:])   # type: ignore[attr-defined]
+        if not n:
+            raise OSError(f"the file ended {left - got} bytes early")
+        got += n
+
+
+def _send_gathered(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+    """``sendall`` for a gathered write: ``sendmsg`` until every buffer is sent (a call may send
+    part of them; a blocking socket with a timeout raises TimeoutError as ``sendall`` does)."""
+    views = [memoryview(b) for b in buffers]
+    first = 0
+    while True:
+        while first < len(views) and not views[first].nbytes:
+            first += 1
+        if first == len(views):
+            return
+        sent = sock.sendmsg(views[first:first + _IOV_MAX])
+        while sent:
+            size = views[first].nbytes
+            if sent < size:
+                views[first] = views[first][sent:]
+                break
+            sent -= size
+            first += 1
+
+
 def _seconds(value: float) -> float | None:
     """A configured timeout for a socket: 0 means none (a 0 socket timeout would mean non-blocking)."""
     return value if value > 0 else None
@@ -87,6 +124,7 @@ class Association:
         self.peer_max_pdu = peer_max_pdu      # the largest PDU the peer receives; 0 = unlimited
         self._established = True
         self._pending: deque[pdu.Pdv] = deque()   # PDVs left in the last PDU read (views into it)
+        self._send_window: memoryview | None = None   # send_file's read buffer, made at first use
 
     @property
     def is_established(self) -> bool:
@@ -125,31 +163,71 @@ class Association:
             self._send_bytes(fragment)
 
     def send_file(self, context_id: int, command: Command, file: BinaryIO, length: int) -> None:
-        """One DIMSE message whose data set is the next ``length`` bytes of ``file``, read and sent
-        one PDU at a time (a C-STORE from disk: never held whole). A file that cannot be read aborts
-        the association (half a message is on the wire) and raises its OSError."""
+        """One DIMSE message whose data set is the next ``length`` bytes of ``file``, read a window
+        (:data:`SEND_WINDOW`) at a time into one reused buffer, never held whole (a C-STORE from
+        disk); each window's PDUs go out in one gathered write of their headers and views of the
+        buffer. A file that cannot be read aborts the association and raises its OSError."""
         command.data_set_type = DATA_SET_PRESENT
-        step = min((self.peer_max_pdu or pdu.MAX_PDU_CAP) - 6, 1 << 20)   # unlimited peer: 1 MiB PDVs
-        self._send_bytes(b"".join(pdu.p_data_tf(context_id, encode_command(command), command=True,
-                                                max_pdu=self.peer_max_pdu)))
+        step = self._fragment_size()
+        buffers = self._command_pdus(context_id, command)
         if length == 0:
-            self._send_bytes(pdu.p_data_pdu(context_id, b"", command=False, last=True))
+            buffers += pdu.p_data_fragments(context_id, [], step, last=True)
+        window = self._window(step)
         left = length
         while left:
+            size = min(len(window), left)
             try:
-                chunk = file.read(min(step, left))
-                if not chunk:
-                    raise OSError(f"the file ended {left} bytes early")
+                _read_into(file, window[:size], left)
             except OSError:
                 self.abort()
                 raise
-            left -= len(chunk)
-            self._send_bytes(pdu.p_data_pdu(context_id, chunk, command=False, last=not left))
+            left -= size
+            # a window holds whole PDUs' worth: its PDUs end where it ends
+            buffers += pdu.p_data_fragments(context_id, [window[:size]], step, last=not left)
+            self._send_buffers(buffers)   # sent whole before the buffer is read into again
+            buffers = []
+        if buffers:
+            self._send_buffers(buffers)
+
+    def send_pieces(self, context_id: int, command: Command, pieces: Sequence[memoryview]) -> None:
+        """One DIMSE message whose data set is the bytes ``pieces`` (in order; a STOW-RS part held
+        in memory as it was received): framed into PDUs across the pieces and sent in gathered
+        writes, nothing copied in Python. Why not a file: writing a received part to one and reading
+        it back for its C-STORE cost two copies of every uploaded byte and the page allocations of
+        a new in-memory file per part, on the event loop and the store thread (docs/architecture.md,
+        "STOW-RS")."""
+        command.data_set_type = DATA_SET_PRESENT
+        self._send_buffers(self._command_pdus(context_id, command)
+                           + pdu.p_data_fragments(context_id, pieces, self._fragment_size(), last=True))
+
+    def _command_pdus(self, context_id: int, command: Command) -> list[bytes | memoryview]:
+        return list(pdu.p_data_tf(context_id, encode_command(command), command=True,
+                                  max_pdu=self.peer_max_pdu))
+
+    def _fragment_size(self) -> int:
+        """Data set bytes per PDU: the peer's maximum PDU length less the PDV headers (an unlimited
+        peer: 1 MiB)."""
+        return min((self.peer_max_pdu or pdu.MAX_PDU_CAP) - 6, 1 << 20)
+
+    def _window(self, step: int) -> memoryview:
+        """The association's read buffer for :meth:`send_file`: whole PDUs' worth, about SEND_WINDOW."""
+        size = max(1, SEND_WINDOW // step) * step
+        if self._send_window is None or len(self._send_window) != size:
+            self._send_window = memoryview(bytearray(size))
+        return self._send_window
 
     def _send_bytes(self, data: bytes) -> None:
+        self._send_buffers((data,))
+
+    def _send_buffers(self, buffers: Sequence[bytes | memoryview]) -> None:
         try:
             self.reader.set_timeout(_seconds(self.node.timeouts.network))
-            self.sock.sendall(data)
+            if len(buffers) == 1:
+                self.sock.sendall(buffers[0])
+            elif isinstance(self.sock, ssl.SSLSocket) or not hasattr(self.sock, "sendmsg"):
+                self.sock.sendall(b"".join(buffers))    # TLS has no gathered write
+            else:
+                _send_gathered(self.sock, buffers)
         except TimeoutError as exc:
             self._lost()
             raise pdu.ReadTimeout(f"sending to the peer timed out: {exc}") from exc

@@ -21,7 +21,7 @@ unbounded allocation or an IndexError.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -357,9 +357,39 @@ def p_data_tf(context_id: int, data: bytes | memoryview, *, command: bool, max_p
 
 def p_data_pdu(context_id: int, chunk: bytes | memoryview, *, command: bool, last: bool) -> bytes:
     """One P-DATA-TF PDU with one PDV (the caller keeps it within the peer's maximum PDU length)."""
+    return p_data_header(context_id, len(chunk), command=command, last=last) + chunk
+
+
+def p_data_fragments(context_id: int, views: Sequence[memoryview], step: int, *,
+                     last: bool) -> list[bytes | memoryview]:
+    """A data set's bytes ``views`` (in order) as one-PDV P-DATA-TF PDUs of at most ``step`` bytes
+    of fragment: their headers and slices of ``views`` in order, for one gathered write (nothing
+    copied). A PDU may take its fragment from several views. ``last``: the final fragment ends the
+    message (an empty ``views`` then gives one empty last fragment)."""
+    remaining = sum(v.nbytes for v in views)
+    if not remaining:
+        return [p_data_header(context_id, 0, command=False, last=True)] if last else []
+    out: list[bytes | memoryview] = []
+    room = 0   # fragment bytes the current PDU still takes
+    for view in views:
+        pos, size = 0, view.nbytes
+        while pos < size:
+            if not room:
+                room = min(step, remaining)
+                remaining -= room
+                out.append(p_data_header(context_id, room, command=False, last=last and not remaining))
+            take = min(room, size - pos)
+            out.append(view[pos:pos + take])
+            pos += take
+            room -= take
+    return out
+
+
+def p_data_header(context_id: int, size: int, *, command: bool, last: bool) -> bytes:
+    """The 10 bytes before a PDV's ``size`` bytes of fragment in a one-PDV P-DATA-TF PDU (PS3.8
+    9.3.5: PDU type and length, PDV item length, context ID, message control header)."""
     control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
-    return b"".join((PDU_HEADER.pack(P_DATA_TF, 0, len(chunk) + 6),
-                     _PDV.pack(len(chunk) + 2, context_id, control), chunk))
+    return PDU_HEADER.pack(P_DATA_TF, 0, size + 6) + _PDV.pack(size + 2, context_id, control)
 
 
 # --------------------------------------------------------------------------- decoding

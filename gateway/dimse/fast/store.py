@@ -1,19 +1,20 @@
 """C-STORE SCU on the fast engine, for nodes with ``engine: fast``: :class:`FastStore` is this
 engine's side of the loop every engine shares (:mod:`gateway.dimse.store_loop`: association per
 instance, contexts planned as instances come, transcoding only for a refused syntax, nothing
-unconfirmed a success). Streamed from disk: the data set after the file's meta information is read
-and sent one PDU at a time (:meth:`gateway.dimse.fast.association.Association.send_file`), never
-decoded or held whole (docs/architecture.md, "DIMSE edge" and "STOW-RS").
+unconfirmed a success). The data set after the file's meta information is sent as it is, never
+decoded: from the pieces of an instance held in memory (a STOW-RS part,
+:meth:`gateway.dimse.fast.association.Association.send_pieces`), or streamed from its file a window at
+a time, never held whole (:meth:`~gateway.dimse.fast.association.Association.send_file`)
+(docs/architecture.md, "DIMSE edge" and "STOW-RS").
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +26,7 @@ from gateway.dimse.fast.association import Association
 from gateway.dimse.fast.association import request as request_association
 from gateway.pacs import StoreItem, StoreResult
 from gateway.settings import PacsNode
+from translators import part10_scan
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +50,19 @@ class FastStore:
     def accepted_syntaxes(self, assoc: Association, sop_class: str) -> list[str]:
         return assoc.accepted_syntaxes(sop_class)
 
-    def send(self, assoc: Association, item: StoreItem, path: Path, syntax: str, msg_id: int) -> StoreResult:
+    def send(self, assoc: Association, item: StoreItem, path: Path | None, syntax: str,
+             msg_id: int) -> StoreResult:
         node = self.node
         context = next(cid for cid, (ab, ts) in assoc.contexts.items()
                        if ab == item.sop_class_uid and ts == syntax)
         started = time.monotonic()
+        request = cmd.c_store_rq(msg_id, item.sop_class_uid, item.sop_instance_uid)
         try:
-            with path.open("rb") as fh:
-                length = _skip_file_meta(fh, path)
-                request = cmd.c_store_rq(msg_id, item.sop_class_uid, item.sop_instance_uid)
-                assoc.send_file(context, request, fh, length)
+            if path is None and item.pieces is not None:
+                assoc.send_pieces(context, request, _data_set(item.pieces))
+            else:
+                with (path or item.file()).open("rb") as fh:
+                    assoc.send_file(context, request, fh, _skip_file_meta(fh))
             response = assoc.receive(node.timeouts.dimse)
             answer = response.command
             if answer.command_field != cmd.C_STORE_RSP or answer.message_id_responded != msg_id:
@@ -83,31 +88,34 @@ def store_all(calling_ae: str, node: PacsNode, items: Iterable[StoreItem], workd
     return store_loop.store_all(FastStore(calling_ae, node), items, workdir, cancel)
 
 
-def _skip_file_meta(fh: BinaryIO, path: Path) -> int:
-    """Position ``fh`` at the data set of a Part-10 file (after the preamble, ``DICM`` and the group
-    0002 elements, PS3.10 §7.1) and return the data set's length."""
-    total = os.fstat(fh.fileno()).st_size
-    head = fh.read(132)
-    if len(head) != 132 or head[128:] != b"DICM":
-        raise OSError(f"{path.name}: not a Part-10 file")
-    offset = 132
-    while True:
-        element = fh.read(8)
-        if len(element) < 8:
-            raise OSError(f"{path.name}: file meta information runs past the end")
-        group, _, vr = struct.unpack_from("<HH2s", element)
-        if group != 0x0002:
-            break
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            extra = fh.read(4)
-            if len(extra) < 4:
-                raise OSError(f"{path.name}: truncated file meta element")
-            length = struct.unpack("<I", extra)[0]
-            header = 12
-        else:
-            length = struct.unpack_from("<H", element, 6)[0]
-            header = 8
-        offset += header + length
-        fh.seek(offset)
+def _skip_file_meta(fh: BinaryIO) -> int:
+    """Position ``fh`` at the data set of a Part-10 file and return the data set's length."""
+    try:
+        offset = part10_scan.data_set_offset(fh.read(part10_scan.HEAD))
+    except part10_scan.Unscannable as exc:
+        raise OSError(f"not a Part-10 file: {exc}") from None
     fh.seek(offset)
-    return total - offset
+    return os.fstat(fh.fileno()).st_size - offset
+
+
+def _data_set(pieces: Sequence[bytes | memoryview]) -> list[memoryview]:
+    """The data set's bytes of a Part-10 file held as ``pieces``: views of the pieces from the data
+    set's start (the file meta is not sent: PS3.7 C-STORE carries the data set alone)."""
+    head = bytearray()
+    for piece in pieces:
+        if len(head) >= part10_scan.HEAD:
+            break
+        head += piece[:part10_scan.HEAD - len(head)]
+    try:
+        skip = part10_scan.data_set_offset(bytes(head))
+    except part10_scan.Unscannable as exc:
+        raise OSError(f"not a Part-10 file: {exc}") from None
+    views: list[memoryview] = []
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        if skip >= view.nbytes:
+            skip -= view.nbytes
+            continue
+        views.append(view[skip:])
+        skip = 0
+    return views
