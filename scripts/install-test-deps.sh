@@ -29,6 +29,7 @@ command -v dcmqrscp >/dev/null 2>&1 || missing+=(dcmtk)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v curl >/dev/null 2>&1 || missing+=(curl)   # the cold-path benchmark's C client
 python="${PYTHON:-python3}"
 venv_probe="$(mktemp -d)"
 if ! "$python" -m venv "$venv_probe/v" >/dev/null 2>&1; then   # Debian: ensurepip split out
