@@ -101,6 +101,10 @@ def _skip_file_meta(fh: BinaryIO) -> int:
 def _data_set(pieces: Sequence[bytes | memoryview]) -> list[memoryview]:
     """The data set's bytes of a Part-10 file held as ``pieces``: views of the pieces from the data
     set's start (the file meta is not sent: PS3.7 C-STORE carries the data set alone)."""
+    # A snapshot first (atomic under the GIL): the pieces' owner empties its list in place when the
+    # request goes away (gateway.stow.receive.Part.release), maybe while this C-STORE starts; the
+    # views taken keep their bytes alive, a list emptied under the loops below would cut the data set.
+    pieces = tuple(pieces)
     head = bytearray()
     for piece in pieces:
         if len(head) >= part10_scan.HEAD:
