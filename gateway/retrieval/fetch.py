@@ -82,7 +82,8 @@ class RetrievalFailed(PacsError):
 
 
 class SeriesFetch:
-    """Loop-thread object; the PACS side reaches it through ``loop.call_soon_threadsafe``.
+    """Loop-thread object; the PACS side reaches it through :meth:`arrive_from_thread` (and reads
+    ``listed_uids`` and :meth:`has`).
 
     ``listed`` tells whether :attr:`manifest` is the series' real manifest; before that it is a
     placeholder naming no instance, or only the one instance a single-instance fetch (``only``) wants.
@@ -107,6 +108,9 @@ class SeriesFetch:
         self._wake: asyncio.Future[None] = loop.create_future()
         self.task: asyncio.Future[None] | None = None
         self.retrieval_id: str | None = None  # cluster: the id while this replica holds the lease
+        # Arrivals from the PACS threads not yet taken by the loop (arrive_from_thread).
+        self._handoff: list[tuple[str, SpoolEntry]] = []
+        self._handoff_lock = threading.Lock()
 
     @classmethod
     def unlisted(
@@ -172,6 +176,22 @@ class SeriesFetch:
                     self.spool.unpin(entry)  # the same UID filed under another study/series
                 missing.append(uid)
         return missing
+
+    def arrive_from_thread(self, sop_uid: str, entry: SpoolEntry) -> None:
+        """:meth:`arrive`, from a PACS thread: instances that come while the loop is busy are taken in
+        one turn of it, for one wake-up (a self-pipe write and a loop turn per instance cost ~6 % of
+        the gateway's CPU in a cold C-GET, py-spy). Order is kept."""
+        with self._handoff_lock:
+            self._handoff.append((sop_uid, entry))
+            if len(self._handoff) > 1:
+                return           # a turn of the loop is already asked for and will take this too
+        self.loop.call_soon_threadsafe(self._take_handoff)
+
+    def _take_handoff(self) -> None:
+        with self._handoff_lock:
+            arrivals, self._handoff = self._handoff, []
+        for sop_uid, entry in arrivals:
+            self.arrive(sop_uid, entry)
 
     def arrive(self, sop_uid: str, entry: SpoolEntry) -> None:
         """``entry`` comes pinned once for this fetch (``Spool.commit(pin=True)`` or ``Spool.pin``)."""

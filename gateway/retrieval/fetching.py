@@ -289,7 +289,6 @@ class Fetcher:
         self, node: PacsNode, fetch: SeriesFetch, sops: list[str] | None, compressed_first: bool = False
     ) -> None:
         """One C-GET/C-MOVE: SERIES level (``sops`` None) or IMAGE level in UID lists."""
-        loop = asyncio.get_running_loop()
         sid = fetch.id
         requested = frozenset(sops) if sops is not None else None
         classes = (
@@ -316,7 +315,7 @@ class Fetcher:
                 transfer_syntax=ts,
                 pin=True,
             )
-            loop.call_soon_threadsafe(fetch.arrive, sop, entry)
+            fetch.arrive_from_thread(sop, entry)
 
         pid = None
         if node.query_model == "patient":
