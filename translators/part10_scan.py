@@ -21,6 +21,7 @@ item (PS3.5 §7.5); an explicit ``UN`` of undefined length (PS3.5 §6.2.2) is le
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from translators import frames as fr
@@ -109,6 +110,17 @@ def scan(data: bytes | memoryview, wanted: frozenset[int], *, stop_after: int = 
     if stop_after != 0xFFFFFFFF:
         raise Unscannable("data ended before the tags asked for")
     return found
+
+
+def head_of(pieces: Iterable[bytes | bytearray | memoryview], size: int = HEAD) -> bytes:
+    """The first ``size`` bytes of a file held as a sequence of pieces (fewer when it is shorter):
+    what :func:`scan` and :func:`data_set_offset` read, copied from as few pieces as hold them."""
+    head = bytearray()
+    for piece in pieces:
+        if len(head) >= size:
+            break
+        head += memoryview(piece).cast("B")[:size - len(head)]
+    return bytes(head)
 
 
 def data_set_offset(head: bytes | memoryview) -> int:

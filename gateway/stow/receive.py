@@ -38,6 +38,7 @@ from typing import BinaryIO
 
 from gateway.errors import InsufficientStorage, PayloadTooLarge
 from translators import multipart as mp
+from translators import part10_scan
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ class Part:
         if pieces is None:
             with self.file().open("rb") as fh:
                 return fh.read(size)
-        head = bytearray()
-        for piece in pieces:
-            if len(head) >= size:
-                break
-            head += piece[:size - len(head)]
-        return bytes(head)
+        return part10_scan.head_of(pieces, size)
 
     def release(self) -> None:
         """Free an in-memory part (idempotent; any thread). Nothing may read it afterwards: the

@@ -179,3 +179,17 @@ def test_the_data_set_offset_is_where_pydicom_says_the_meta_ends(name: str) -> N
     for not_part10 in (data[128:], data[:offset], data[:offset + 7], b"\0" * 300):
         with pytest.raises(Unscannable):
             data_set_offset(not_part10)
+
+
+@given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=12),
+       size=st.integers(0, 3500))
+def test_the_head_of_pieces_is_the_head_of_their_join(data: bytes, cuts: list[int], size: int) -> None:
+    from translators.part10_scan import head_of
+
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    pieces: list[bytes | bytearray | memoryview] = []
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        kind = (bytes, bytearray, memoryview)[k % 3]
+        pieces.append(kind(data[a:b]))
+    head = head_of(pieces, size)
+    assert type(head) is bytes and head == data[:size]

@@ -105,13 +105,8 @@ def _data_set(pieces: Sequence[bytes | memoryview]) -> list[memoryview]:
     # request goes away (gateway.stow.receive.Part.release), maybe while this C-STORE starts; the
     # views taken keep their bytes alive, a list emptied under the loops below would cut the data set.
     pieces = tuple(pieces)
-    head = bytearray()
-    for piece in pieces:
-        if len(head) >= part10_scan.HEAD:
-            break
-        head += piece[:part10_scan.HEAD - len(head)]
     try:
-        skip = part10_scan.data_set_offset(bytes(head))
+        skip = part10_scan.data_set_offset(part10_scan.head_of(pieces))
     except part10_scan.Unscannable as exc:
         raise OSError(f"not a Part-10 file: {exc}") from None
     views: list[memoryview] = []
