@@ -391,10 +391,32 @@ def _boundary(content_type: str) -> bytes:
     return b"--" + m.group(1).encode()
 
 
+class PatternCount:
+    """Occurrences of ``pattern`` in a stream fed in pieces, those spanning two pieces included,
+    without joining the pieces (the client's CPU shares the machine with the gateway and the PACS)."""
+
+    def __init__(self, pattern: bytes) -> None:
+        self.pattern = pattern
+        self.count = 0
+        self._tail = b""        # the last len(pattern) - 1 bytes fed
+
+    def feed(self, data: bytes) -> None:
+        k = len(self.pattern) - 1
+        if len(data) >= k:
+            # Within ``data``, plus those starting in the tail: they end in data's first k bytes.
+            self.count += data.count(self.pattern) + (self._tail + data[:k]).count(self.pattern)
+            self._tail = data[len(data) - k:]
+        else:   # a short piece: the tail (k bytes) cannot hold a whole occurrence
+            window = self._tail + data
+            self.count += window.count(self.pattern)
+            self._tail = window[-k:] if k else b""
+
+
 def stream_get(client: httpx.Client, url: str, accept: str, *, rate: float | None = None,
-               chunk: int = 1 << 20, max_parts: int | None = None) -> Transfer:
+               chunk: int | None = None, max_parts: int | None = None) -> Transfer:
     """GET a multipart response, counting parts on the fly; ``rate`` (bytes/s) makes a slow client.
 
+    ``chunk``: read in pieces of that size (None: as they arrive, nothing re-chunked or copied).
     ``max_parts``: stop reading (close the connection) once that many parts have started.
     """
     t0 = time.perf_counter()
@@ -404,19 +426,16 @@ def stream_get(client: httpx.Client, url: str, accept: str, *, rate: float | Non
             r.read()
             raise BenchError(f"GET {url} answered {r.status_code}: {r.text[:200]}")
         delim = _boundary(r.headers.get("content-type", ""))
-        seen = closings = nbytes = 0
+        seen, closings = PatternCount(delim), PatternCount(delim + b"--")
+        nbytes = 0
         first_part = float("nan")
-        tail = b""
-        closing = delim + b"--"
         for data in r.iter_raw(chunk):
             nbytes += len(data)
-            window = tail + data
-            seen += window.count(delim)
-            closings += window.count(closing)
-            tail = window[-len(closing) + 1:]
-            if seen >= 2 and math.isnan(first_part):
+            seen.feed(data)
+            closings.feed(data)
+            if seen.count >= 2 and math.isnan(first_part):
                 first_part = time.perf_counter() - t0
-            if max_parts is not None and seen > max_parts:
+            if max_parts is not None and seen.count > max_parts:
                 break
             if rate:
                 ahead = nbytes / rate - (time.perf_counter() - t0)
@@ -424,7 +443,7 @@ def stream_get(client: httpx.Client, url: str, accept: str, *, rate: float | Non
                     time.sleep(ahead)
     seconds = time.perf_counter() - t0
     return Transfer(seconds, ttfb, first_part if not math.isnan(first_part) else seconds, nbytes,
-                    seen - closings)
+                    seen.count - closings.count)
 
 
 def get_json(client: httpx.Client, url: str) -> tuple[float, int]:

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -108,3 +110,21 @@ def test_cold_path_tiny_run_measures_every_row(tmp_path: Path, redis_url: str) -
     assert text == result["markdown"]
     assert "## Summary" in text and "not run" not in text
     assert all(f"| {row['number']} | " in text for row in result["rows"].values())
+
+
+@given(stream=st.lists(st.sampled_from([b"\r\n--b0undary", b"\r\n--b0undary--", b"-", b"b0", b"x" * 40]),
+                       max_size=60),
+       cuts=st.lists(st.integers(0, 800), max_size=20))
+def test_the_client_counts_delimiters_across_any_split(stream: list[bytes], cuts: list[int]) -> None:
+    """The benchmark client counts parts without joining what it reads: any split of a body into
+    pieces (empty ones, ones shorter than the delimiter) gives the counts of the whole (delimiters
+    follow a CRLF, as in a multipart body, so no two occurrences overlap)."""
+    from tests.bench.bench_wado import PatternCount
+
+    body = b"".join(stream)
+    bounds = sorted({0, len(body), *(c for c in cuts if c <= len(body))})
+    counts = [PatternCount(b"--b0undary"), PatternCount(b"--b0undary--")]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        for count in counts:
+            count.feed(body[a:b])
+    assert [c.count for c in counts] == [body.count(b"--b0undary"), body.count(b"--b0undary--")]
