@@ -151,8 +151,9 @@ def encode_command(command: Command) -> bytes:
     parts: list[bytes] = []
     extra = dict(command.extra)
     for element, name, vr in _ELEMENTS:
-        for other in sorted(e for e in extra if e < element):
-            parts.append(_ELEMENT.pack(0, other, len(extra[other])) + extra.pop(other))
+        if extra:   # elements we do not model, kept in tag order (most commands have none)
+            for other in sorted(e for e in extra if e < element):
+                parts.append(_ELEMENT.pack(0, other, len(extra[other])) + extra.pop(other))
         value = getattr(command, name)
         if name == "data_set_type" and value is None:
             value = NO_DATA_SET
