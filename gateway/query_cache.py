@@ -38,6 +38,7 @@ from gateway.instances import PLACEHOLDER
 from gateway.pacs import FindResult, Pacs, QueryModel
 from gateway.settings import PacsNode, Settings
 from translators import qido as q
+from translators import qido_results as qr
 from translators.dicom_json import dataset_to_json, datasets_to_json_bytes
 from translators.dicom_json_decode import dataset_from_json
 
@@ -68,7 +69,7 @@ def identifier_digest(ds: Dataset, model: str, max_results: int | None) -> str:
 
 def single_study(ident: Dataset) -> str | None:
     """The identifier's one StudyInstanceUID (a UID list or universal matching: None)."""
-    study = q.text_value(ident, q.STUDY_UID)
+    study = qr.text_value(ident, q.STUDY_UID)
     return study if study and "\\" not in study else None
 
 
@@ -186,7 +187,7 @@ class AnswerTemplate:
         if not datasets:
             return cls(None, tuple(warnings))
         body = datasets_to_json_bytes(datasets)
-        urls = sum(1 for ds in datasets if q.text_value(ds, q.RETRIEVE_URL).startswith(BASE_PLACEHOLDER))
+        urls = sum(1 for ds in datasets if qr.text_value(ds, q.RETRIEVE_URL).startswith(BASE_PLACEHOLDER))
         # The encoder laid a RetrieveURL out differently than _URL_START expects: substitute the
         # plain placeholder for this request, never cache it.
         return cls(body, tuple(warnings), substitutable=body.count(_TEMPLATE_MARK) == urls)

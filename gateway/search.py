@@ -47,6 +47,7 @@ from gateway.query_cache import (
 )
 from gateway.settings import PacsNode, Settings
 from translators import qido as q
+from translators import qido_results as qr
 from translators.matching import dataset_matches
 from translators.uids import StudyId
 
@@ -171,10 +172,10 @@ class SearchService:
             worst.node = names
             raise worst
 
-        merged = q.merge(query.level, per_node)
+        merged = qr.merge(query.level, per_node)
         await self._record_locations(query.level, merged)
         cap = self.settings.limits.query_cap
-        paged = q.page(merged.datasets, query.level, query.limit, query.offset, cap)
+        paged = qr.page(merged.datasets, query.level, query.limit, query.offset, cap)
         if paged.more:
             warnings.append("There are additional results that can be requested (use offset/limit).")
         by_name = {n.name: n for n in nodes}
@@ -183,8 +184,8 @@ class SearchService:
             warnings.append("Some computed attributes (counts, ModalitiesInStudy, fan-out) were omitted: "
                             "the per-request query budget was exhausted.")
         for ds in paged.datasets:
-            q.normalise_result(ds)
-            url = q.retrieve_url(base_url, query.level, ds)
+            qr.normalise_result(ds)
+            url = qr.retrieve_url(base_url, query.level, ds)
             if url:
                 ds.add(DataElement(q.RETRIEVE_URL, "UR", url))
         return SearchOutcome(datasets=paged.datasets, warnings=warnings, failed_nodes=failures,
@@ -232,11 +233,11 @@ class SearchService:
         results = await asyncio.gather(*(self.finder.find(node, ident) for ident in plan.identifiers))
         combined = FindResult(node=node.name)
         seen: set[str] = set()
-        uid_tag = q.uid_of(query.level)
+        uid_tag = qr.uid_of(query.level)
         for res in results:
             _note_cut(combined, node, res)
             for ds in res.datasets:
-                uid = q.text_value(ds, uid_tag)
+                uid = qr.text_value(ds, uid_tag)
                 if uid in seen:
                     continue
                 seen.add(uid)
@@ -273,7 +274,7 @@ class SearchService:
             res = await self.finder.find(node, ident, model="patient")
             patients.datasets += res.datasets
             _note_cut(patients, node, res)
-        ids = sorted({v for p in patients.datasets if (v := q.text_value(p, q.PATIENT_ID))})
+        ids = sorted({v for p in patients.datasets if (v := qr.text_value(p, q.PATIENT_ID))})
         combined = FindResult(node=node.name)
         _carry_cut(combined, patients)
         for patient_id in ids:
@@ -301,7 +302,7 @@ class SearchService:
             studies = found.datasets
             _carry_cut(result, found)
         for study in studies:
-            study_uid = q.text_value(study, q.STUDY_UID)
+            study_uid = qr.text_value(study, q.STUDY_UID)
             if not budget.take():
                 break
             at_series = query.level == "series"
@@ -317,7 +318,7 @@ class SearchService:
             for series in series_list.datasets:
                 if not budget.take():
                     break
-                series_uid = q.text_value(series, q.SERIES_UID)
+                series_uid = qr.text_value(series, q.SERIES_UID)
                 own = tuple(m for m in query.matches if q.level_of(m.path[0]) == "instance")
                 inst_q = replace(query, relational=False, study_uid=study_uid, series_uid=series_uid,
                                  matches=own + (q.MatchKey((q.STUDY_UID,), (study_uid,)),
@@ -331,10 +332,10 @@ class SearchService:
 
     async def _complete(self, query: q.QidoQuery, datasets: list[Dataset], holders: dict[str, list[str]],
                         nodes: dict[str, PacsNode], budget: _Budget) -> None:
-        uid_tag = q.uid_of(query.level)
+        uid_tag = qr.uid_of(query.level)
         groups: dict[str, list[Dataset]] = {}
         for ds in datasets:
-            names = holders.get(q.text_value(ds, uid_tag), [])
+            names = holders.get(qr.text_value(ds, uid_tag), [])
             if names:
                 groups.setdefault(names[0], []).append(ds)
         for name, items in groups.items():
@@ -353,8 +354,8 @@ class SearchService:
         if self.spool is None:
             return
         for ds in instances:
-            if q.missing(ds, SOP_CLASS):
-                entry = self.spool.get(node, q.text_value(ds, q.SOP_UID))
+            if qr.missing(ds, SOP_CLASS):
+                entry = self.spool.get(node, qr.text_value(ds, q.SOP_UID))
                 if entry is not None and entry.sop_class_uid:
                     ds.add(DataElement(SOP_CLASS, "UI", entry.sop_class_uid))
 
@@ -363,8 +364,8 @@ class SearchService:
         want_mods = node.quirks.compute_modalities
         want_counts = need_counts and node.quirks.compute_counts
         todo = [s for s in studies
-                if (want_mods and q.missing(s, q.MODALITIES_IN_STUDY))
-                or (want_counts and (q.missing(s, q.N_STUDY_SERIES) or q.missing(s, q.N_STUDY_INSTANCES)))]
+                if (want_mods and qr.missing(s, q.MODALITIES_IN_STUDY))
+                or (want_counts and (qr.missing(s, q.N_STUDY_SERIES) or qr.missing(s, q.N_STUDY_INSTANCES)))]
         if not todo:
             return
         sem = asyncio.Semaphore(self.settings.limits.fanout_concurrency)
@@ -375,22 +376,22 @@ class SearchService:
             async with sem:
                 ident = Dataset()
                 ident.QueryRetrieveLevel = "SERIES"
-                ident.StudyInstanceUID = q.text_value(study, q.STUDY_UID)
+                ident.StudyInstanceUID = qr.text_value(study, q.STUDY_UID)
                 ident.SeriesInstanceUID = ""
                 ident.Modality = ""
                 ident.NumberOfSeriesRelatedInstances = None
                 res = await self._emulation_find(node, ident, budget)
             if res is None:
                 return
-            mods = sorted({m for s in res.datasets for m in q.text_value(s, q.MODALITY).split("\\") if m})
-            if want_mods and q.missing(study, q.MODALITIES_IN_STUDY) and mods:
+            mods = sorted({m for s in res.datasets for m in qr.text_value(s, q.MODALITY).split("\\") if m})
+            if want_mods and qr.missing(study, q.MODALITIES_IN_STUDY) and mods:
                 study.add(DataElement(q.MODALITIES_IN_STUDY, "CS", mods))
             if want_counts:
-                if q.missing(study, q.N_STUDY_SERIES):
+                if qr.missing(study, q.N_STUDY_SERIES):
                     study.add(DataElement(q.N_STUDY_SERIES, "IS", len(res.datasets)))
-                if q.missing(study, q.N_STUDY_INSTANCES):
+                if qr.missing(study, q.N_STUDY_INSTANCES):
                     await self._fill_series_counts(node, res.datasets, budget, parent=study)
-                    counts = [int(q.text_value(s, q.N_SERIES_INSTANCES) or -1) for s in res.datasets]
+                    counts = [int(qr.text_value(s, q.N_SERIES_INSTANCES) or -1) for s in res.datasets]
                     if all(c >= 0 for c in counts):
                         study.add(DataElement(q.N_STUDY_INSTANCES, "IS", sum(counts)))
 
@@ -398,7 +399,7 @@ class SearchService:
 
     async def _fill_series_counts(self, node: PacsNode, series_list: list[Dataset], budget: _Budget,
                                   parent: Dataset | None = None) -> None:
-        todo = [s for s in series_list if q.missing(s, q.N_SERIES_INSTANCES)]
+        todo = [s for s in series_list if qr.missing(s, q.N_SERIES_INSTANCES)]
         sem = asyncio.Semaphore(self.settings.limits.fanout_concurrency)
 
         async def one(series: Dataset) -> None:
@@ -407,8 +408,8 @@ class SearchService:
             async with sem:
                 ident = Dataset()
                 ident.QueryRetrieveLevel = "IMAGE"
-                ident.StudyInstanceUID = q.text_value(parent or series, q.STUDY_UID)
-                ident.SeriesInstanceUID = q.text_value(series, q.SERIES_UID)
+                ident.StudyInstanceUID = qr.text_value(parent or series, q.STUDY_UID)
+                ident.SeriesInstanceUID = qr.text_value(series, q.SERIES_UID)
                 ident.SOPInstanceUID = ""
                 res = await self._emulation_find(node, ident, budget)
             if res is None:
@@ -440,18 +441,18 @@ class SearchService:
 
     # ------------------------------------------------------------------ locations
 
-    async def _record_locations(self, level: q.Level, merged: q.Merged) -> None:
+    async def _record_locations(self, level: q.Level, merged: qr.Merged) -> None:
         """Remember which node holds which study (WADO goes straight there later), and each study's
         PatientID per node (Patient Root retrievals need it). The cache never raises."""
         ttl = self.settings.cache.ttl.location
         for ds in merged.datasets:
-            study = q.text_value(ds, q.STUDY_UID)
+            study = qr.text_value(ds, q.STUDY_UID)
             if not study:
                 continue
-            names = merged.nodes.get(q.text_value(ds, q.uid_of(level)), [])
+            names = merged.nodes.get(qr.text_value(ds, qr.uid_of(level)), [])
             if names:
                 await self.cache.sadd(keys.study_locations(study), names, ttl)
-            pid = q.text_value(ds, q.PATIENT_ID)
+            pid = qr.text_value(ds, q.PATIENT_ID)
             if pid:
                 for name in names:
                     await self.patients.remember(StudyId(name, study), pid)

@@ -40,6 +40,7 @@ from gateway.profile import facts as f
 from gateway.profile.facts import Observation, not_tested
 from gateway.settings import PacsNode
 from translators import qido as q
+from translators import qido_results as qr
 
 SAMPLE = 10
 """Results read from the keyless C-FINDs before the C-CANCEL (C-FIND has no paging, PS3.4 C.4.1)."""
@@ -132,7 +133,7 @@ def never_returned(identifier: Dataset, responses: Sequence[Dataset]) -> list[st
     out = []
     for elem in identifier:
         tag = int(elem.tag)
-        if tag in _NOT_RETURNED or any(not q.missing(ds, tag) for ds in responses):
+        if tag in _NOT_RETURNED or any(not qr.missing(ds, tag) for ds in responses):
             continue
         out.append(keyword_for_tag(tag) or f"{tag:08X}")
     return out
@@ -199,7 +200,7 @@ class QueryProbe:
                 patients.PatientID = ""
                 patients.PatientName = ""
                 for patient in (await self._find(patients, SAMPLE, timed=False))[:PATIENT_SAMPLE]:
-                    pid = q.text_value(patient, q.PATIENT_ID)
+                    pid = qr.text_value(patient, q.PATIENT_ID)
                     if pid:
                         per_patient = _copy(ident)
                         per_patient.PatientID = pid
@@ -210,7 +211,7 @@ class QueryProbe:
             self.found.observations[f.RETURN_KEYS_STUDY] = Observation(
                 "STUDY-level C-FIND without match keys", f"failed: {_failure(exc)}")
             return sample
-        studies = [s for s in studies if q.text_value(s, q.STUDY_UID)]
+        studies = [s for s in studies if qr.text_value(s, q.STUDY_UID)]
         if not studies:
             self.found.observations[f.RETURN_KEYS_STUDY] = Observation(
                 "STUDY-level C-FIND without match keys", "no study returned")
@@ -218,13 +219,13 @@ class QueryProbe:
         self._record_keys("study", ident, studies,
                           "STUDY-level C-FIND without match keys" if self.model == "study" else
                           "PATIENT-level C-FIND without match keys, then STUDY level per patient")
-        chosen = next((s for s in studies if usable_name(q.text_value(s, PATIENT_NAME))), studies[0])
-        sample.study_uid = q.text_value(chosen, q.STUDY_UID)
-        sample.patient_id = q.text_value(chosen, q.PATIENT_ID)
-        name = q.text_value(chosen, PATIENT_NAME)
+        chosen = next((s for s in studies if usable_name(qr.text_value(s, PATIENT_NAME))), studies[0])
+        sample.study_uid = qr.text_value(chosen, q.STUDY_UID)
+        sample.patient_id = qr.text_value(chosen, q.PATIENT_ID)
+        name = qr.text_value(chosen, PATIENT_NAME)
         sample.patient_name = name.strip() if usable_name(name) else ""
-        sample.study_date = q.text_value(chosen, STUDY_DATE)
-        sample.modalities = [m for m in q.text_value(chosen, q.MODALITIES_IN_STUDY).split("\\") if m]
+        sample.study_date = qr.text_value(chosen, STUDY_DATE)
+        sample.modalities = [m for m in qr.text_value(chosen, q.MODALITIES_IN_STUDY).split("\\") if m]
         return sample
 
     def _record_keys(self, level: q.Level, ident: Dataset, responses: list[Dataset], test: str) -> None:
@@ -252,16 +253,16 @@ class QueryProbe:
             obs[f.RETURN_KEYS_SERIES] = Observation("SERIES-level C-FIND in one sampled study",
                                                     f"failed: {_failure(exc)}")
             return
-        series = [s for s in series if q.text_value(s, q.SERIES_UID)]
+        series = [s for s in series if qr.text_value(s, q.SERIES_UID)]
         if not series:
             obs[f.RETURN_KEYS_SERIES] = Observation("SERIES-level C-FIND in one sampled study", "no series")
             return
         self._record_keys("series", ident, series, "SERIES-level C-FIND in one sampled study")
         for s in series:
-            modality = q.text_value(s, q.MODALITY)
+            modality = qr.text_value(s, q.MODALITY)
             if modality and modality not in sample.modalities:
                 sample.modalities.append(modality)
-        sample.series_uid = q.text_value(series[0], q.SERIES_UID)
+        sample.series_uid = qr.text_value(series[0], q.SERIES_UID)
         ident = default_identifier("instance")
         ident.StudyInstanceUID = sample.study_uid
         ident.SeriesInstanceUID = sample.series_uid
@@ -271,11 +272,11 @@ class QueryProbe:
             obs[f.RETURN_KEYS_INSTANCE] = Observation("IMAGE-level C-FIND in one sampled series",
                                                       f"failed: {_failure(exc)}")
             return
-        instances = [i for i in instances if q.text_value(i, q.SOP_UID)]
+        instances = [i for i in instances if qr.text_value(i, q.SOP_UID)]
         if instances:
             self._record_keys("instance", ident, instances, "IMAGE-level C-FIND in one sampled series")
-            sample.sop_uid = q.text_value(instances[0], q.SOP_UID)
-            sample.sop_class = q.text_value(instances[0], SOP_CLASS)
+            sample.sop_uid = qr.text_value(instances[0], q.SOP_UID)
+            sample.sop_class = qr.text_value(instances[0], SOP_CLASS)
 
     # -- 2. PN matching
 
@@ -293,7 +294,7 @@ class QueryProbe:
             own, tag = sample.study_uid, q.STUDY_UID
         for keyword, value in keys.items():
             setattr(ident, keyword, value)
-        return sum(1 for ds in await self._find(ident) if q.text_value(ds, tag) in ("", own))
+        return sum(1 for ds in await self._find(ident) if qr.text_value(ds, tag) in ("", own))
 
     async def _pn(self, sample: Sample) -> None:
         obs = self.found.observations
@@ -358,7 +359,7 @@ class QueryProbe:
         for keyword, value in keys.items():
             setattr(ident, keyword, value)
         found = await self._find(self._scoped(ident, sample))
-        return sum(1 for ds in found if q.text_value(ds, q.STUDY_UID) in ("", sample.study_uid))
+        return sum(1 for ds in found if qr.text_value(ds, q.STUDY_UID) in ("", sample.study_uid))
 
     # -- 4. date ranges
 
@@ -399,7 +400,7 @@ class QueryProbe:
             except GatewayError as exc:
                 obs[f.RELATIONAL] = Observation(test, f"refused at {level} level: {_failure(exc)}", False)
                 return
-            answers.append(sum(1 for ds in found if q.text_value(ds, tag) == uid))
+            answers.append(sum(1 for ds in found if qr.text_value(ds, tag) == uid))
         works = all(answers)
         obs[f.RELATIONAL] = Observation(test, "answered" if works else "not answered (hierarchical only)",
                                         works)
@@ -423,12 +424,12 @@ class QueryProbe:
             obs[f.RESULT_CAP] = Observation(test, f"the query without match keys was refused: {_failure(exc)}"
                                             " (the PACS may refuse large results)", False)
             return
-        uids = {q.text_value(ds, q.STUDY_UID) for ds in whole.datasets} - {""}
+        uids = {qr.text_value(ds, q.STUDY_UID) for ds in whole.datasets} - {""}
         count = len(whole.datasets)
         if whole.truncated or count >= limit:
             obs[f.RESULT_CAP] = Observation(test, f"not tested beyond the gateway's own cap ({limit})")
             return
-        day = split_date([q.text_value(ds, STUDY_DATE) for ds in whole.datasets])
+        day = split_date([qr.text_value(ds, STUDY_DATE) for ds in whole.datasets])
         if day is None:
             obs[f.RESULT_CAP] = not_tested(test, f"none of the {count} studies returned has a StudyDate")
             return
@@ -438,7 +439,7 @@ class QueryProbe:
             ident.StudyDate = window
             # More than ``count`` from one range already proves the cut; no need to read further.
             part = await self.pacs.find(self.node, ident, model="study", max_results=count + 1)
-            seen |= {q.text_value(ds, q.STUDY_UID) for ds in part.datasets} - {""}
+            seen |= {qr.text_value(ds, q.STUDY_UID) for ds in part.datasets} - {""}
         self.found.result_cap = count if len(seen) > count else None
         if len(seen) > count:
             obs[f.RESULT_CAP] = Observation(test, f"capped at {count} matches (partitions found {len(seen)})",

@@ -1,4 +1,4 @@
-"""translators.qido: parsing, identifiers, merge and paging (pure)."""
+"""translators.qido and translators.qido_results: parsing, identifiers, merge and paging (pure)."""
 
 import pytest
 from hypothesis import given
@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from translators import qido as q
+from translators import qido_results as qr
 
 
 def parse(level="study", **kw):
@@ -138,7 +139,7 @@ def _study(uid, date, time="", aet=None):
 def test_merge_dedupes_and_names_nodes():
     a = [_study("1.1", "20240101"), _study("1.2", "20230101")]
     b = [_study("1.2", "20230101"), _study("1.3", "20220101")]
-    merged = q.merge("study", [("a", "AE_A", a), ("b", "AE_B", b)])
+    merged = qr.merge("study", [("a", "AE_A", a), ("b", "AE_B", b)])
     uids = [d.StudyInstanceUID for d in merged.datasets]
     assert sorted(uids) == ["1.1", "1.2", "1.3"]
     assert merged.nodes["1.2"] == ["a", "b"]
@@ -148,11 +149,11 @@ def test_merge_dedupes_and_names_nodes():
 
 def test_page_orders_newest_first_and_slices():
     studies = [_study(f"1.{i}", f"2024010{i}", "1200") for i in range(1, 8)]
-    first = q.page(studies, "study", limit=3, offset=0, cap=100)
+    first = qr.page(studies, "study", limit=3, offset=0, cap=100)
     assert [d.StudyInstanceUID for d in first.datasets] == ["1.7", "1.6", "1.5"] and first.more
-    last = q.page(studies, "study", limit=3, offset=6, cap=100)
+    last = qr.page(studies, "study", limit=3, offset=6, cap=100)
     assert [d.StudyInstanceUID for d in last.datasets] == ["1.1"] and not last.more
-    assert q.page(studies, "study", limit=3, offset=10, cap=100).datasets == []
+    assert qr.page(studies, "study", limit=3, offset=10, cap=100).datasets == []
 
 
 @given(st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["20240101", "20230505", ""])),
@@ -163,14 +164,14 @@ def test_paging_is_deterministic_and_complete(rows, limit, perm):
     shuffled = [studies[i] for i in perm if i < len(studies)] + studies[len(perm):]
     pages, offset = [], 0
     while True:
-        p = q.page(shuffled, "study", limit=limit, offset=offset, cap=1000)
+        p = qr.page(shuffled, "study", limit=limit, offset=offset, cap=1000)
         if not p.datasets:
             break
         pages += [d.StudyInstanceUID for d in p.datasets]
         offset += len(p.datasets)
     assert sorted(pages) == sorted(d.StudyInstanceUID for d in studies)
     assert len(pages) == len(set(pages))
-    again = [d.StudyInstanceUID for d in q.page(studies, "study", None, 0, 1000).datasets]
+    again = [d.StudyInstanceUID for d in qr.page(studies, "study", None, 0, 1000).datasets]
     assert pages == again
 
 
@@ -183,7 +184,7 @@ def test_normalise_result_drops_empty_modalities_and_fixes_dates():
         ds = _study("1.1", "2024.01.31", "10:30:00")
         ds.ModalitiesInStudy = ""
         ds.QueryRetrieveLevel = "STUDY"
-        q.normalise_result(ds)
+        qr.normalise_result(ds)
     finally:
         config.settings.reading_validation_mode = old
     assert "ModalitiesInStudy" not in ds and "QueryRetrieveLevel" not in ds
@@ -194,5 +195,5 @@ def test_retrieve_url_per_level():
     ds = _study("1.1", "20240101")
     ds.SeriesInstanceUID = "1.1.2"
     ds.SOPInstanceUID = "1.1.2.3"
-    assert q.retrieve_url("http://x/dicom-web", "study", ds) == "http://x/dicom-web/studies/1.1"
-    assert q.retrieve_url("http://x/dicom-web", "instance", ds).endswith("/series/1.1.2/instances/1.1.2.3")
+    assert qr.retrieve_url("http://x/dicom-web", "study", ds) == "http://x/dicom-web/studies/1.1"
+    assert qr.retrieve_url("http://x/dicom-web", "instance", ds).endswith("/series/1.1.2/instances/1.1.2.3")
