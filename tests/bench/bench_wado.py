@@ -396,20 +396,18 @@ class PatternCount:
     without joining the pieces (the client's CPU shares the machine with the gateway and the PACS)."""
 
     def __init__(self, pattern: bytes) -> None:
+        if len(pattern) < 2:
+            raise ValueError("a delimiter of at least two bytes")
         self.pattern = pattern
         self.count = 0
         self._tail = b""        # the last len(pattern) - 1 bytes fed
 
     def feed(self, data: bytes) -> None:
+        # Within ``data``, plus those starting in the tail (shorter than the pattern, so it holds
+        # none whole): they end within data's first k bytes.
         k = len(self.pattern) - 1
-        if len(data) >= k:
-            # Within ``data``, plus those starting in the tail: they end in data's first k bytes.
-            self.count += data.count(self.pattern) + (self._tail + data[:k]).count(self.pattern)
-            self._tail = data[len(data) - k:]
-        else:   # a short piece: the tail (k bytes) cannot hold a whole occurrence
-            window = self._tail + data
-            self.count += window.count(self.pattern)
-            self._tail = window[-k:] if k else b""
+        self.count += data.count(self.pattern) + (self._tail + data[:k]).count(self.pattern)
+        self._tail = (self._tail + data)[-k:] if len(data) < k else data[len(data) - k:]
 
 
 def stream_get(client: httpx.Client, url: str, accept: str, *, rate: float | None = None,
