@@ -43,6 +43,10 @@ def test_arrivals_from_threads_all_arrive_in_order_and_a_burst_wakes_the_loop_on
         burst.start()
         burst.join()
         after_burst = wakeups
+        # Let the loop take the burst before the next phase: a thread started while the burst still
+        # waited would join it (correctly, with no wake-up of its own) and the count below would miss it.
+        while len(fetch.arrived) < 100:
+            await asyncio.sleep(0)
         # Then one at a time, the loop free between them: each one wakes it.
         for uid in UIDS[100:]:
             await asyncio.to_thread(pacs, [uid])
