@@ -77,6 +77,28 @@ class Manifest:
         )
 
 
+@dataclass
+class SopClasses:
+    """What a fetch knows of its instances' SOP classes, for the storage contexts a C-GET proposes
+    (gateway.retrieval.fetching: ``Fetcher._proposal``). The manifest does not ask for them
+    (gateway.retrieval.locating); they are looked up for instances a retrieve did not bring."""
+
+    known: dict[str, str] = field(default_factory=dict)   # SOP Instance UID -> SOP Class UID
+    looked_up: set[str] = field(default_factory=set)       # asked for, answered or not
+    asked_all: bool = False                                # a SERIES-level retrieve has run
+    asked: set[str] = field(default_factory=set)           # instances an IMAGE-level retrieve named
+
+    def tried(self, sop: str) -> bool:
+        """A retrieve has asked the PACS for the instance already."""
+        return self.asked_all or sop in self.asked
+
+    def note_retrieve(self, sops: tuple[str, ...] | None) -> None:
+        if sops is None:
+            self.asked_all = True
+        else:
+            self.asked.update(sops)
+
+
 class RetrievalFailed(PacsError):
     """Some instances of a series could not be retrieved (reported, never silently dropped)."""
 
@@ -100,6 +122,7 @@ class SeriesFetch:
         # Read by the PACS threads (on_instance): replaced, never mutated, once the manifest is known.
         self.listed_uids: frozenset[str] = frozenset(manifest.uids) if listed else frozenset()
         self.arrived: list[str] = []
+        self.classes = SopClasses()
         self._held: dict[str, SpoolEntry] = {}  # pinned on the fetch's behalf
         self.done = False
         self.error: GatewayError | None = None
@@ -140,6 +163,9 @@ class SeriesFetch:
                     f"instance {self.only} was not found in series {manifest.series}", node=manifest.node
                 )
         self.manifest = manifest
+        self.classes.known.update(
+            (i.sop_instance_uid, i.sop_class_uid) for i in manifest.instances if i.sop_class_uid
+        )
         self.listed_uids = frozenset(manifest.uids)
         self.listed = True
         self.adopt_spooled()

@@ -41,14 +41,13 @@ from gateway.pacs import MoveDestination, NotRequested, OnInstance, Pacs, Pendin
 from gateway.patients import PatientIds
 from gateway.retrieval.coordinator import Coordinator, LocalCoordinator
 from gateway.retrieval.fetch import InstanceRef, Manifest, RetrievalFailed, SeriesFetch
-from gateway.retrieval.locating import Locator
+from gateway.retrieval.locating import UID_LIST_CHUNK, Locator
 from gateway.retrieval.membership import belongs
 from gateway.settings import PacsNode, Settings
 from gateway.tracing import MOVE_ARRIVALS, move_arrivals
 from translators.uids import InstanceId, SeriesId
 
 log = logging.getLogger(__name__)
-UID_LIST_CHUNK = 500
 BLIND_CLASSES: tuple[str, ...] = (
     "1.2.840.10008.5.1.4.1.1.2",  # CT Image
     "1.2.840.10008.5.1.4.1.1.4",  # MR Image
@@ -64,7 +63,8 @@ BLIND_CLASSES: tuple[str, ...] = (
 """The SOP classes a C-GET issued before the manifest is known proposes storage contexts for. Ten
 classes, so each gets every syntax a C-GET proposes (2 native + 10 compressed contexts each, within
 the 128-context limit): the stored bytes come as they are, exactly as with the manifest's classes.
-A series of another class is retrieved once the manifest names it (its sub-operations failed)."""
+Instances of another class (their sub-operations failed) are retrieved again once their classes
+are known (``Fetcher._proposal``)."""
 FetchKey = tuple[SeriesId, str]
 
 
@@ -229,32 +229,24 @@ class Fetcher:
     ) -> None:
         """Retrieve while the manifest is being listed; then what the manifest says is missing."""
         self.retrievals_started += 1
-        blind = True  # the retrieve under way proposes contexts without the manifest's SOP classes
         failed = False
         try:
             if priority is not None:
-                blind = not fetch.listed
                 await self._retrieve(node, fetch, [priority])
             elif fetch.only is None and not fetch.cancel.is_set():
-                blind = not fetch.listed
                 await self._retrieve(node, fetch, None)  # SERIES level: needs no manifest
         except GatewayError as exc:
             # Some PACS fail a retrieve naming a series that is not in the study: the manifest's
-            # verdict (404) is the answer then. Others abort a C-GET when no proposed context suits
-            # an instance (a SOP class outside BLIND_CLASSES): retrieved below with the manifest's.
-            # A refused model (no C-GET, or the wrong root) is refused again whatever is proposed:
-            # it is the answer (the retrieval service's second round may learn another).
+            # verdict (404) is the answer then. Others fail the C-GET (see _tolerate).
             await listing
-            if not blind or not isinstance(exc, PacsError) or isinstance(exc, (DimseTimeout, ModelRefused)):
-                raise
-            log.warning("a retrieval from %s without the manifest failed (%s); again with it", node.name, exc)
+            await self._tolerate(node, fetch, exc)
             failed = True
         if fetch.cancel.is_set() and not listing.done():
             return  # every client left (a failed listing sets cancel as it ends: awaited below)
         await listing
-        if (fetch.only is None and priority is not None) or failed or _blind_missed(fetch):
+        if (fetch.only is None and priority is not None) or failed or await self._blind_missed(node, fetch):
             # The rest of the series after its asked-for instance, by UID (nothing is sent twice);
-            # or what a retrieval without the manifest's SOP classes could not bring, with them.
+            # or what a retrieve proposing common classes could not bring, with its own classes.
             await self._rest(node, fetch)
         await self._retry_missing(node, fetch)
 
@@ -263,10 +255,46 @@ class Fetcher:
     ) -> None:
         """Retrieve ``missing`` from the PACS: the asked-for instance first, then the rest, then retries."""
         self.retrievals_started += 1
-        if priority in missing and len(missing) > 1:
-            await self._retrieve(node, fetch, [priority])
-        await self._rest(node, fetch, missing)
+        failed = False
+        try:
+            if priority in missing and len(missing) > 1:
+                await self._retrieve(node, fetch, [priority])
+            await self._rest(node, fetch, missing)
+        except GatewayError as exc:
+            await self._tolerate(node, fetch, exc)
+            failed = True
+        if failed or await self._blind_missed(node, fetch):
+            await self._rest(node, fetch, missing)  # what common classes could not bring, with its own
         await self._retry_missing(node, fetch)
+
+    async def _learn_classes(self, node: PacsNode, fetch: SeriesFetch, sops: list[str]) -> None:
+        """Look up (one C-FIND naming them) the classes of those of ``sops`` a retrieve has asked
+        for, whose class is unknown and was not looked up before."""
+        info = fetch.classes
+        if lookup := [u for u in sops if u not in info.known and info.tried(u) and u not in info.looked_up]:
+            info.known.update(await self.locator.sop_classes(node, fetch.id, lookup))
+            info.looked_up.update(lookup)
+
+    async def _blind_missed(self, node: PacsNode, fetch: SeriesFetch) -> bool:
+        """Some missing instance may be of a class the retrieves so far did not propose: C-GET only;
+        a class outside BLIND_CLASSES, or one the PACS does not name (looked up first)."""
+        if node.retrieve != "get" or not (missing := fetch.missing):
+            return False
+        await self._learn_classes(node, fetch, missing)
+        known = fetch.classes.known
+        return any(known.get(u) not in BLIND_CLASSES for u in missing)
+
+    async def _tolerate(self, node: PacsNode, fetch: SeriesFetch, exc: GatewayError) -> None:
+        """Re-raise ``exc`` unless a retrieve with the missing instances' own SOP classes may succeed:
+        some PACS abort a C-GET when no proposed context suits an instance, and a retrieve whose
+        proposal did not know the classes (``_proposal``) may have lacked one. A timeout, or a
+        refused model (no C-GET, or the wrong root), is the answer whatever is proposed (the retrieval
+        service's second round may learn another model)."""
+        if (not isinstance(exc, PacsError) or isinstance(exc, (DimseTimeout, ModelRefused))
+                or not await self._blind_missed(node, fetch)):
+            raise exc
+        log.warning("a retrieval from %s proposing common SOP classes failed (%s); again with the "
+                    "instances' own", node.name, exc)
 
     async def _rest(self, node: PacsNode, fetch: SeriesFetch, among: list[str] | None = None) -> None:
         manifest = fetch.manifest
@@ -291,11 +319,7 @@ class Fetcher:
         """One C-GET/C-MOVE: SERIES level (``sops`` None) or IMAGE level in UID lists."""
         sid = fetch.id
         requested = frozenset(sops) if sops is not None else None
-        classes = (
-            tuple(sorted({i.sop_class_uid for i in fetch.manifest.instances if i.sop_class_uid}))
-            if fetch.listed
-            else BLIND_CLASSES
-        )
+        classes = await self._proposal(node, fetch, sops)
 
         def on_instance(data: bytes, sop: str, cls: str, ts: str) -> None:
             # On the association's thread: write and signal, nothing slow. Refused, never spooled
@@ -340,10 +364,35 @@ class Fetcher:
                 classes,
                 compressed_first,
             )
+            fetch.classes.note_retrieve(request.sops)
             if node.retrieve == "get":
                 await self.pacs.get(node, request, on_instance, fetch.cancel)
             else:
                 await self._move(node, fetch, request, on_instance)
+
+    async def _proposal(self, node: PacsNode, fetch: SeriesFetch, sops: list[str] | None) -> tuple[str, ...]:
+        """The SOP classes a C-GET of ``sops`` (None: the series) proposes storage contexts for.
+
+        The classes of the instances asked for where known. An instance whose class is unknown and
+        that no retrieve has asked for yet is of a common class (BLIND_CLASSES, proposed with every
+        syntax); one a retrieve asked for and did not bring has its class looked up first, with one
+        C-FIND naming all such instances. A PACS that does not answer SOPClassUID (dcmqrscp) leaves
+        them unknown: the common storage classes are proposed then (empty ``sop_classes``).
+        """
+        if node.retrieve != "get":
+            return ()       # C-MOVE: the PACS proposes the contexts, to our storage SCP
+        if not fetch.listed:
+            return BLIND_CLASSES
+        asked = fetch.manifest.uids if sops is None else sops
+        await self._learn_classes(node, fetch, asked)
+        info = fetch.classes
+        unknown = [u for u in asked if u not in info.known]
+        known = tuple(sorted({info.known[u] for u in asked if u in info.known}))
+        if not unknown:
+            return known
+        if not known and all(u in info.looked_up for u in unknown):
+            return ()       # the PACS does not name classes: the common ones
+        return tuple(dict.fromkeys((*known, *BLIND_CLASSES)))
 
     async def _move(
         self, node: PacsNode, fetch: SeriesFetch, request: RetrieveRequest, on_instance: OnInstance
@@ -403,14 +452,6 @@ class Fetcher:
         tasks = [f.task for f in fetches if f.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-
-
-def _blind_missed(fetch: SeriesFetch) -> bool:
-    """Some missing instance is of a SOP class (or of one the manifest does not name) that a
-    retrieval proposing only BLIND_CLASSES could not bring."""
-    missing = set(fetch.missing)
-    classes = {i.sop_class_uid for i in fetch.manifest.instances if i.sop_instance_uid in missing}
-    return not classes <= set(BLIND_CLASSES)
 
 
 def _consume(task: asyncio.Future[None]) -> None:
