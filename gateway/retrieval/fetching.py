@@ -239,7 +239,7 @@ class Fetcher:
             # Some PACS fail a retrieve naming a series that is not in the study: the manifest's
             # verdict (404) is the answer then. Others fail the C-GET (see _tolerate).
             await listing
-            await self._tolerate(node, fetch, exc)
+            self._tolerate(node, exc)
             failed = True
         if fetch.cancel.is_set() and not listing.done():
             return  # every client left (a failed listing sets cancel as it ends: awaited below)
@@ -261,7 +261,7 @@ class Fetcher:
                 await self._retrieve(node, fetch, [priority])
             await self._rest(node, fetch, missing)
         except GatewayError as exc:
-            await self._tolerate(node, fetch, exc)
+            self._tolerate(node, exc)
             failed = True
         if failed or await self._blind_missed(node, fetch):
             await self._rest(node, fetch, missing)  # what common classes could not bring, with its own
@@ -284,17 +284,17 @@ class Fetcher:
         known = fetch.classes.known
         return any(known.get(u) not in BLIND_CLASSES for u in missing)
 
-    async def _tolerate(self, node: PacsNode, fetch: SeriesFetch, exc: GatewayError) -> None:
-        """Re-raise ``exc`` unless a retrieve with the missing instances' own SOP classes may succeed:
-        some PACS abort a C-GET when no proposed context suits an instance, and a retrieve whose
-        proposal did not know the classes (``_proposal``) may have lacked one. A timeout, or a
-        refused model (no C-GET, or the wrong root), is the answer whatever is proposed (the retrieval
-        service's second round may learn another model)."""
-        if (not isinstance(exc, PacsError) or isinstance(exc, (DimseTimeout, ModelRefused))
-                or not await self._blind_missed(node, fetch)):
+    @staticmethod
+    def _tolerate(node: PacsNode, exc: GatewayError) -> None:
+        """Re-raise ``exc`` unless retrieving again with the manifest known may succeed. A first
+        retrieve proposes storage contexts without the instances' classes (``_proposal``), and some
+        PACS abort a C-GET when no proposed context suits an instance; a PACS may also fail a C-MOVE
+        when a sub-operation failed at our storage SCP. A timeout, or a refused model (no C-GET, or
+        the wrong root), is the answer whatever is proposed (the retrieval service's second round may
+        learn another model)."""
+        if not isinstance(exc, PacsError) or isinstance(exc, (DimseTimeout, ModelRefused)):
             raise exc
-        log.warning("a retrieval from %s proposing common SOP classes failed (%s); again with the "
-                    "instances' own", node.name, exc)
+        log.warning("a first retrieval from %s failed (%s); again with the manifest known", node.name, exc)
 
     async def _rest(self, node: PacsNode, fetch: SeriesFetch, among: list[str] | None = None) -> None:
         manifest = fetch.manifest
