@@ -272,7 +272,12 @@ class Fetcher:
         for, whose class is unknown and was not looked up before."""
         info = fetch.classes
         if lookup := [u for u in sops if u not in info.known and info.tried(u) and u not in info.looked_up]:
-            info.known.update(await self.locator.sop_classes(node, fetch.id, lookup))
+            try:
+                info.known.update(await self.locator.sop_classes(node, fetch.id, lookup))
+            except PacsError as exc:
+                # A PACS that cannot answer it (UID lists refused, say): the classes stay unknown,
+                # and the common storage classes are proposed, as for a PACS that names none.
+                log.warning("looking up SOP classes on %s failed (%s); proposing common ones", node.name, exc)
             info.looked_up.update(lookup)
 
     async def _blind_missed(self, node: PacsNode, fetch: SeriesFetch) -> bool:

@@ -46,6 +46,17 @@ class NoClassPacs(DemoPacs):
             yield status, answer
 
 
+class NoClassLookupPacs(DemoPacs):
+    """A PACS that fails (0xC000) every C-FIND asking for SOPClassUID."""
+
+    def _on_find(self, event):  # type: ignore[no-untyped-def]
+        if "SOPClassUID" in event.identifier:
+            self._received("find", event)
+            yield 0xC000, None
+            return
+        yield from super()._on_find(event)
+
+
 def series_of(sop_class: str, count: int) -> tuple[str, str, list[Dataset]]:
     study, series = generate_uid(), generate_uid()
     datasets = []
@@ -148,6 +159,13 @@ def test_a_pacs_that_never_names_classes_gets_the_common_storage_classes(tmp_pat
     with NoClassPacs(datasets, ae_title="NOCLASS") as pacs, gateway_for(pacs, tmp_path) as url:
         assert retrieved_sops(url, study, series) == sorted(str(d.SOPInstanceUID) for d in datasets)
         assert len(class_lookups(pacs, study)) == 1, "asked once; not again for every retry"
+
+
+def test_a_failed_class_lookup_falls_back_to_the_common_storage_classes(tmp_path):
+    study, series, datasets = series_of(ENHANCED_CT, 3)
+    with NoClassLookupPacs(datasets, ae_title="NOLOOKUP") as pacs, gateway_for(pacs, tmp_path) as url:
+        assert retrieved_sops(url, study, series) == sorted(str(d.SOPInstanceUID) for d in datasets)
+        assert len(class_lookups(pacs, study)) == 1, "tried once, then the common classes"
 
 
 @pytest.mark.parametrize("cls", [CT_IMAGE, ENHANCED_CT])
